@@ -1,0 +1,206 @@
+"""Dataset I/O: zstd Arrow parts, manifests, atomic directories, and prompt files.
+
+A stage writes into a hidden staging directory beside its target and renames it into place when
+done, manifest last. A directory without a valid manifest.json does not exist for any reader, so a
+killed stage leaves nothing that a later run mistakes for output, and re-running redoes it.
+
+    pl.scan_ipc("runs/toy/0000/scored/*.arrow")                     # inspect with polars
+    load_dataset("arrow", data_files="runs/toy/0000/scored/*.arrow")  # or with datasets
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from kd.stages.errors import KdError
+from kd.stages.schemas import KINDS, DatasetKind
+
+MANIFEST = "manifest.json"
+
+
+def part_name(shard: int, num_shards: int) -> str:
+    return f"part-{shard:05d}-of-{num_shards:05d}.arrow"
+
+
+@contextlib.contextmanager
+def staging_dir(target: Path) -> Iterator[Path]:
+    """A fresh hidden directory beside `target`, renamed onto it only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():  # an earlier, incomplete attempt (no manifest): never mistaken for output
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_table(path: Path, table: pa.Table, kind: DatasetKind) -> None:
+    """One zstd-compressed Arrow IPC file with the declared schema (cast, never inferred)."""
+    table = table.cast(kind.schema)
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, kind.schema, options=options) as writer:
+        writer.write_table(table, max_chunksize=8192)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(
+    directory: Path,
+    kind: DatasetKind,
+    rows: int,
+    config: dict[str, Any],
+    config_hash: str,
+    inputs: list[Path],
+    stats: dict[str, Any],
+    started: float,
+) -> dict:
+    """Describe every file already in `directory`; written last, it marks the dataset complete."""
+    from kd.stages import __version__
+
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "kind": kind.name,
+        "schema_version": kind.version,
+        "rows": rows,
+        "files": [
+            {"path": str(p.relative_to(directory)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in files
+        ],
+        "config": config,
+        "config_hash": config_hash,
+        "inputs": [{"path": str(path), "manifest_sha256": manifest_hash(path)} for path in inputs],
+        "kd_version": __version__,
+        "wall_seconds": round(time.time() - started, 3),
+        "stats": stats,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=float))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.rename(tmp, directory / MANIFEST)
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """The manifest of a complete dataset, or None when there is none (or it is unreadable)."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and "kind" in manifest else None
+
+
+def manifest_hash(directory: Path) -> str:
+    return sha256_file(Path(directory) / MANIFEST)
+
+
+def is_complete(directory: Path) -> bool:
+    return read_manifest(directory) is not None
+
+
+def require(directory: Path, kind: DatasetKind, hint: str) -> dict:
+    """The manifest of an input dataset, or a one-line error saying what to run first."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise KdError(f"{directory}: no complete {kind.name} dataset here; {hint}")
+    if manifest["kind"] != kind.name:
+        raise KdError(f"{directory}: holds a {manifest['kind']} dataset, expected {kind.name}")
+    if manifest["schema_version"] != kind.version:
+        raise KdError(
+            f"{directory}: {kind.name} schema version {manifest['schema_version']}, this kd reads version "
+            f"{kind.version}; regenerate it with this kd version"
+        )
+    return manifest
+
+
+def read_table(directory: Path, kind: DatasetKind, hint: str = "run the stage that writes it first") -> pa.Table:
+    manifest = require(directory, kind, hint)
+    parts = sorted(f["path"] for f in manifest["files"] if f["path"].endswith(".arrow"))
+    tables = []
+    for part in parts:
+        with pa.memory_map(str(Path(directory) / part)) as source:
+            table = pa.ipc.open_file(source).read_all()
+        if not table.schema.equals(kind.schema):
+            raise KdError(f"{Path(directory) / part}: schema differs from {kind.name} v{kind.version}; regenerate it")
+        tables.append(table)
+    return pa.concat_tables(tables) if tables else kind.schema.empty_table()
+
+
+def kind_of(directory: Path) -> DatasetKind:
+    manifest = read_manifest(directory)
+    if manifest is None or manifest["kind"] not in KINDS:
+        raise KdError(f"{directory}: not a complete kd dataset (no valid {MANIFEST})")
+    return KINDS[manifest["kind"]]
+
+
+# ---- prompt files -------------------------------------------------------------------------------
+
+def write_jsonl_zst(path: Path, rows: list[dict]) -> None:
+    payload = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    Path(path).write_bytes(zstandard.ZstdCompressor(level=10).compress(payload))
+
+
+def read_prompt_rows(path: str | Path) -> list[dict]:
+    """Rows of a prompt file: JSONL, .jsonl.zst, Parquet, or a `datasets` directory saved to disk."""
+    path = Path(path)
+    if not path.exists():
+        raise KdError(f"{path}: prompt file not found; pass an existing JSONL, .jsonl.zst, Parquet or datasets path")
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        return [dict(row) for row in load_from_disk(str(path))]
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    raw = path.read_bytes()
+    if path.name.endswith(".zst"):
+        try:
+            raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
+        except zstandard.ZstdError as err:
+            raise KdError(f"{path}: not a complete zstandard file ({err}); re-compress it") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise KdError(f"{path}: byte {err.start} is not UTF-8; re-encode the file as UTF-8") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as err:
+            raise KdError(f"{path}:{number}: invalid JSON ({err.msg}); fix or remove that line") from None
+    return rows

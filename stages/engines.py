@@ -1,0 +1,274 @@
+"""Engines: the two jobs the stages need from a model runtime.
+
+    sample(prompts, n, params, seeds, adapter) -> completions with the sampler's logprob of every token
+    score(sequences, prompt_lengths)           -> the model's logprob of every completion token
+
+`hf` (this module) runs transformers in-process on CPU or GPU and loads a LoRA adapter with PEFT.
+vLLM and SGLang implement the same two methods, so the stages never know which engine they drive.
+
+Reproducibility: each sample draws its randomness from its own generator seeded by
+(run seed, epoch, prompt id, sample index) (see `sample_seed`), never from the batch layout, so
+the same sample comes out whether prompts are batched, sharded or resumed differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (an end-of-turn token was sampled) or "length"
+
+
+class Engine(Protocol):
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        seeds: Sequence[int],
+        params: SamplingParams,
+        adapter: Path | None,
+    ) -> list[Completion]:
+        """One completion per prompt; `prompts` repeats a prompt once per wanted sample."""
+
+    def score(
+        self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int]
+    ) -> list[np.ndarray]:
+        """float32 logprob of each token after the prompt, one array per sequence."""
+
+
+def sample_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, stable across processes and Python versions (unlike hash())."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+    """Indices grouped by similar length so that a padded batch holds at most `max_tokens`."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = max([lengths[j] for j in current] + [lengths[i]])
+        if current and (longest * (len(current) + 1) > max_tokens or len(current) >= max_rows):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_causal_lm(path: str | Path, dtype: str = "auto", device: str = "auto"):
+    """A transformers causal LM in eval mode; raises a one-line error for a missing directory."""
+    from transformers import AutoModelForCausalLM
+
+    from kd.stages.errors import KdError
+
+    local = Path(path)
+    if (str(path).startswith((".", "/")) or local.exists()) and not (local / "config.json").is_file():
+        raise KdError(f"{path}: no model here (config.json missing); build the toy world with `kd toy` or fix the path")
+    torch_device = pick_device(device)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, torch_device))
+    return model.to(torch_device).eval()
+
+
+class HFEngine:
+    """transformers in-process. The base model stays loaded; adapters are swapped by path.
+
+    A new adapter path always loads a new PEFT adapter, and the previous one is deleted, so a stale
+    adapter cannot be sampled from.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        stop_token_ids: Sequence[int],
+        pad_token_id: int,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_batch_tokens: int = 32768,
+        max_batch_rows: int = 256,
+    ):
+        self.model_path = str(model_path)
+        self.base = load_causal_lm(model_path, dtype, device)
+        self.model = self.base
+        self.adapter: Path | None = None
+        self._adapter_serial = 0
+        self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)))
+        self.pad_token_id = pad_token_id
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_rows = max_batch_rows
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def use_adapter(self, adapter: Path | None) -> None:
+        from peft import PeftModel
+
+        if adapter is None:
+            if self.adapter is not None:
+                self.base = self.model.unload()  # drops LoRA layers, keeps base weights untouched
+                self.model = self.base
+            self.adapter = None
+            return
+        adapter = Path(adapter)
+        if self.adapter == adapter:
+            return
+        self._adapter_serial += 1
+        name = f"policy{self._adapter_serial}"
+        if self.adapter is None:
+            self.model = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=name).eval()
+        else:
+            previous = self.model.active_adapter
+            self.model.load_adapter(str(adapter), adapter_name=name)
+            self.model.set_adapter(name)
+            self.model.delete_adapter(previous)
+            self.model.eval()
+        self.adapter = adapter
+
+    @torch.no_grad()
+    def sample(self, prompts, seeds, params: SamplingParams, adapter: Path | None, progress=None) -> list[Completion]:
+        self.use_adapter(adapter)
+        budget = [len(p) + params.max_new_tokens for p in prompts]
+        results: list[Completion | None] = [None] * len(prompts)
+        for batch in length_batches(budget, self.max_batch_tokens, self.max_batch_rows):
+            outs = self._decode([prompts[i] for i in batch], [seeds[i] for i in batch], params)
+            for i, out in zip(batch, outs):
+                results[i] = out
+            if progress is not None:
+                progress(len(batch))
+        return results  # type: ignore[return-value]
+
+    def _decode(self, prompts, seeds, params: SamplingParams) -> list[Completion]:
+        """Left-padded batched decoding with a KV cache; logprobs of the distribution sampled from.
+
+        The recorded logprob is log softmax(logits / T) after top-p renormalisation: the behaviour
+        policy's probability, which is what the importance ratio of the train stage divides by.
+        """
+        from transformers import DynamicCache
+
+        device = self.device
+        rows, longest = len(prompts), max(len(p) for p in prompts)
+        input_ids_B_L = torch.full((rows, longest), self.pad_token_id, dtype=torch.long)
+        mask_B_L = torch.zeros((rows, longest), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            input_ids_B_L[r, longest - len(p):] = torch.tensor(p)
+            mask_B_L[r, longest - len(p):] = 1
+        input_ids_B_L, mask_B_L = input_ids_B_L.to(device), mask_B_L.to(device)
+        positions_B_L = (mask_B_L.cumsum(-1) - 1).clamp(min=0)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        cache = DynamicCache(config=self.model.config)
+        stop_ids = self.stop_token_ids.to(device)
+
+        tokens_B_T, logprobs_B_T = [], []
+        finished_B = torch.zeros(rows, dtype=torch.bool, device=device)
+        stopped_B = torch.zeros(rows, dtype=torch.bool, device=device)
+        step_ids, step_positions = input_ids_B_L, positions_B_L
+        for _ in range(params.max_new_tokens):
+            out = self.model(
+                input_ids=step_ids, attention_mask=mask_B_L, position_ids=step_positions,
+                past_key_values=cache, use_cache=True,
+            )
+            logprobs_B_V = behaviour_logprobs(out.logits[:, -1].float(), params.temperature, params.top_p)
+            if params.greedy:
+                next_B = logprobs_B_V.argmax(-1)
+            else:
+                probs_B_V = logprobs_B_V.exp().cpu()
+                next_B = torch.stack(
+                    [torch.multinomial(probs_B_V[r], 1, generator=generators[r])[0] for r in range(rows)]
+                ).to(device)
+            next_B = torch.where(finished_B, torch.full_like(next_B, self.pad_token_id), next_B)
+            tokens_B_T.append(next_B)
+            logprobs_B_T.append(logprobs_B_V.gather(-1, next_B[:, None])[:, 0])
+            just_stopped_B = torch.isin(next_B, stop_ids) & ~finished_B
+            stopped_B |= just_stopped_B
+            finished_B |= just_stopped_B
+            if bool(finished_B.all()):
+                break
+            step_ids = next_B[:, None]
+            step_positions = step_positions[:, -1:] + 1
+            mask_B_L = torch.cat([mask_B_L, torch.ones((rows, 1), dtype=mask_B_L.dtype, device=device)], dim=1)
+
+        tokens = torch.stack(tokens_B_T, 1).tolist()
+        logprobs = torch.stack(logprobs_B_T, 1).tolist()
+        stops = set(self.stop_token_ids.tolist())
+        completions = []
+        for r in range(rows):
+            ids, lps = [], []
+            for tok, lp in zip(tokens[r], logprobs[r]):
+                ids.append(tok)
+                lps.append(lp)
+                if tok in stops:
+                    break
+            completions.append(Completion(ids, lps, "stop" if bool(stopped_B[r]) else "length"))
+        return completions
+
+    @torch.no_grad()
+    def score(self, sequences, prompt_lengths, progress=None) -> list[np.ndarray]:
+        results: list[np.ndarray | None] = [None] * len(sequences)
+        lengths = [len(s) for s in sequences]
+        for batch in length_batches(lengths, self.max_batch_tokens, self.max_batch_rows):
+            ids_B_L, mask_B_L = right_pad([sequences[i] for i in batch], self.pad_token_id)
+            logits_B_L_V = self.model(input_ids=ids_B_L.to(self.device), attention_mask=mask_B_L.to(self.device)).logits
+            for row, i in enumerate(batch):
+                start, end = prompt_lengths[i], lengths[i]
+                # logits at position t predict token t+1: completion tokens [start, end) need logits [start-1, end-1)
+                logprobs_T_V = torch.log_softmax(logits_B_L_V[row, start - 1 : end - 1].float(), -1)
+                targets_T = ids_B_L[row, start:end].to(self.device)
+                results[i] = logprobs_T_V.gather(-1, targets_T[:, None])[:, 0].cpu().numpy().astype(np.float32)
+            if progress is not None:
+                progress(len(batch))
+        return results  # type: ignore[return-value]
+
+
+def behaviour_logprobs(logits_B_V: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """log of the distribution actually sampled from: softmax(logits / T), restricted to the top-p nucleus."""
+    logprobs_B_V = torch.log_softmax(logits_B_V / temperature, -1)
+    if top_p >= 1.0:
+        return logprobs_B_V
+    sorted_B_V, order_B_V = logprobs_B_V.sort(-1, descending=True)
+    mass_before_B_V = sorted_B_V.exp().cumsum(-1) - sorted_B_V.exp()
+    keep_sorted_B_V = mass_before_B_V < top_p  # always keeps the most likely token
+    keep_B_V = torch.zeros_like(keep_sorted_B_V).scatter(-1, order_B_V, keep_sorted_B_V)
+    masked_B_V = logprobs_B_V.masked_fill(~keep_B_V, float("-inf"))
+    return torch.log_softmax(masked_B_V, -1)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(s) for s in sequences)
+    ids_B_L = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
+    mask_B_L = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for r, s in enumerate(sequences):
+        ids_B_L[r, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask_B_L[r, : len(s)] = 1
+    return ids_B_L, mask_B_L

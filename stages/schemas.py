@@ -1,0 +1,63 @@
+"""Every dataset kd writes, declared once with a version. Writers pass these; readers check them.
+
+Token ids are int32, logprobs float32. A row of `rollouts` is one sample; `scored` adds the
+teacher's logprob of each completion token; `eval` is `scored` plus which decoding made the row.
+Bump a version whenever a schema changes: readers refuse other versions with a one-line error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    name: str
+    version: int
+    schema: pa.Schema | None  # None: the directory holds files (an adapter), no Arrow parts
+
+
+_ROLLOUT_FIELDS = [
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("sample_index", pa.int32(), nullable=False),
+    pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("completion_token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("sampler_logprobs", pa.list_(pa.float32()), nullable=False),
+    pa.field("finish_reason", pa.string(), nullable=False),
+    pa.field("completion_text", pa.string(), nullable=False),
+    pa.field("policy_version", pa.int32(), nullable=False),
+    pa.field("answer", pa.string()),  # null when the prompt has no reference answer
+    pa.field("correct", pa.bool_()),  # null when there is no answer to check against
+]
+_TEACHER_FIELDS = [pa.field("teacher_logprobs", pa.list_(pa.float32()), nullable=False)]
+
+ROLLOUTS = DatasetKind("rollouts", 1, pa.schema(_ROLLOUT_FIELDS))
+SCORED = DatasetKind("scored", 1, pa.schema(_ROLLOUT_FIELDS + _TEACHER_FIELDS))
+EVAL = DatasetKind(
+    "eval", 1, pa.schema(_ROLLOUT_FIELDS + _TEACHER_FIELDS + [pa.field("decoding", pa.string(), nullable=False)])
+)
+TRAIN_STEPS = DatasetKind(
+    "train",
+    1,
+    pa.schema(
+        [
+            pa.field("step", pa.int32(), nullable=False),  # optimiser step within the epoch, from 1
+            pa.field("global_step", pa.int32(), nullable=False),
+            pa.field("loss", pa.float32()),
+            pa.field("grad_norm", pa.float32()),
+            pa.field("learning_rate", pa.float32()),
+            pa.field("tokens", pa.int64()),
+            pa.field("teacher_kl", pa.float32()),
+            pa.field("mismatch", pa.float32()),
+            pa.field("entropy", pa.float32()),
+            pa.field("ratio_mean", pa.float32()),
+            pa.field("ratio_max", pa.float32()),
+            pa.field("clip_fraction", pa.float32()),
+        ]
+    ),
+)
+ADAPTER = DatasetKind("adapter", 1, None)
+
+KINDS = {kind.name: kind for kind in (ROLLOUTS, SCORED, EVAL, TRAIN_STEPS, ADAPTER)}

@@ -19,7 +19,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -67,6 +67,28 @@ def write_table(path: Path, table: pa.Table, kind: DatasetKind) -> None:
     options = pa.ipc.IpcWriteOptions(compression="zstd")
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, kind.schema, options=options) as writer:
         writer.write_table(table, max_chunksize=8192)
+
+
+def write_dataset(
+    out: Path,
+    kind: DatasetKind,
+    table: pa.Table | None,
+    stage_config: dict[str, Any],
+    inputs: list[Path],
+    stats: dict[str, Any],
+    started: float,
+    write_files: Callable[[Path], None] | None = None,
+) -> dict:
+    """Write one complete dataset directory atomically: Arrow part, extra files, manifest last."""
+    from kd.stages.config import stable_hash
+
+    with staging_dir(out) as tmp:
+        if table is not None:
+            write_table(tmp / part_name(0, 1), table, kind)
+        if write_files is not None:
+            write_files(tmp)
+        rows = table.num_rows if table is not None else 0
+        return write_manifest(tmp, kind, rows, stage_config, stable_hash(stage_config), inputs, stats, started)
 
 
 def sha256_file(path: Path) -> str:

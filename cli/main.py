@@ -1,0 +1,139 @@
+"""The `kd` command line: thin Typer commands that parse options and call a stage's `run`.
+
+Every stage command takes the run's config (--config YAML, --set overrides; an existing run's own
+config.yaml when --config is left out) and an --epoch, reads its inputs from runs/<id>/<epoch>/
+and writes one dataset directory there.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from kd.stages.errors import KdError
+
+app = typer.Typer(
+    help="On-policy distillation: a student learns from a teacher on its own samples, one on-disk stage at a time.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: the run's config.yaml, else configs/toy.yaml).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config field, e.g. --set train.learning_rate=1e-4 (repeatable).")
+RunOpt = typer.Option(None, "--run", help="Run id (overrides run_id in the config).")
+EpochOpt = typer.Option(..., "--epoch", "-e", min=0, help="Epoch whose datasets the stage reads and writes.")
+
+
+def resolve_config(config: Optional[Path], overrides: Optional[List[str]], run_id: Optional[str]):
+    from kd.stages import config as config_lib, run as run_lib
+
+    overrides = list(overrides or [])
+    if run_id:
+        overrides.append(f"run_id={run_id}")
+    if config is None:
+        probe = config_lib.load(None, overrides)
+        saved = probe.run_dir / "config.yaml"
+        if saved.is_file():
+            return config_lib.load(saved, overrides)
+    return config_lib.load(config, overrides)
+
+
+def stage_config(config, overrides, run_id):
+    from kd.stages import run as run_lib
+
+    resolved = resolve_config(config, overrides, run_id)
+    run_lib.prepare(resolved)
+    return resolved
+
+
+@app.command()
+def toy(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt):
+    """Build the toy world (tokenizer, teacher, student, prompts) offline; skipped if already built."""
+    from kd.stages import toy as toy_lib
+
+    resolved = resolve_config(config, overrides, None)
+    if resolved.toy is None:
+        raise KdError("this config has no `toy` section; the toy world is built from configs/toy.yaml")
+    report = toy_lib.build(resolved.toy, Path(resolved.toy_dir))
+    typer.echo(
+        f"toy world in {resolved.toy_dir}: teacher accuracy {report['teacher']['heldout_greedy_accuracy']:.1%}, "
+        f"student accuracy {report['student']['heldout_greedy_accuracy']:.1%}, built in {report['build_seconds']}s"
+    )
+
+
+@app.command()
+def generate(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+             run: Optional[str] = RunOpt):
+    """The student (base + previous epoch's adapter) samples completions -> <epoch>/rollouts."""
+    from kd.stages import generate as stage
+
+    typer.echo(stage.run(stage_config(config, overrides, run), epoch))
+
+
+@app.command()
+def score(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+          run: Optional[str] = RunOpt):
+    """The teacher's logprob of every sampled token -> <epoch>/scored."""
+    from kd.stages import score as stage
+
+    typer.echo(stage.run(stage_config(config, overrides, run), epoch))
+
+
+@app.command()
+def train(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+          run: Optional[str] = RunOpt):
+    """Importance-sampled policy-gradient update of the student's LoRA -> <epoch>/train."""
+    from kd.stages import train as stage
+
+    typer.echo(stage.run(stage_config(config, overrides, run), epoch))
+
+
+@app.command("export-lora")
+def export_lora(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+                run: Optional[str] = RunOpt,
+                merge: bool = typer.Option(False, "--merge", help="Also write merged full weights to adapter/merged.")):
+    """The epoch's PEFT adapter, loadable by the next generate, vLLM and SGLang -> <epoch>/adapter."""
+    from kd.stages import export_lora as stage
+
+    typer.echo(stage.run(stage_config(config, overrides, run), epoch, merge=merge))
+
+
+@app.command("eval")
+def eval_(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+          run: Optional[str] = RunOpt):
+    """Held-out reverse KL and accuracy of the policy that samples at EPOCH -> <epoch>/eval."""
+    from kd.stages import eval as stage
+
+    typer.echo(stage.run(stage_config(config, overrides, run), epoch))
+
+
+@app.command()
+def loop(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, run: Optional[str] = RunOpt,
+         overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run made with another config.")):
+    """The on-policy loop: generate, score, train, export-lora per epoch, eval every k; resumes when re-run."""
+    from kd.stages import loop as stage
+
+    stage.run(resolve_config(config, overrides, run), overwrite=overwrite)
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="A stage directory, e.g. runs/toy/0003/scored."),
+            samples: int = typer.Option(3, help="Decoded samples to show.")):
+    """Summarise a stage directory with polars: rows, tokens, mean KL, a few decoded samples."""
+    from kd.stages import inspect as stage
+
+    stage.run(path, samples)
+
+
+def main() -> None:
+    try:
+        app()
+    except KdError as err:
+        typer.echo(f"kd: error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Typed, validated configuration: one dataclass per stage, defaults live only here.
+
+A config is YAML (see configs/toy.yaml) plus `--set section.key=value` overrides. Unknown keys are
+refused with a did-you-mean; wrong types and out-of-range values are refused naming the field.
+The resolved config is written to runs/<run-id>/config.yaml and every manifest records its stage's
+part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kd.stages.errors import KdError
+from kd.stages.toy import ToyConfig
+
+
+def _check(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise KdError(f"config field {field_name}: {message}")
+
+
+@dataclass
+class EngineConfig:
+    """Which runtime samples or scores, and how.
+
+    kind: hf (transformers in-process; CPU or GPU), vllm or sglang.
+    dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16 or float16.
+    device: auto, cpu, cuda, cuda:N (hf only).
+    max_batch_tokens / max_batch_rows: the hf engine pads batches up to these bounds.
+    """
+
+    kind: Literal["hf", "vllm", "sglang"] = "hf"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    max_batch_tokens: int = 32768
+    max_batch_rows: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.max_batch_tokens > 0, "engine.max_batch_tokens", "must be > 0")
+        _check(self.max_batch_rows > 0, "engine.max_batch_rows", "must be > 0")
+
+
+@dataclass
+class GenerateConfig:
+    """The student samples its own completions.
+
+    prompts: prompt file (JSONL, .jsonl.zst, Parquet or a datasets directory).
+    prompts_per_epoch: prompts drawn each epoch, without replacement, from (seed, epoch).
+    samples_per_prompt: completions per prompt (G).
+    max_new_tokens: completion length limit; finish_reason "length" marks truncated ones.
+    temperature, top_p: the sampling distribution; the recorded logprob is of that distribution.
+    """
+
+    prompts: str = "runs/toy-world/prompts/train.jsonl.zst"
+    prompts_per_epoch: int = 32
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.prompts_per_epoch > 0, "generate.prompts_per_epoch", "must be > 0")
+        _check(self.samples_per_prompt > 0, "generate.samples_per_prompt", "must be > 0")
+        _check(self.max_new_tokens > 0, "generate.max_new_tokens", "must be > 0")
+        _check(self.temperature > 0, "generate.temperature", "must be > 0 (greedy sampling is not on-policy RL)")
+        _check(0 < self.top_p <= 1, "generate.top_p", "must be in (0, 1]")
+
+
+@dataclass
+class ScoreConfig:
+    """The teacher scores every completion token (one prefill per sequence)."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass
+class TrainConfig:
+    """The importance-sampled policy-gradient step on the student's LoRA adapter.
+
+    lora_rank, lora_alpha, lora_dropout, lora_target_modules: the PEFT LoRA adapter.
+    learning_rate, lr_scheduler, warmup_steps, weight_decay: AdamW; the schedule runs over the
+        optimiser steps of the whole run (epochs x steps per epoch), not restarted each epoch.
+    batch_size: sequences per device per micro-batch; grad_accum: micro-batches per optimiser step.
+    passes: passes over each epoch's scored samples (optimiser steps per epoch =
+        passes x ceil(samples / (batch_size x grad_accum x processes))).
+    max_grad_norm: gradient clipping (0: off).
+    kl_coef: advantage A_t = -kl_coef (s_t - q_t) (+ reward_coef x task reward, discounted by gamma).
+    clip_epsilon: PPO clipping of the importance ratio to [1-eps, 1+eps] (0: off).
+    ratio_cap: truncate the importance ratio at this value (0: off).
+    max_ratio: abort when an importance ratio exceeds this (a diverged or mismatched sampler).
+    precision: auto (bf16 on a GPU that has it), float32 or bf16.
+    logging_steps: optimiser steps between TensorBoard / metrics lines.
+    """
+
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    learning_rate: float = 1e-3
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    grad_accum: int = 1
+    passes: int = 1
+    max_grad_norm: float = 1.0
+    kl_coef: float = 1.0
+    reward_coef: float = 0.0
+    gamma: float = 0.0
+    clip_epsilon: float = 0.0
+    ratio_cap: float = 0.0
+    max_ratio: float = 1e4
+    precision: Literal["auto", "float32", "bf16"] = "auto"
+    logging_steps: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.lora_rank > 0, "train.lora_rank", "must be > 0")
+        _check(0 <= self.lora_dropout < 1, "train.lora_dropout", "must be in [0, 1)")
+        _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(self.batch_size > 0, "train.batch_size", "must be > 0")
+        _check(self.grad_accum > 0, "train.grad_accum", "must be > 0")
+        _check(self.passes > 0, "train.passes", "must be > 0")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        _check(0 <= self.gamma <= 1, "train.gamma", "must be in [0, 1]")
+        _check(0 <= self.clip_epsilon < 1, "train.clip_epsilon", "must be in [0, 1)")
+        _check(self.ratio_cap == 0 or self.ratio_cap >= 1, "train.ratio_cap", "must be 0 (off) or >= 1")
+        _check(self.max_ratio > 1, "train.max_ratio", "must be > 1")
+        _check(self.logging_steps > 0, "train.logging_steps", "must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of the current policy.
+
+    prompts: held-out prompt file; num_prompts: how many of them (0: all).
+    every: evaluate at epochs 0, every, 2 x every, ... and after the last epoch.
+    max_new_tokens, temperature: for the sampled completions the teacher scores (reverse KL);
+        accuracy uses greedy decoding.
+    """
+
+    prompts: str = "runs/toy-world/prompts/heldout.jsonl.zst"
+    num_prompts: int = 128
+    every: int = 10
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
+        _check(self.every > 0, "eval.every", "must be > 0")
+        _check(self.temperature > 0, "eval.temperature", "must be > 0")
+
+
+@dataclass
+class Config:
+    """A whole run.
+
+    run_id: outputs go to <runs_dir>/<run_id>/.
+    seed: every random choice (prompts, samples, LoRA init) derives from it.
+    epochs: on-policy epochs (generate, score, train, export-lora each); may grow on resume.
+    student, teacher: model directories or hub ids (must share a tokenizer).
+    toy: how to build the embedded toy world (`kd toy`); absent in configs for real models.
+    """
+
+    run_id: str = "toy"
+    runs_dir: str = "runs"
+    seed: int = 0
+    epochs: int = 100
+    student: str = "runs/toy-world/student"
+    teacher: str = "runs/toy-world/teacher"
+    toy: ToyConfig | None = None
+    toy_dir: str = "runs/toy-world"
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(bool(self.run_id) and "/" not in self.run_id, "run_id", "must be a non-empty name without '/'")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_id
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results; `epochs` is left out so a run can be extended."""
+        data = self.to_dict()
+        data.pop("epochs")
+        return stable_hash(data)
+
+
+def stable_hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("kd.configs") / "toy.yaml"))
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Config from YAML (default: the packaged toy.yaml) with `section.key=value` overrides."""
+    path = Path(path) if path else default_config_path()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError:
+        raise KdError(f"{path}: config file not found; pass --config with an existing YAML file") from None
+    except yaml.YAMLError as err:
+        raise KdError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise KdError(f"{path}: the top level must be a mapping of config fields")
+    for override in overrides:
+        apply_override(data, override)
+    return build(Config, data, where="")
+
+
+def apply_override(data: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise KdError(f"--set {override!r}: expected section.key=value, e.g. --set train.learning_rate=1e-4")
+    *sections, leaf = key.strip().split(".")
+    node = data
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise KdError(f"--set {override!r}: {section} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def build(cls: type, data: Any, where: str):
+    """Construct dataclass `cls` from plain data, checking every key and type."""
+    if not isinstance(data, dict):
+        raise KdError(f"config field {where or 'top level'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {where}{close[0]}?" if close else f"; known fields: {', '.join(names)}"
+            raise KdError(f"config field {name}: unknown{hint}")
+        kwargs[key] = convert(hints[key], value, name)
+    return cls(**kwargs)
+
+
+def convert(hint: Any, value: Any, name: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return convert(inner, value, name)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, f"{name}.")
+    if origin is Literal:
+        if value not in args:
+            raise KdError(f"config field {name}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise KdError(f"config field {name}: expected a list, got {value!r}")
+        return [convert(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise KdError(f"config field {name}: expected {hint.__name__}, got {value!r}")
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,66 @@
+"""eval: the policy of an epoch on held-out prompts: reverse KL to the teacher and task accuracy.
+
+    kd eval --run toy --epoch 10
+
+Evaluates the policy that samples at `epoch` (the adapter exported at epoch-1; the base student
+at epoch 0), so epoch 0 is the baseline and epoch E (after the last training epoch) the result.
+Reverse KL: one sample per prompt at eval.temperature, scored by the teacher, mean over tokens of
+s_t - q_t. Accuracy: greedy decoding, answer checked against the prompt's `answer`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from kd.stages import datasets_io, run as run_lib
+from kd.stages.config import Config
+from kd.stages.engines import SamplingParams
+from kd.stages.generate import load_prompts, sample_rows
+from kd.stages.schemas import ADAPTER, EVAL, ROLLOUTS
+from kd.stages.score import kl_stats, teacher_logprobs, with_teacher
+from kd.stages.session import Session
+
+
+def run(config: Config, epoch: int, session: Session | None = None) -> Path:
+    out = run_lib.stage_dir(config, epoch, "eval")
+    if datasets_io.is_complete(out):
+        return out
+    session = session or Session(config)
+    started = time.time()
+    cfg = config.eval
+    adapter = run_lib.adapter_for_epoch(config, epoch)
+    inputs = []
+    if adapter is not None:
+        datasets_io.require(adapter, ADAPTER, f"run `kd export-lora --epoch {epoch - 1}` first")
+        inputs.append(adapter)
+    heldout = load_prompts(session, cfg.prompts, cfg.max_new_tokens)
+    if cfg.num_prompts:
+        heldout = heldout[: cfg.num_prompts]
+    # Seeds are salted with "eval" so held-out samples never repeat the training samples' draws.
+    sampled = sample_rows(
+        session, heldout, 1, SamplingParams(cfg.max_new_tokens, cfg.temperature), f"eval-{epoch}", epoch, adapter,
+        f"eval epoch {epoch}: sample",
+    )
+    greedy = sample_rows(
+        session, heldout, 1, SamplingParams(cfg.max_new_tokens, greedy=True), f"eval-{epoch}", epoch, adapter,
+        f"eval epoch {epoch}: greedy",
+    )
+    table = pa.Table.from_pylist(sampled + greedy, schema=ROLLOUTS.schema)
+    logprobs = teacher_logprobs(session, table, f"eval epoch {epoch}: score")
+    decoding = pa.array(["sample"] * len(sampled) + ["greedy"] * len(greedy))
+    table = with_teacher(table, logprobs).append_column("decoding", decoding)
+    kl = kl_stats([r["sampler_logprobs"] for r in sampled], logprobs[: len(sampled)])
+    checked = [r["correct"] for r in greedy if r["correct"] is not None]
+    stats = {
+        "heldout_reverse_kl": kl["teacher_kl"],
+        "heldout_reverse_kl_per_sequence": kl["teacher_kl_per_sequence"],
+        "accuracy": sum(checked) / len(checked) if checked else None,
+        "prompts": len(heldout),
+    }
+    stage_config = {"seed": config.seed, "student": config.student, "teacher": config.teacher, "eval": config.to_dict()["eval"]}
+    datasets_io.write_dataset(out, EVAL, table, stage_config, inputs, stats, started)
+    run_lib.log_metrics(config, {"epoch": epoch, "stage": "eval", "wall_seconds": time.time() - started, **stats})
+    return out

@@ -1,0 +1,57 @@
+"""export-lora: the epoch's adapter, where the next generate and vLLM / SGLang load it.
+
+    kd export-lora --run toy --epoch 3 [--merge]
+
+Writes <epoch>/adapter/ in the PEFT format (adapter_config.json, adapter_model.safetensors) that
+vLLM's LoRARequest(name, id, path) and SGLang's --lora-paths load, with base_model_name_or_path
+pointing at the student. --merge also writes merged/: full weights (base + LoRA) with the
+tokenizer, loadable by any engine as a plain model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from kd.stages import datasets_io, run as run_lib
+from kd.stages.config import Config
+from kd.stages.schemas import ADAPTER, TRAIN_STEPS
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def run(config: Config, epoch: int, merge: bool = False) -> Path:
+    out = run_lib.stage_dir(config, epoch, "adapter")
+    if datasets_io.is_complete(out) and (not merge or (out / "merged").is_dir()):
+        return out
+    started = time.time()
+    source = run_lib.stage_dir(config, epoch, "train")
+    datasets_io.require(source, TRAIN_STEPS, f"run `kd train --epoch {epoch}` first")
+
+    def write_files(tmp: Path) -> None:
+        for name in ADAPTER_FILES:
+            shutil.copy2(source / "adapter" / name, tmp / name)
+        adapter_config = json.loads((tmp / "adapter_config.json").read_text())
+        adapter_config["base_model_name_or_path"] = config.student
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        if merge:
+            write_merged(config.student, tmp, tmp / "merged")
+
+    stats = {"merged": merge, "bytes": (source / "adapter" / "adapter_model.safetensors").stat().st_size}
+    stage_config = {"student": config.student, "merge": merge}
+    datasets_io.write_dataset(out, ADAPTER, None, stage_config, [source], stats, started, write_files)
+    run_lib.log_metrics(config, {"epoch": epoch, "stage": "export-lora", "wall_seconds": time.time() - started, **stats})
+    return out
+
+
+def write_merged(student: str, adapter: Path, target: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from kd.stages.engines import load_causal_lm
+
+    merged = PeftModel.from_pretrained(load_causal_lm(student, "float32", "cpu"), str(adapter)).merge_and_unload()
+    merged.save_pretrained(target)
+    AutoTokenizer.from_pretrained(student).save_pretrained(target)

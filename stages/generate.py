@@ -1,0 +1,96 @@
+"""generate: the student samples completions of its own and records each token's logprob.
+
+    kd generate --run toy --epoch 3
+
+Policy version e samples with the adapter exported at epoch e-1 (the base model at epoch 0).
+For each chosen prompt x it draws G completions y ~ pi_e(.|x) at temperature T, top-p p, and
+records s_t = log pi_e(y_t | x, y_<t) of the distribution actually sampled from: the behaviour
+logprob that the train stage's importance ratio divides by.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from kd.stages import datasets_io, prompts as prompts_lib, run as run_lib
+from kd.stages.config import Config
+from kd.stages.engines import SamplingParams, sample_seed
+from kd.stages.progress import bar
+from kd.stages.schemas import ADAPTER, ROLLOUTS
+from kd.stages.session import Session
+from kd.stages.toy import extract_answer
+
+
+def sample_rows(
+    session: Session,
+    chosen: list[prompts_lib.Prompt],
+    samples_per_prompt: int,
+    params: SamplingParams,
+    seed_key: str,
+    policy_version: int,
+    adapter: Path | None,
+    description: str,
+) -> list[dict]:
+    """Rows of the rollouts schema; sample j of prompt p is seeded by (seed, seed_key, p, j) alone."""
+    config, tokenizer = session.config, session.tokenizer
+    engine = session.engine("student", config.generate.engine)
+    wanted = [(p, j) for p in chosen for j in range(samples_per_prompt)]
+    seeds = [sample_seed(config.seed, seed_key, p.id, j) for p, j in wanted]
+    with bar(description, len(wanted), session.progress) as advance:
+        completions = engine.sample([p.token_ids for p, _ in wanted], seeds, params, adapter, progress=advance)
+    texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+    return [
+        {
+            "prompt_id": p.id,
+            "sample_index": j,
+            "prompt_token_ids": p.token_ids,
+            "completion_token_ids": c.token_ids,
+            "sampler_logprobs": c.logprobs,
+            "finish_reason": c.finish_reason,
+            "completion_text": text,
+            "policy_version": policy_version,
+            "answer": p.answer,
+            "correct": None if p.answer is None else extract_answer(text) == p.answer,
+        }
+        for (p, j), c, text in zip(wanted, completions, texts)
+    ]
+
+
+def load_prompts(session: Session, path: str, max_new_tokens: int) -> list[prompts_lib.Prompt]:
+    return prompts_lib.load(path, session.tokenizer, session.max_context() - max_new_tokens)
+
+
+def run(config: Config, epoch: int, session: Session | None = None) -> Path:
+    out = run_lib.stage_dir(config, epoch, "rollouts")
+    if datasets_io.is_complete(out):
+        return out
+    session = session or Session(config)
+    started = time.time()
+    cfg = config.generate
+    adapter = run_lib.adapter_for_epoch(config, epoch)
+    inputs = []
+    if adapter is not None:
+        datasets_io.require(adapter, ADAPTER, f"run `kd export-lora --epoch {epoch - 1}` first")
+        inputs.append(adapter)
+    chosen = prompts_lib.choose(load_prompts(session, cfg.prompts, cfg.max_new_tokens), cfg.prompts_per_epoch, config.seed, epoch)
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    rows = sample_rows(
+        session, chosen, cfg.samples_per_prompt, params, f"train-{epoch}", epoch, adapter, f"generate epoch {epoch}"
+    )
+    table = pa.Table.from_pylist(rows, schema=ROLLOUTS.schema)
+    tokens = sum(len(r["completion_token_ids"]) for r in rows)
+    checked = [r["correct"] for r in rows if r["correct"] is not None]
+    stats = {
+        "completion_tokens": tokens,
+        "tokens_per_second": tokens / max(time.time() - started, 1e-9),
+        "mean_sampler_logprob": sum(sum(r["sampler_logprobs"]) for r in rows) / max(tokens, 1),
+        "truncated_fraction": sum(r["finish_reason"] == "length" for r in rows) / len(rows),
+        "accuracy": sum(checked) / len(checked) if checked else None,
+    }
+    stage_config = {"seed": config.seed, "student": config.student, "generate": config.to_dict()["generate"]}
+    datasets_io.write_dataset(out, ROLLOUTS, table, stage_config, inputs, stats, started)
+    run_lib.log_metrics(config, {"epoch": epoch, "stage": "generate", "wall_seconds": time.time() - started, **stats})
+    return out

@@ -1,0 +1,44 @@
+"""inspect: a polars summary of any stage directory: rows, tokens, mean KL, decoded samples.
+
+    kd inspect runs/toy/0003/scored
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from kd.stages import datasets_io
+from kd.stages.progress import console
+
+
+def run(path: Path, samples: int = 3) -> dict:
+    manifest = datasets_io.read_manifest(path)
+    kind = datasets_io.kind_of(path)
+    console.print(f"[bold]{path}[/]: {kind.name} v{manifest['schema_version']}, {manifest['rows']} rows, "
+                  f"{sum(f['bytes'] for f in manifest['files'])} bytes in {len(manifest['files'])} files, "
+                  f"written in {manifest['wall_seconds']}s by kd {manifest['kd_version']}")
+    summary: dict = {"kind": kind.name, "rows": manifest["rows"]}
+    if kind.schema is None:
+        console.print(manifest["stats"])
+        return summary
+    frame = pl.scan_ipc(str(Path(path) / "*.arrow"))
+    if "completion_token_ids" in kind.schema.names:
+        lengths = pl.col("completion_token_ids").list.len()
+        exprs = [pl.len().alias("rows"), lengths.sum().alias("completion_tokens"), lengths.mean().alias("mean_length"),
+                 (pl.col("finish_reason") == "length").mean().alias("truncated"), pl.col("correct").mean().alias("accuracy")]
+        if "teacher_logprobs" in kind.schema.names:
+            kl = (pl.col("sampler_logprobs").list.sum() - pl.col("teacher_logprobs").list.sum()).sum() / lengths.sum()
+            exprs.append(kl.alias("mean_kl_per_token"))
+        stats = frame.select(exprs).collect()
+        console.print(stats)
+        summary.update(stats.row(0, named=True))
+        shown = frame.select("prompt_id", "sample_index", "completion_text", "correct").head(samples).collect()
+        for row in shown.iter_rows(named=True):
+            console.print(f"  {row['prompt_id']}#{row['sample_index']} correct={row['correct']}: {row['completion_text']!r}")
+    else:
+        table = frame.collect()
+        console.print(table)
+        summary["steps"] = table.height
+    return summary

@@ -1,0 +1,81 @@
+"""loop: the on-policy driver. For each epoch: generate, score, train, export-lora; eval every k.
+
+    kd loop                      # the toy world on CPU (configs/toy.yaml)
+    kd loop --config configs/qwen3-4b-from-32b.yaml --set epochs=50
+
+Stages run in this one process and share a Session, so the teacher and the student's base weights
+load once; each stage still reads and writes its datasets on disk exactly as its standalone
+command does. Re-running the same command resumes: complete stages are skipped, an incomplete one
+is redone from scratch. Eval runs at epochs 0, k, 2k, ... and at the end (policy after training).
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.table import Table
+
+from kd.stages import datasets_io, eval as eval_stage, export_lora, generate, run as run_lib, score, train
+from kd.stages.config import Config
+from kd.stages.progress import console
+from kd.stages.session import Session
+
+
+def eval_epochs(config: Config) -> list[int]:
+    return sorted(set(range(0, config.epochs, config.eval.every)) | {config.epochs})
+
+
+def run(config: Config, overwrite: bool = False) -> list[dict]:
+    run_lib.prepare(config, overwrite)
+    session = Session(config, progress=False)
+    evals = set(eval_epochs(config))
+    started = time.time()
+    with run_lib.locked(config.run_dir):
+        for epoch in range(config.epochs + 1):
+            if epoch in evals:
+                report_eval(config, epoch, eval_stage.run(config, epoch, session))
+            if epoch == config.epochs:
+                break
+            t0 = time.time()
+            generate.run(config, epoch, session)
+            scored = score.run(config, epoch, session)
+            trained = train.run(config, epoch, progress=False)
+            export_lora.run(config, epoch)
+            report_epoch(config, epoch, scored, trained, time.time() - t0)
+    rows = summary(config)
+    console.print(summary_table(rows, time.time() - started))
+    return rows
+
+
+def report_epoch(config: Config, epoch: int, scored, trained, seconds: float) -> None:
+    kl = datasets_io.read_manifest(scored)["stats"]["teacher_kl"]
+    train_stats = datasets_io.read_manifest(trained)["stats"]
+    console.print(
+        f"epoch {epoch + 1:4d}/{config.epochs}  teacher_kl {kl:7.4f}  ratio_max {train_stats['ratio_max']:6.3f}  "
+        f"grad_norm {train_stats['grad_norm']:6.3f}  lr {train_stats['learning_rate']:.2e}  {seconds:5.1f}s"
+    )
+
+
+def report_eval(config: Config, epoch: int, out) -> None:
+    stats = datasets_io.read_manifest(out)["stats"]
+    accuracy = "n/a" if stats["accuracy"] is None else f"{stats['accuracy']:.1%}"
+    console.print(f"[bold]eval after {epoch} epochs: held-out reverse KL {stats['heldout_reverse_kl']:.4f}, accuracy {accuracy}")
+
+
+def summary(config: Config) -> list[dict]:
+    rows = []
+    for epoch in eval_epochs(config):
+        manifest = datasets_io.read_manifest(run_lib.stage_dir(config, epoch, "eval"))
+        if manifest is not None:
+            rows.append({"epoch": epoch, **manifest["stats"]})
+    return rows
+
+
+def summary_table(rows: list[dict], seconds: float) -> Table:
+    table = Table(title=f"held-out evaluation ({seconds:.0f}s)")
+    for column in ("epochs trained", "reverse KL / token", "reverse KL / sequence", "accuracy"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.1%}"
+        table.add_row(str(row["epoch"]), f"{row['heldout_reverse_kl']:.4f}", f"{row['heldout_reverse_kl_per_sequence']:.3f}", accuracy)
+    return table

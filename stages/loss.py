@@ -1,0 +1,102 @@
+"""The on-policy distillation objective (Thinking Machines / Tinker cookbook formulation).
+
+Per completion token t of a sample y ~ pi_e (the policy that generated it):
+    s_t   = log pi_e(y_t | x, y_<t)            sampler logprob, recorded by generate
+    q_t   = log p_teacher(y_t | x, y_<t)       teacher logprob, recorded by score
+    a_t   = -kl_coef (s_t - q_t)               negative per-token reverse KL estimate
+            (+ reward_coef * R on the last token, R = 1 if the answer is right else 0)
+    A_t   = sum_{k >= t} gamma^(k-t) a_k        gamma = 0 (default): A_t = a_t
+A_t is data: no gradient flows through it.
+
+Loss over the tokens of an optimiser step (prompt and padding masked out):
+    rho_t = exp(log pi_theta(y_t) - s_t)       importance ratio against the sampler
+    L     = -sum_t rho_t A_t / N,  N = completion tokens of the whole effective batch
+Its gradient is -sum_t rho_t A_t grad log pi_theta(y_t) / N: the importance-weighted policy
+gradient. rho_t = 1 at the first step of an epoch up to sampler/trainer numerical mismatch; it
+corrects for later steps on the same samples. Options:
+    clip_epsilon > 0: PPO, -min(rho A, clip(rho, 1-eps, 1+eps) A)
+    ratio_cap > 0:    truncated IS, rho replaced by min(rho, cap) (no gradient where capped)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def advantages(
+    sampler_logprobs: np.ndarray,
+    teacher_logprobs: np.ndarray,
+    kl_coef: float,
+    gamma: float = 0.0,
+    reward: float | None = None,
+    reward_coef: float = 0.0,
+) -> np.ndarray:
+    """A_t for one sample (float32, one value per completion token)."""
+    per_token = -kl_coef * (np.asarray(sampler_logprobs, np.float64) - np.asarray(teacher_logprobs, np.float64))
+    if reward is not None and reward_coef and len(per_token):
+        per_token[-1] += reward_coef * reward
+    if gamma == 0.0:
+        return per_token.astype(np.float32)
+    discounted, running = np.empty_like(per_token), 0.0
+    for t in range(len(per_token) - 1, -1, -1):
+        running = per_token[t] + gamma * running
+        discounted[t] = running
+    return discounted.astype(np.float32)
+
+
+def token_logprobs(logits_B_T_V: torch.Tensor, targets_B_T: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] without materialising a second [B, T, V] tensor."""
+    logits_B_T_V = logits_B_T_V.float()
+    picked_B_T = logits_B_T_V.gather(-1, targets_B_T[..., None])[..., 0]
+    return picked_B_T - torch.logsumexp(logits_B_T_V, dim=-1)
+
+
+@dataclass
+class PolicyLossStats:
+    """Sums over the masked tokens of a micro-batch; divide by `tokens` for means."""
+
+    tokens: int
+    ratio_sum: float
+    ratio_max: float
+    clipped: int
+    mismatch_sum: float  # sum of s_t - log pi_theta(y_t)
+
+
+def policy_loss(
+    logprobs_B_T: torch.Tensor,
+    sampler_logprobs_B_T: torch.Tensor,
+    advantages_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    normaliser: float | torch.Tensor,
+    clip_epsilon: float = 0.0,
+    ratio_cap: float = 0.0,
+) -> tuple[torch.Tensor, PolicyLossStats]:
+    """L = -sum_t rho_t A_t / normaliser over masked tokens; see the module docstring."""
+    mask_B_T = mask_B_T.bool()
+    # The sampler's logprobs and the advantages are data: only log pi_theta carries gradient.
+    sampler_logprobs_B_T, advantages_B_T = sampler_logprobs_B_T.detach(), advantages_B_T.detach()
+    ratio_B_T = torch.exp(logprobs_B_T - sampler_logprobs_B_T)
+    clipped_B_T = torch.zeros_like(mask_B_T)
+    if ratio_cap:
+        clipped_B_T = ratio_B_T > ratio_cap
+        weighted_B_T = torch.clamp(ratio_B_T, max=ratio_cap) * advantages_B_T
+    else:
+        weighted_B_T = ratio_B_T * advantages_B_T
+    if clip_epsilon:
+        clipped_ratio_B_T = torch.clamp(ratio_B_T, 1 - clip_epsilon, 1 + clip_epsilon)
+        clipped_B_T = clipped_ratio_B_T * advantages_B_T < weighted_B_T
+        weighted_B_T = torch.minimum(weighted_B_T, clipped_ratio_B_T * advantages_B_T)
+    loss = -(weighted_B_T * mask_B_T).sum() / normaliser
+    with torch.no_grad():
+        ratios = ratio_B_T[mask_B_T]
+        stats = PolicyLossStats(
+            tokens=int(mask_B_T.sum()),
+            ratio_sum=float(ratios.sum()),
+            ratio_max=float(ratios.max()) if ratios.numel() else 1.0,
+            clipped=int((clipped_B_T & mask_B_T).sum()),
+            mismatch_sum=float((sampler_logprobs_B_T - logprobs_B_T)[mask_B_T].sum()),
+        )
+    return loss, stats

@@ -1,0 +1,101 @@
+"""A run on disk: runs/<run-id>/{config.yaml, metrics.jsonl, tb/, <epoch:04d>/<stage>/}.
+
+The run's resolved config is written once; a later command with a different config is refused
+(unless the user asks to overwrite), because mixing two configs in one run makes every
+number in it meaningless. Writers hold an advisory lock on the run, released when the process dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+from kd.stages import config as config_lib
+from kd.stages.config import Config
+from kd.stages.errors import KdError
+
+STAGES = ("rollouts", "scored", "train", "adapter", "eval")
+
+
+def stage_dir(config: Config, epoch: int, stage: str) -> Path:
+    assert stage in STAGES, stage
+    return config.run_dir / f"{epoch:04d}" / stage
+
+
+def adapter_for_epoch(config: Config, epoch: int) -> Path | None:
+    """The adapter the policy of `epoch` samples with: the one exported at epoch-1 (none at 0)."""
+    return None if epoch == 0 else stage_dir(config, epoch - 1, "adapter")
+
+
+def prepare(config: Config, overwrite: bool = False) -> Path:
+    """Create the run directory with its config.yaml, or check that an existing one matches."""
+    run_dir = config.run_dir
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        existing = config_lib.build(Config, yaml.safe_load(saved.read_text()), where="")
+        if existing.fingerprint() != config.fingerprint():
+            if not overwrite:
+                changed = differing_fields(existing.to_dict(), config.to_dict())
+                raise KdError(
+                    f"{run_dir}: this run was made with another config (differs in {', '.join(changed[:5])}); "
+                    "use another run_id, or --overwrite to delete the run and start again"
+                )
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(config_lib.to_yaml(config))
+    tmp.replace(saved)
+    return run_dir
+
+
+def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key == "epochs" and not prefix:
+            continue
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += differing_fields(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def load_config(run_dir: Path) -> Config:
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise KdError(f"{run_dir}: not a kd run (no config.yaml); start it with `kd loop` or a stage command")
+    return config_lib.build(Config, yaml.safe_load(saved.read_text()), where="")
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Serialise writers of one run; the kernel drops the lock when its holder dies."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KdError(f"{run_dir}: another kd process is writing this run; wait for it to finish") from None
+        yield
+
+
+def log_metrics(config: Config, record: dict) -> None:
+    """Append one line to metrics.jsonl (and the same scalars to TensorBoard)."""
+    record = {"time": round(time.time(), 3), **record}
+    with open(config.run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

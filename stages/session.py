@@ -1,0 +1,102 @@
+"""What one process keeps loaded across stages and epochs: tokenizers and engines.
+
+`kd loop` holds one Session for the whole run, so the teacher and the student's base weights load
+once; a standalone stage command builds its own. Either way every stage reads its inputs from disk
+and writes its outputs to disk, so both paths produce the same datasets.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from kd.stages.config import Config, EngineConfig
+from kd.stages.errors import KdError
+
+
+def quiet_transformers() -> None:
+    """Per-load progress bars of transformers drown the per-epoch lines of a long loop."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    local = Path(path)
+    if (path.startswith((".", "/")) or local.exists()) and not local.is_dir():
+        raise KdError(f"{path}: model directory not found; build the toy world with `kd toy` or fix the path")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise KdError(f"{path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+
+
+def check_same_tokenizer(student_path: str, student, teacher_path: str, teacher) -> None:
+    """Teacher logprobs of student tokens are only meaningful if both split text identically."""
+    if student.get_vocab() != teacher.get_vocab():
+        raise KdError(
+            f"{teacher_path}: the teacher's vocabulary differs from the student's ({student_path}); "
+            "distillation over sampled tokens needs one shared tokenizer"
+        )
+    if (student.chat_template or "") != (teacher.chat_template or ""):
+        raise KdError(
+            f"{teacher_path}: the teacher's chat template differs from the student's ({student_path}); "
+            "the teacher would score differently formatted prompts. Give both the same template"
+        )
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    ids.discard(None)
+    if not ids:
+        raise KdError("the student's tokenizer has no eos_token; set one so that generation can stop")
+    return sorted(ids)
+
+
+def make_engine(engine: EngineConfig, model_path: str, tokenizer):
+    if engine.kind == "hf":
+        from kd.stages.engines import HFEngine
+
+        return HFEngine(
+            model_path, stop_token_ids(tokenizer), tokenizer.pad_token_id or tokenizer.eos_token_id,
+            dtype=engine.dtype, device=engine.device,
+            max_batch_tokens=engine.max_batch_tokens, max_batch_rows=engine.max_batch_rows,
+        )
+    raise KdError(f"config field engine.kind: {engine.kind!r} is not available in this build; use hf")
+
+
+class Session:
+    def __init__(self, config: Config, progress: bool = True):
+        self.config = config
+        self.progress = progress
+        if not progress:
+            quiet_transformers()
+        self._engines: dict[tuple, object] = {}
+
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.config.student)
+
+    @cached_property
+    def teacher_tokenizer(self):
+        teacher = load_tokenizer(self.config.teacher)
+        check_same_tokenizer(self.config.student, self.tokenizer, self.config.teacher, teacher)
+        return teacher
+
+    def engine(self, role: str, engine: EngineConfig):
+        """The engine for `role` ('student' or 'teacher'), built once per engine config."""
+        key = (role, repr(engine))
+        if key not in self._engines:
+            if role == "teacher":
+                self.teacher_tokenizer  # refuse a mismatched teacher before loading its weights
+            path = self.config.student if role == "student" else self.config.teacher
+            self._engines[key] = make_engine(engine, path, self.tokenizer)
+        return self._engines[key]
+
+    def max_context(self) -> int:
+        from transformers import AutoConfig
+
+        return int(getattr(AutoConfig.from_pretrained(self.config.student), "max_position_embeddings", 4096))

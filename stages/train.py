@@ -1,0 +1,283 @@
+"""train: one epoch of importance-sampled policy gradient on the student's LoRA adapter.
+
+    kd train --run toy --epoch 3
+    accelerate launch --num_processes 2 -m kd.cli.main train --run toy --epoch 3
+
+Reads the epoch's scored samples, the adapter of the previous epoch and its optimiser state, and
+writes train/: per-step metrics (Arrow), the updated adapter, and the optimiser state and global
+step the next epoch resumes from. The objective is in `kd.stages.loss`.
+
+Built on transformers' Trainer (a custom `compute_loss` over our dataset), so accelerate
+(DDP/FSDP/DeepSpeed), bf16, gradient accumulation, gradient clipping and logging come from the
+ecosystem. The learning-rate schedule spans the whole run: each epoch's Trainer gets a scheduler
+offset by the global step, so warmup and decay do not restart every epoch. The loss normaliser is
+the completion-token count of the whole effective batch, counted by Trainer across micro-batches
+and processes (`num_items_in_batch`), so the result does not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from kd.stages import datasets_io, loss as loss_lib, run as run_lib
+from kd.stages.config import Config, TrainConfig
+from kd.stages.errors import KdError
+from kd.stages.schemas import ADAPTER, SCORED, TRAIN_STEPS
+
+IGNORE = -100
+STATE = "state.json"
+OPTIMIZER = "optimizer.pt"
+
+
+def features(table: pa.Table, cfg: TrainConfig, source: Path) -> list[dict]:
+    """One training example per sample: token ids plus per-target-position logprobs and advantages."""
+    rows = []
+    for index, row in enumerate(table.to_pylist()):
+        prompt, completion = row["prompt_token_ids"], row["completion_token_ids"]
+        sampler, teacher = np.asarray(row["sampler_logprobs"]), np.asarray(row["teacher_logprobs"])
+        if not (len(completion) == len(sampler) == len(teacher)):
+            raise KdError(f"{source}: row {index}: completion, sampler and teacher logprob lengths differ; regenerate it")
+        if not (np.isfinite(sampler).all() and np.isfinite(teacher).all()):
+            raise KdError(f"{source}: row {index}: non-finite logprob; the sampler or teacher diverged, regenerate it")
+        if not completion:
+            continue
+        reward = None if row["correct"] is None else float(row["correct"])
+        adv = loss_lib.advantages(sampler, teacher, cfg.kl_coef, cfg.gamma, reward, cfg.reward_coef)
+        rows.append({
+            "input_ids": prompt + completion, "prompt_length": len(prompt),
+            "sampler_logprobs": sampler.astype(np.float32), "teacher_logprobs": teacher.astype(np.float32),
+            "advantages": adv,
+        })
+    return rows
+
+
+class Collator:
+    """Right-pads a batch; per-token tensors are aligned to logits positions 0..L-2 (predicting 1..L-1).
+
+    `labels` / `shift_labels` (-100 off the completion) exist so that Trainer counts the completion
+    tokens of the effective batch for the loss normaliser.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        rows, longest = len(examples), max(len(e["input_ids"]) for e in examples)
+        batch = {
+            "input_ids": torch.full((rows, longest), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((rows, longest), dtype=torch.long),
+            "labels": torch.full((rows, longest), IGNORE, dtype=torch.long),
+        }
+        for name in ("sampler_logprobs", "teacher_logprobs", "advantages"):
+            batch[name] = torch.zeros((rows, longest - 1), dtype=torch.float32)
+        for r, e in enumerate(examples):
+            ids, start = e["input_ids"], e["prompt_length"]
+            batch["input_ids"][r, : len(ids)] = torch.tensor(ids)
+            batch["attention_mask"][r, : len(ids)] = 1
+            batch["labels"][r, start : len(ids)] = torch.tensor(ids[start:])
+            for name in ("sampler_logprobs", "teacher_logprobs", "advantages"):
+                batch[name][r, start - 1 : len(ids) - 1] = torch.from_numpy(np.asarray(e[name]))
+        batch["shift_labels"] = batch["labels"][:, 1:].contiguous()
+        return batch
+
+
+def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning-rate multiplier at global optimiser step `step` (0-based) of the whole run."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.lr_scheduler == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return 1.0 - progress if cfg.lr_scheduler == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def steps_per_epoch(config: Config, world_size: int) -> int:
+    samples = config.generate.prompts_per_epoch * config.generate.samples_per_prompt
+    per_step = config.train.batch_size * config.train.grad_accum * world_size
+    return config.train.passes * math.ceil(samples / per_step)
+
+
+def policy_model(config: Config, previous_adapter: Path | None):
+    """The student with a trainable LoRA: the previous epoch's adapter, or a fresh one (equal to the base)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from kd.stages.engines import load_causal_lm
+
+    cfg = config.train
+    base = load_causal_lm(config.student, dtype="float32", device="cpu")
+    if previous_adapter is not None:
+        return PeftModel.from_pretrained(base, str(previous_adapter), is_trainable=True)
+    torch.manual_seed(config.seed)  # LoRA A is random: same seed, same initial adapter
+    lora = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lora)
+
+
+def make_trainer(config: Config, model, examples: list[dict], output_dir: Path, epoch: int, global_step: int,
+                 optimizer_state: dict | None, progress: bool):
+    cfg = config.train
+    use_bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    )
+    args = TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.passes,
+        max_grad_norm=cfg.max_grad_norm or None, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=config.seed + epoch,
+        remove_unused_columns=False, bf16=use_bf16, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, disable_tqdm=not progress, average_tokens_across_devices=True,
+    )
+    total_steps = config.epochs * steps_per_epoch(config, args.world_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(global_step + step, cfg, total_steps)
+    )
+    recorder = StepRecorder(global_step)
+    trainer = DistillTrainer(
+        model=model, args=args, train_dataset=examples, data_collator=Collator(model.config.pad_token_id or 0),
+        optimizers=(optimizer, schedule), callbacks=[recorder],
+    )
+    trainer.train_config, trainer.recorder = cfg, recorder
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # the driver prints its own line per epoch
+    return trainer
+
+
+class StepRecorder(TrainerCallback):
+    """Collects one metrics row per optimiser step from the loss stats and Trainer's own logs."""
+
+    def __init__(self, global_step: int):
+        self.global_step = global_step
+        self.pending: list[loss_lib.PolicyLossStats] = []
+        self.kl_sum = self.entropy_sum = self.loss_sum = 0.0
+        self.rows: list[dict] = []
+
+    def add(self, stats: loss_lib.PolicyLossStats, kl_sum: float, entropy_sum: float, loss: float) -> None:
+        self.pending.append(stats)
+        self.kl_sum += kl_sum
+        self.entropy_sum += entropy_sum
+        self.loss_sum += loss
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.pending or logs is None or "learning_rate" not in logs:
+            return
+        tokens = max(sum(s.tokens for s in self.pending), 1)
+        self.rows.append({
+            "step": state.global_step, "global_step": self.global_step + state.global_step,
+            "loss": self.loss_sum, "grad_norm": logs.get("grad_norm"), "learning_rate": logs.get("learning_rate"),
+            "tokens": tokens, "teacher_kl": self.kl_sum / tokens,
+            "mismatch": sum(s.mismatch_sum for s in self.pending) / tokens,
+            "entropy": self.entropy_sum / tokens,
+            "ratio_mean": sum(s.ratio_sum for s in self.pending) / tokens,
+            "ratio_max": max(s.ratio_max for s in self.pending),
+            "clip_fraction": sum(s.clipped for s in self.pending) / tokens,
+        })
+        self.pending, self.kl_sum, self.entropy_sum, self.loss_sum = [], 0.0, 0.0, 0.0
+
+class DistillTrainer(Trainer):
+    """Trainer whose loss is the importance-sampled policy gradient of `kd.stages.loss`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # We normalise by num_items_in_batch ourselves; these make Trainer count it and not rescale.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cfg: TrainConfig = self.train_config
+        logits_B_T_V = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+        mask_B_T = inputs["shift_labels"] != IGNORE
+        targets_B_T = inputs["shift_labels"].clamp(min=0)
+        logprobs_B_T = loss_lib.token_logprobs(logits_B_T_V, targets_B_T)
+        normaliser = num_items_in_batch if num_items_in_batch is not None else mask_B_T.sum()
+        loss, stats = loss_lib.policy_loss(
+            logprobs_B_T, inputs["sampler_logprobs"], inputs["advantages"], mask_B_T, normaliser,
+            cfg.clip_epsilon, cfg.ratio_cap,
+        )
+        step = self.state.global_step + 1
+        if not torch.isfinite(loss):
+            raise KdError(f"train: non-finite loss at optimiser step {step}; lower train.learning_rate or check the scored data")
+        if stats.ratio_max > cfg.max_ratio:
+            raise KdError(
+                f"train: importance ratio {stats.ratio_max:.3g} > train.max_ratio {cfg.max_ratio:g} at optimiser step "
+                f"{step}; sampler and trainer disagree: set train.ratio_cap or clip_epsilon, or check the sampler"
+            )
+        with torch.no_grad():
+            logp_B_T_V = torch.log_softmax(logits_B_T_V.float(), -1)
+            entropy_sum = float(-(logp_B_T_V.exp() * logp_B_T_V).sum(-1)[mask_B_T].sum())
+            kl_sum = float((inputs["sampler_logprobs"] - inputs["teacher_logprobs"])[mask_B_T].sum())
+        self.recorder.add(stats, kl_sum, entropy_sum, float(loss))
+        # DDP averages gradients over processes; the normaliser already counts all of their tokens.
+        return loss * self.accelerator.num_processes
+
+
+def previous_state(config: Config, epoch: int) -> tuple[Path | None, dict | None, int]:
+    """(adapter, optimiser state, global step) left by the previous epoch's train stage."""
+    if epoch == 0:
+        return None, None, 0
+    previous = run_lib.stage_dir(config, epoch - 1, "train")
+    datasets_io.require(previous, TRAIN_STEPS, f"run `kd train --epoch {epoch - 1}` first")
+    state = json.loads((previous / STATE).read_text())
+    optimizer = torch.load(previous / OPTIMIZER, map_location="cpu", weights_only=True)
+    return previous / "adapter", optimizer, state["global_step"]
+
+
+def run(config: Config, epoch: int, progress: bool = True) -> Path:
+    out = run_lib.stage_dir(config, epoch, "train")
+    if datasets_io.is_complete(out):
+        return out
+    started = time.time()
+    source = run_lib.stage_dir(config, epoch, "scored")
+    examples = features(datasets_io.read_table(source, SCORED, f"run `kd score --epoch {epoch}` first"), config.train, source)
+    if not examples:
+        raise KdError(f"{source}: no sample has a completion token; check generate.max_new_tokens and the prompts")
+    adapter, optimizer_state, global_step = previous_state(config, epoch)
+    model = policy_model(config, adapter)
+    with tempfile.TemporaryDirectory(prefix="kd-trainer-") as work:
+        trainer = make_trainer(config, model, examples, Path(work), epoch, global_step, optimizer_state, progress)
+        trainer.train()
+    steps = trainer.recorder.rows
+    final_step = global_step + trainer.state.global_step
+
+    def write_files(tmp: Path) -> None:
+        if trainer.is_world_process_zero():
+            trainer.model.save_pretrained(tmp / "adapter")
+            torch.save(trainer.optimizer.state_dict(), tmp / OPTIMIZER)
+            (tmp / STATE).write_text(json.dumps({"global_step": final_step, "epoch": epoch}))
+
+    stats = {
+        "steps": len(steps), "global_step": final_step,
+        "tokens": int(sum(s["tokens"] for s in steps)),
+        "teacher_kl": float(np.mean([s["teacher_kl"] for s in steps])),
+        "mismatch": steps[0]["mismatch"], "entropy": float(np.mean([s["entropy"] for s in steps])),
+        "ratio_mean": float(np.mean([s["ratio_mean"] for s in steps])),
+        "ratio_max": float(max(s["ratio_max"] for s in steps)),
+        "clip_fraction": float(np.mean([s["clip_fraction"] for s in steps])),
+        "grad_norm": float(np.mean([s["grad_norm"] or 0.0 for s in steps])),
+        "learning_rate": steps[-1]["learning_rate"],
+    }
+    stats["tokens_per_second"] = stats["tokens"] * config.train.passes / max(time.time() - started, 1e-9)
+    inputs = [source] + ([adapter.parent] if adapter is not None else [])
+    stage_config = {"seed": config.seed, "student": config.student, "epochs": config.epochs, "train": config.to_dict()["train"]}
+    if trainer.is_world_process_zero():
+        table = pa.Table.from_pylist(steps, schema=TRAIN_STEPS.schema)
+        datasets_io.write_dataset(out, TRAIN_STEPS, table, stage_config, inputs, stats, started, write_files)
+        run_lib.log_metrics(config, {"epoch": epoch, "stage": "train", "wall_seconds": time.time() - started, **stats})
+        for row in steps:
+            run_lib.log_metrics(config, {"epoch": epoch, "stage": "train_step", **row})
+    trainer.accelerator.wait_for_everyone()
+    return out

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny toy world (real Qwen3 models, real tokenizer, real files), built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kd.stages import config as config_lib
+from kd.stages.toy import ToyConfig, build
+
+# Small enough to build in seconds, trained enough that teacher and student clearly differ.
+TINY = ToyConfig(
+    seed=0, train_prompts=96, heldout_prompts=16, width=64, teacher_layers=2, student_layers=1,
+    teacher_steps=120, student_steps=20, sft_lr=3e-3, sft_batch_size=32, vocab_size=280,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    world = tmp_path_factory.mktemp("world") / "toy-world"
+    build(TINY, world, log=lambda *_: None)
+    return world
+
+
+def tiny_config(world: Path, runs: Path, **overrides) -> config_lib.Config:
+    """A run on the tiny world; `overrides` are `section.key` -> value."""
+    settings = {
+        "run_id": "t", "runs_dir": str(runs), "epochs": 2,
+        "student": str(world / "student"), "teacher": str(world / "teacher"),
+        "generate.prompts": str(world / "prompts" / "train.jsonl.zst"),
+        "generate.prompts_per_epoch": 8, "generate.samples_per_prompt": 2, "generate.max_new_tokens": 40,
+        "generate.engine.device": "cpu", "generate.engine.dtype": "float32",
+        "score.engine.device": "cpu", "score.engine.dtype": "float32",
+        "train.batch_size": 8, "train.grad_accum": 2, "train.learning_rate": 3e-3, "train.warmup_steps": 0,
+        "train.precision": "float32",
+        "eval.prompts": str(world / "prompts" / "heldout.jsonl.zst"), "eval.num_prompts": 16, "eval.every": 1,
+        **overrides,
+    }
+    data: dict = {}
+    for key, value in settings.items():
+        config_lib.apply_override(data, f"{key}={value}")
+    return config_lib.build(config_lib.Config, data, where="")
+
+
+@pytest.fixture
+def make_config(tiny_world, tmp_path):
+    return lambda **overrides: tiny_config(tiny_world, tmp_path / "runs", **overrides)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Two cores: keep test timings stable and leave room for subprocesses.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,0 +1,92 @@
+"""The objective against hand-computed values (tier 1: pure functions)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kd.stages.loss import advantages, policy_loss, token_logprobs
+
+
+def test_advantage_is_negative_reverse_kl_per_token():
+    s, q = np.array([-0.5, -1.0, -2.0]), np.array([-1.0, -1.0, -0.5])
+    np.testing.assert_allclose(advantages(s, q, kl_coef=2.0), [-1.0, 0.0, 3.0])
+
+
+def test_advantage_discount_and_reward():
+    s, q = np.array([-1.0, -1.0]), np.array([-2.0, -1.5])  # a = [-1, -0.5]
+    # reward 1 with coefficient 0.25 lands on the last token: a = [-1, -0.25]
+    out = advantages(s, q, kl_coef=1.0, gamma=0.5, reward=1.0, reward_coef=0.25)
+    np.testing.assert_allclose(out, [-1.0 + 0.5 * -0.25, -0.25])
+
+
+def test_zero_advantage_and_loss_when_teacher_equals_student():
+    s = np.log(np.array([0.2, 0.5, 0.9]))
+    adv = torch.tensor(advantages(s, s, kl_coef=1.0))[None]
+    logprobs = torch.tensor(s, dtype=torch.float32, requires_grad=True)[None]
+    loss, _ = policy_loss(logprobs, torch.tensor(s, dtype=torch.float32)[None], adv, torch.ones(1, 3), 3)
+    loss.backward()
+    assert float(loss) == 0.0
+    assert torch.count_nonzero(logprobs.grad if logprobs.grad is not None else torch.zeros(1)) == 0
+
+
+def test_policy_loss_hand_computed():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    sampler = torch.tensor([[-1.0, -2.5, -0.5]])
+    adv = torch.tensor([[0.5, -1.0, 2.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    loss, stats = policy_loss(logprobs, sampler, adv, mask, normaliser=4)
+    rho = [1.0, math.exp(0.5)]
+    expected = -(rho[0] * 0.5 + rho[1] * -1.0) / 4
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # d/dlogp of -rho*A/N is -rho*A/N; the masked token gets none.
+    np.testing.assert_allclose(logprobs.grad[0].numpy(), [-rho[0] * 0.5 / 4, rho[1] / 4, 0.0], rtol=1e-6)
+    assert stats.tokens == 2 and stats.ratio_max == pytest.approx(rho[1], rel=1e-6)
+    assert stats.mismatch_sum == pytest.approx(0.0 + -0.5)
+
+
+def test_masked_and_padding_positions_do_not_matter():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.3]])
+    sampler = torch.tensor([[-1.1, -2.0, -0.3]])
+    adv = torch.tensor([[0.5, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    base, _ = policy_loss(logprobs, sampler, adv, mask, 2)
+    changed, _ = policy_loss(
+        torch.tensor([[-1.0, -2.0, -9.0]]), torch.tensor([[-1.1, -2.0, 5.0]]), torch.tensor([[0.5, -1.0, 99.0]]), mask, 2
+    )
+    assert float(base) == float(changed)
+
+
+def test_gradient_flows_only_through_current_policy_logprob():
+    logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    sampler = torch.tensor([[-1.2, -1.9]], requires_grad=True)
+    adv = torch.tensor([[0.3, -0.7]], requires_grad=True)
+    loss, _ = policy_loss(logprobs, sampler, adv, torch.ones(1, 2), 2)
+    loss.backward()
+    assert logprobs.grad is not None and sampler.grad is None and adv.grad is None
+
+
+def test_ppo_clip_and_ratio_cap():
+    logprobs = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    sampler = torch.tensor([[-1.0, 1.0]])  # rho = [e, 1/e]
+    adv = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    clipped, stats = policy_loss(logprobs, sampler, adv, mask, 2, clip_epsilon=0.2)
+    # token 0: min(e*1, 1.2*1) = 1.2; token 1: min(1/e*-1, 0.8*-1) = -0.8
+    assert float(clipped) == pytest.approx(-(1.2 - 0.8) / 2, rel=1e-6)
+    assert stats.clipped == 2
+    clipped.backward()
+    assert torch.count_nonzero(logprobs.grad) == 0  # both tokens clipped: no gradient
+    capped, stats = policy_loss(torch.tensor([[0.0, 0.0]]), sampler, adv, mask, 2, ratio_cap=2.0)
+    assert float(capped) == pytest.approx(-(2.0 * 1.0 + math.exp(-1) * -1.0) / 2, rel=1e-6)
+    assert stats.clipped == 1
+
+
+def test_token_logprobs_equals_log_softmax_gather():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    expected = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    torch.testing.assert_close(token_logprobs(logits, targets), expected)

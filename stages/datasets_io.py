@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -44,6 +44,7 @@ def staging_dir(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _fault_point(f"{target.parent.name}/{target.name}")
         if target.exists():  # an earlier, incomplete attempt (no manifest): never mistaken for output
             shutil.rmtree(target)
         os.rename(tmp, target)
@@ -51,6 +52,13 @@ def staging_dir(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fault_point(name: str) -> None:
+    """Fault injection for the kill-and-resume tests: KD_FAULT_KILL=0001/scored kills this process
+    with SIGKILL after that dataset is fully staged but before it is renamed into place."""
+    if os.environ.get("KD_FAULT_KILL") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -196,6 +204,21 @@ def write_jsonl_zst(path: Path, rows: list[dict]) -> None:
     Path(path).write_bytes(zstandard.ZstdCompressor(level=10).compress(payload))
 
 
+def _unzstd(path: Path, raw: bytes) -> bytes:
+    """All frames of a .zst file; a truncated last frame is an error, not silently fewer rows."""
+    out = []
+    try:
+        while raw:
+            frame = zstandard.ZstdDecompressor().decompressobj()
+            out.append(frame.decompress(raw))
+            if not frame.eof:
+                raise zstandard.ZstdError("the file ends inside a frame")
+            raw = frame.unused_data
+    except zstandard.ZstdError as err:
+        raise KdError(f"{path}: not a complete zstandard file ({err}); re-compress it") from None
+    return b"".join(out)
+
+
 def read_prompt_rows(path: str | Path) -> list[dict]:
     """Rows of a prompt file: JSONL, .jsonl.zst, Parquet, or a `datasets` directory saved to disk."""
     path = Path(path)
@@ -209,10 +232,7 @@ def read_prompt_rows(path: str | Path) -> list[dict]:
         return pq.read_table(path).to_pylist()
     raw = path.read_bytes()
     if path.name.endswith(".zst"):
-        try:
-            raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
-        except zstandard.ZstdError as err:
-            raise KdError(f"{path}: not a complete zstandard file ({err}); re-compress it") from None
+        raw = _unzstd(path, raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -220,7 +220,7 @@ class DistillTrainer(Trainer):
             logp_B_T_V = torch.log_softmax(logits_B_T_V.float(), -1)
             entropy_sum = float(-(logp_B_T_V.exp() * logp_B_T_V).sum(-1)[mask_B_T].sum())
             kl_sum = float((inputs["sampler_logprobs"] - inputs["teacher_logprobs"])[mask_B_T].sum())
-        self.recorder.add(stats, kl_sum, entropy_sum, float(loss))
+        self.recorder.add(stats, kl_sum, entropy_sum, float(loss.detach()))
         # DDP averages gradients over processes; the normaliser already counts all of their tokens.
         return loss * self.accelerator.num_processes
 

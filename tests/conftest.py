@@ -49,6 +49,19 @@ def make_config(tiny_world, tmp_path):
     return lambda **overrides: tiny_config(tiny_world, tmp_path / "runs", **overrides)
 
 
+@pytest.fixture
+def config_file(tiny_world, tmp_path):
+    """Writes a tiny-world run config to a YAML file, as a user would hand it to `kd`."""
+    import yaml
+
+    def write(**overrides) -> Path:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tiny_config(tiny_world, tmp_path / "runs", **overrides).to_dict()))
+        return path
+
+    return write
+
+
 @pytest.fixture(autouse=True)
 def _single_thread():
     # Two cores: keep test timings stable and leave room for subprocesses.

@@ -1,0 +1,74 @@
+"""The whole loop through the real CLI, in subprocesses (tier 3): learning, kill-and-resume, refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kd.stages import datasets_io
+
+
+def kd(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kd.cli.main", *args], capture_output=True, text=True, cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=900,
+    )
+
+
+def heldout_kl(run_dir: Path) -> dict[int, float]:
+    return {
+        r["epoch"]: r["heldout_reverse_kl"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["stage"] == "eval"
+    }
+
+
+def test_loop_lowers_heldout_kl_and_resumes_after_a_kill(config_file, tmp_path):
+    config = config_file(
+        epochs=3, **{"generate.prompts_per_epoch": 16, "eval.every": 3, "eval.num_prompts": 32}
+    )
+    run_dir = tmp_path / "runs" / "t"
+    killed = kd("loop", "--config", str(config), env={"KD_FAULT_KILL": "0001/scored"})
+    assert killed.returncode == -9, killed.stderr
+    assert datasets_io.is_complete(run_dir / "0001" / "rollouts")
+    assert not (run_dir / "0001" / "scored").exists()
+    assert list((run_dir / "0001").glob(".scored.tmp-*"))  # the staged copy the kill left behind
+
+    resumed = kd("loop", "--config", str(config))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "held-out evaluation" in resumed.stderr
+    for epoch in range(3):
+        for stage in ("rollouts", "scored", "train", "adapter"):
+            assert datasets_io.is_complete(run_dir / f"{epoch:04d}" / stage), (epoch, stage)
+    kl = heldout_kl(run_dir)
+    assert set(kl) == {0, 3}
+    assert kl[3] < 0.9 * kl[0], kl
+
+    manifests = {p: p.stat().st_mtime_ns for p in run_dir.rglob("manifest.json")}
+    again = kd("loop", "--config", str(config))  # nothing left to do: every stage is skipped
+    assert again.returncode == 0, again.stderr
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("manifest.json")} == manifests
+
+
+def test_config_change_on_existing_run_is_refused(config_file, tmp_path):
+    config = config_file(epochs=1, **{"eval.every": 5, "eval.num_prompts": 4})
+    first = kd("generate", "--config", str(config), "--epoch", "0")
+    assert first.returncode == 0, first.stderr
+    changed = kd("generate", "--config", str(config), "--epoch", "0", "--set", "train.learning_rate=0.5")
+    assert changed.returncode == 2
+    assert changed.stderr.count("\n") == 1 and "train.learning_rate" in changed.stderr
+    # The run's own config is the default for later stage commands.
+    scored = kd("score", "--run", "t", "--epoch", "0", cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    assert datasets_io.is_complete(tmp_path / "runs" / "t" / "0000" / "scored")
+    extended = kd("generate", "--config", str(config), "--epoch", "0", "--set", "epochs=7")
+    assert extended.returncode == 0, extended.stderr  # more epochs is the same run, extended
+
+
+def test_cli_help_lists_every_command():
+    out = kd("--help").stdout
+    for command in ("toy", "generate", "score", "train", "export-lora", "eval", "loop", "inspect"):
+        assert command in out

@@ -1,0 +1,148 @@
+"""Each stage on tiny real models in a temporary directory (tier 2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from kd.stages import datasets_io, eval as eval_stage, export_lora, generate, run as run_lib, score, train
+from kd.stages.errors import KdError
+from kd.stages.loss import token_logprobs
+from kd.stages.schemas import EVAL, ROLLOUTS, SCORED, TRAIN_STEPS
+from kd.stages.session import Session
+from kd.stages.train import Collator, features, policy_model
+
+
+def run_epoch(config, epoch, session):
+    run_lib.prepare(config)
+    generate.run(config, epoch, session)
+    score.run(config, epoch, session)
+    train.run(config, epoch, progress=False)
+    return export_lora.run(config, epoch)
+
+
+def loads_everywhere(directory, kind):
+    """polars and datasets both read the parts; row counts agree with the manifest."""
+    from datasets import load_dataset
+
+    manifest = datasets_io.read_manifest(directory)
+    assert manifest["kind"] == kind.name and manifest["schema_version"] == kind.version
+    frame = pl.scan_ipc(str(directory / "*.arrow")).collect()
+    assert frame.height == manifest["rows"] > 0
+    assert frame.columns == kind.schema.names
+    hf = load_dataset("arrow", data_files=str(directory / "*.arrow"), split="train")
+    assert hf.num_rows == manifest["rows"]
+    for entry in manifest["files"]:
+        path = directory / entry["path"]
+        assert path.stat().st_size == entry["bytes"] and datasets_io.sha256_file(path) == entry["sha256"]
+    return frame
+
+
+def recomputed_logprobs(config, adapter, table):
+    """log pi(y_t) of each completion token as the train stage computes it."""
+    model = policy_model(config, adapter).eval()
+    examples = features(table, config.train, adapter)
+    batch = Collator(model.config.pad_token_id)(examples)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = batch["shift_labels"] != -100
+    return token_logprobs(logits, batch["shift_labels"].clamp(min=0))[mask], batch["sampler_logprobs"][mask]
+
+
+def test_stages_write_declared_datasets(make_config):
+    config = make_config()
+    session = Session(config, progress=False)
+    run_epoch(config, 0, session)
+    rollouts = loads_everywhere(run_lib.stage_dir(config, 0, "rollouts"), ROLLOUTS)
+    assert rollouts.height == 8 * 2
+    assert (rollouts["completion_token_ids"].list.len() == rollouts["sampler_logprobs"].list.len()).all()
+    scored = loads_everywhere(run_lib.stage_dir(config, 0, "scored"), SCORED)
+    assert (scored["teacher_logprobs"].list.len() == scored["completion_token_ids"].list.len()).all()
+    steps = loads_everywhere(run_lib.stage_dir(config, 0, "train"), TRAIN_STEPS)
+    assert steps.height == 1  # 16 samples / (8 x 2 accumulation)
+    adapter = run_lib.stage_dir(config, 0, "adapter")
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == config.student
+    manifest = datasets_io.read_manifest(run_lib.stage_dir(config, 0, "scored"))
+    assert manifest["inputs"][0]["manifest_sha256"] == datasets_io.manifest_hash(run_lib.stage_dir(config, 0, "rollouts"))
+    eval_dir = eval_stage.run(config, 1, session)
+    frame = loads_everywhere(eval_dir, EVAL)
+    assert sorted(set(frame["decoding"])) == ["greedy", "sample"]
+    stats = datasets_io.read_manifest(eval_dir)["stats"]
+    assert stats["heldout_reverse_kl"] > 0 and 0 <= stats["accuracy"] <= 1
+
+
+def test_sampler_logprobs_equal_trainer_logprobs(make_config):
+    """The on-policy invariant, for the base policy and for a trained adapter."""
+    config = make_config()
+    session = Session(config, progress=False)
+    adapter = run_epoch(config, 0, session)
+    trained = json.loads((run_lib.stage_dir(config, 0, "train") / "state.json").read_text())
+    assert trained["global_step"] == 1
+    for epoch, policy_adapter in ((0, None), (1, adapter)):
+        generate.run(config, epoch, session)
+        score.run(config, epoch, session)
+        table = datasets_io.read_table(run_lib.stage_dir(config, epoch, "scored"), SCORED)
+        recomputed, recorded = recomputed_logprobs(config, policy_adapter, table)
+        assert torch.max(torch.abs(recomputed - recorded)) < 1e-5, epoch
+
+
+def test_training_changes_the_adapter_and_resumes_optimizer(make_config):
+    from safetensors.torch import load_file
+
+    config = make_config()
+    session = Session(config, progress=False)
+    first = load_file(str(run_epoch(config, 0, session) / "adapter_model.safetensors"))
+    second = load_file(str(run_epoch(config, 1, session) / "adapter_model.safetensors"))
+    lora_b = [k for k in first if "lora_B" in k]
+    assert lora_b and any(torch.count_nonzero(first[k]) for k in lora_b)  # B starts at zero: it moved
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    optimizer = torch.load(run_lib.stage_dir(config, 1, "train") / "optimizer.pt", weights_only=True)
+    assert all(int(state["step"]) == 2 for state in optimizer["state"].values())  # Adam state carried over
+
+
+def test_teacher_equal_to_student_gives_zero_kl(make_config):
+    config = make_config(teacher=make_config().student)
+    session = Session(config, progress=False)
+    run_lib.prepare(config)
+    generate.run(config, 0, session)
+    scored = score.run(config, 0, session)
+    table = datasets_io.read_table(scored, SCORED)
+    sampler = np.concatenate(table.column("sampler_logprobs").to_numpy(zero_copy_only=False))
+    teacher = np.concatenate(table.column("teacher_logprobs").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(sampler, teacher, atol=1e-5)
+    assert abs(datasets_io.read_manifest(scored)["stats"]["teacher_kl"]) < 1e-6
+
+
+def test_teacher_with_another_tokenizer_is_refused(make_config, tiny_world, tmp_path):
+    from kd.stages.toy import build_tokenizer
+
+    other = tmp_path / "other-teacher"
+    shutil.copytree(tiny_world / "teacher", other)
+    build_tokenizer(["1+2=3 so 3", "different corpus"], vocab_size=270).save_pretrained(other)
+    config = make_config(teacher=str(other))
+    run_lib.prepare(config)
+    session = Session(config, progress=False)
+    generate.run(config, 0, session)
+    with pytest.raises(KdError, match="vocabulary differs"):
+        score.run(config, 0, session)
+    assert not run_lib.stage_dir(config, 0, "scored").exists()
+
+
+def test_merged_export_matches_adapter(make_config):
+    from transformers import AutoModelForCausalLM
+
+    config = make_config()
+    session = Session(config, progress=False)
+    run_epoch(config, 0, session)
+    shutil.rmtree(run_lib.stage_dir(config, 0, "adapter"))
+    adapter = export_lora.run(config, 0, merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(adapter / "merged").eval()
+    peft_model = policy_model(config, adapter).eval()
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

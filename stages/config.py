@@ -37,7 +37,16 @@ class EngineConfig:
     kind: hf (transformers in-process; CPU or GPU), vllm or sglang.
     dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16 or float16.
     device: auto, cpu, cuda, cuda:N (hf only).
-    max_batch_tokens / max_batch_rows: the hf engine pads batches up to these bounds.
+    max_batch_tokens / max_batch_rows: the hf engine pads batches up to these bounds; vLLM takes
+        max_batch_tokens as max_num_batched_tokens, which bounds prompt-logprob memory when scoring.
+    server: URL of a running OpenAI-compatible vLLM server (e.g. http://127.0.0.1:8000); empty: in-process.
+    gpu_memory_utilization: vLLM's memory fraction; 0 picks 0.9 on a GPU and 0.3 on CPU (where it
+        is a fraction of host memory and 0.9 fails).
+    cpu_kvcache_gib: VLLM_CPU_KVCACHE_SPACE for vLLM on CPU (ignored on GPUs).
+    max_model_len: vLLM context length (0: the model's own).
+    tensor_parallel_size, enforce_eager: passed to vLLM.
+    request_timeout, max_retries, concurrency: server mode: per request seconds, retries with
+        exponential backoff, requests in flight.
     """
 
     kind: Literal["hf", "vllm", "sglang"] = "hf"
@@ -45,10 +54,25 @@ class EngineConfig:
     device: str = "auto"
     max_batch_tokens: int = 32768
     max_batch_rows: int = 256
+    server: str = ""
+    gpu_memory_utilization: float = 0.0
+    cpu_kvcache_gib: int = 1
+    max_model_len: int = 0
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    request_timeout: float = 120.0
+    max_retries: int = 3
+    concurrency: int = 16
 
     def __post_init__(self) -> None:
         _check(self.max_batch_tokens > 0, "engine.max_batch_tokens", "must be > 0")
         _check(self.max_batch_rows > 0, "engine.max_batch_rows", "must be > 0")
+        _check(0 <= self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must be in [0, 1]")
+        _check(self.tensor_parallel_size > 0, "engine.tensor_parallel_size", "must be > 0")
+        _check(self.request_timeout > 0, "engine.request_timeout", "must be > 0")
+        _check(self.max_retries >= 0, "engine.max_retries", "must be >= 0")
+        _check(self.concurrency > 0, "engine.concurrency", "must be > 0")
+        _check(not self.server or self.kind == "vllm", "engine.server", "server mode needs engine.kind: vllm")
 
 
 @dataclass

@@ -56,7 +56,14 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def make_engine(engine: EngineConfig, model_path: str, tokenizer):
+def make_engine(engine: EngineConfig, model_path: str, tokenizer, lora_rank: int | None = None, seed: int = 0):
+    """An engine for `model_path`; `lora_rank` is set for a student that will load adapters."""
+    if engine.kind == "vllm":
+        from kd.stages import vllm_engine
+
+        if engine.server:
+            return vllm_engine.VLLMServerEngine(engine, stop_token_ids(tokenizer))
+        return vllm_engine.VLLMEngine(model_path, engine, stop_token_ids(tokenizer), lora_rank, seed)
     if engine.kind == "hf":
         from kd.stages.engines import HFEngine
 
@@ -65,7 +72,10 @@ def make_engine(engine: EngineConfig, model_path: str, tokenizer):
             dtype=engine.dtype, device=engine.device,
             max_batch_tokens=engine.max_batch_tokens, max_batch_rows=engine.max_batch_rows,
         )
-    raise KdError(f"config field engine.kind: {engine.kind!r} is not available in this build; use hf")
+    raise KdError(
+        "config field engine.kind: sglang is not implemented yet (SGLang needs CUDA and cannot be tested here); "
+        "use hf or vllm"
+    )
 
 
 class Session:
@@ -92,8 +102,12 @@ class Session:
         if key not in self._engines:
             if role == "teacher":
                 self.teacher_tokenizer  # refuse a mismatched teacher before loading its weights
-            path = self.config.student if role == "student" else self.config.teacher
-            self._engines[key] = make_engine(engine, path, self.tokenizer)
+            if role == "student":
+                self._engines[key] = make_engine(
+                    engine, self.config.student, self.tokenizer, self.config.train.lora_rank, self.config.seed
+                )
+            else:
+                self._engines[key] = make_engine(engine, self.config.teacher, self.tokenizer, seed=self.config.seed)
         return self._engines[key]
 
     def max_context(self) -> int:

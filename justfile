@@ -23,3 +23,11 @@ test *args:
 # Summarise a stage directory, e.g. `just inspect runs/toy/0000/scored`.
 inspect path:
     kd inspect {{path}}
+
+# The same loop with vLLM (in-process) for generate and score; needs vLLM installed (README).
+loop-vllm *args: toy
+    kd loop --set run_id=toy-vllm --set generate.engine.kind=vllm --set score.engine.kind=vllm {{args}}
+
+# Engine throughput (hf vs vLLM in-process vs vLLM server) -> bench/results/engines.md
+bench-engines:
+    python bench/engines.py

@@ -110,16 +110,13 @@ class HFEngine:
 
     def __init__(
         self,
-        model_path: str | Path,
+        model,
         stop_token_ids: Sequence[int],
         pad_token_id: int,
-        dtype: str = "auto",
-        device: str = "auto",
         max_batch_tokens: int = 32768,
         max_batch_rows: int = 256,
     ):
-        self.model_path = str(model_path)
-        self.base = load_causal_lm(model_path, dtype, device)
+        self.base = model.eval()
         self.model = self.base
         self.adapter: Path | None = None
         self._adapter_serial = 0
@@ -127,6 +124,11 @@ class HFEngine:
         self.pad_token_id = pad_token_id
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_rows = max_batch_rows
+
+    @classmethod
+    def load(cls, model_path: str | Path, stop_token_ids: Sequence[int], pad_token_id: int, dtype: str = "auto",
+             device: str = "auto", **batching) -> "HFEngine":
+        return cls(load_causal_lm(model_path, dtype, device), stop_token_ids, pad_token_id, **batching)
 
     @property
     def device(self) -> torch.device:

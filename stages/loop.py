@@ -44,6 +44,7 @@ def run(config: Config, overwrite: bool = False) -> list[dict]:
             report_epoch(config, epoch, scored, trained, time.time() - t0)
     rows = summary(config)
     console.print(summary_table(rows, time.time() - started))
+    console.print(stage_times(config))
     return rows
 
 
@@ -69,6 +70,16 @@ def summary(config: Config) -> list[dict]:
         if manifest is not None:
             rows.append({"epoch": epoch, **manifest["stats"]})
     return rows
+
+
+def stage_times(config: Config) -> str:
+    """Mean wall seconds per stage call over the whole run (from metrics.jsonl)."""
+    seconds: dict[str, list[float]] = {}
+    for record in run_lib.read_metrics(config.run_dir):
+        if "wall_seconds" in record:
+            seconds.setdefault(record["stage"], []).append(record["wall_seconds"])
+    parts = [f"{stage} {sum(v) / len(v):.2f}s x{len(v)}" for stage, v in seconds.items()]
+    return "mean wall time per stage call: " + ", ".join(parts)
 
 
 def summary_table(rows: list[dict], seconds: float) -> Table:

@@ -67,7 +67,7 @@ def make_engine(engine: EngineConfig, model_path: str, tokenizer, lora_rank: int
     if engine.kind == "hf":
         from kd.stages.engines import HFEngine
 
-        return HFEngine(
+        return HFEngine.load(
             model_path, stop_token_ids(tokenizer), tokenizer.pad_token_id or tokenizer.eos_token_id,
             dtype=engine.dtype, device=engine.device,
             max_batch_tokens=engine.max_batch_tokens, max_batch_rows=engine.max_batch_rows,

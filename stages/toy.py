@@ -33,6 +33,7 @@ import torch
 
 from kd.stages import datasets_io
 from kd.stages.engines import HFEngine, SamplingParams
+from kd.stages.progress import bar
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -48,7 +49,6 @@ class ToyConfig:
     seed: drives data, tokenizer corpus order, model init and SFT batches.
     train_prompts / heldout_prompts: sizes of the distillation prompt sets (disjoint).
     teacher_layers / student_layers, width: Qwen3 depth and hidden size.
-    teacher_steps / student_steps: SFT optimiser steps.
     student_three_digit_fraction: share of 3-digit sums in the student's SFT data (the rest are 2-digit).
     sft_lr, sft_batch_size: SFT optimiser settings (AdamW, warmup then cosine).
     """
@@ -60,7 +60,8 @@ class ToyConfig:
     teacher_layers: int = 4
     student_layers: int = 2
     teacher_steps: int = 500
-    student_steps: int = 400
+    student_steps: int = 600
+    student_stop_accuracy: float = 0.25
     student_three_digit_fraction: float = 0.1
     sft_lr: float = 3e-3
     sft_batch_size: int = 64
@@ -73,6 +74,8 @@ class ToyConfig:
                      "teacher_steps", "student_steps", "sft_batch_size"):
             if getattr(self, name) <= 0:
                 raise KdError(f"config field toy.{name}: must be > 0")
+        if not 0 < self.student_stop_accuracy <= 1:
+            raise KdError("config field toy.student_stop_accuracy: must be in (0, 1]")
         if not 0 <= self.student_three_digit_fraction <= 1:
             raise KdError("config field toy.student_three_digit_fraction: must be in [0, 1]")
         if self.width % 32:
@@ -156,8 +159,13 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     )
 
 
-def sft(model, tokenizer, examples, steps: int, lr: float, batch_size: int, seed: int) -> None:
-    """Plain SFT on completion tokens only (prompt tokens masked); AdamW, warmup then cosine."""
+def sft(model, tokenizer, examples, steps: int, lr: float, batch_size: int, seed: int,
+        description: str = "SFT", stop_when=None, check_every: int = 25) -> int:
+    """Plain SFT on completion tokens only (prompt tokens masked); AdamW, warmup then cosine.
+
+    `stop_when(model)` is asked every `check_every` steps; training stops once it says True.
+    Returns the number of steps taken.
+    """
     encoded = [
         (prompt_ids(tokenizer, p), tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id])
         for p, c, _ in examples
@@ -169,27 +177,40 @@ def sft(model, tokenizer, examples, steps: int, lr: float, batch_size: int, seed
     )
     rng = random.Random(seed)
     model.train()
-    for _ in range(steps):
-        batch = rng.sample(encoded, batch_size)
-        longest = max(len(p) + len(c) for p, c in batch)
-        ids = torch.full((batch_size, longest), tokenizer.pad_token_id)
-        labels = torch.full((batch_size, longest), -100)
-        mask = torch.zeros((batch_size, longest), dtype=torch.long)
-        for r, (p, c) in enumerate(batch):
-            ids[r, : len(p) + len(c)] = torch.tensor(p + c)
-            labels[r, len(p) : len(p) + len(c)] = torch.tensor(c)
-            mask[r, : len(p) + len(c)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = 0
+    with bar(description, steps) as advance:
+        for step in range(1, steps + 1):
+            _sft_step(model, tokenizer, rng.sample(encoded, batch_size), optimizer, schedule)
+            advance(1)
+            if stop_when is not None and step % check_every == 0:
+                model.eval()
+                if stop_when(model):
+                    break
+                model.train()
     model.eval()
+    return step
 
 
-def greedy_accuracy(model_dir: Path, tokenizer, examples, max_new_tokens: int = 48) -> float:
-    engine = HFEngine(model_dir, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype="float32", device="cpu")
+def _sft_step(model, tokenizer, batch, optimizer, schedule) -> None:
+    batch_size = len(batch)
+    longest = max(len(p) + len(c) for p, c in batch)
+    ids = torch.full((batch_size, longest), tokenizer.pad_token_id)
+    labels = torch.full((batch_size, longest), -100)
+    mask = torch.zeros((batch_size, longest), dtype=torch.long)
+    for r, (p, c) in enumerate(batch):
+        ids[r, : len(p) + len(c)] = torch.tensor(p + c)
+        labels[r, len(p) : len(p) + len(c)] = torch.tensor(c)
+        mask[r, : len(p) + len(c)] = 1
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def greedy_accuracy(model, tokenizer, examples, max_new_tokens: int = 48) -> float:
+    engine = HFEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     prompts = [prompt_ids(tokenizer, p) for p, _, _ in examples]
     outs = engine.sample(prompts, [0] * len(prompts), SamplingParams(max_new_tokens, greedy=True), adapter=None)
     texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
@@ -217,10 +238,11 @@ def build(config: ToyConfig, out_dir: Path, log=print) -> dict:
         from kd.stages.errors import KdError
 
         raise KdError(f"{out_dir}: a toy world built from another config is there; delete it or pick another toy.dir")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
     heldout = problems(config.seed + 1, config.heldout_prompts)
     held = {p for p, _, _ in heldout}
+    validation = problems(config.seed + 5, 64, exclude=held)
+    held |= {p for p, _, _ in validation}
     train = problems(config.seed + 2, config.train_prompts, exclude=held)
     sft_data = problems(config.seed + 3, 20000, exclude=held)
     three_digit = int(len(sft_data) * config.student_three_digit_fraction)
@@ -230,16 +252,22 @@ def build(config: ToyConfig, out_dir: Path, log=print) -> dict:
             [tokenizer_text(p, c) for p, c, _ in sft_data[:5000]], config.vocab_size
         )
         report = {"config": asdict(config), "vocab_size": len(tokenizer)}
-        for role, layers, steps, data in (
-            ("teacher", config.teacher_layers, config.teacher_steps, sft_data),
-            ("student", config.student_layers, config.student_steps, student_data),
+        def weak_enough(model) -> bool:
+            return greedy_accuracy(model, tokenizer, validation) >= config.student_stop_accuracy
+
+        for role, layers, max_steps, data, stop_when in (
+            ("teacher", config.teacher_layers, config.teacher_steps, sft_data, None),
+            ("student", config.student_layers, config.student_steps, student_data, weak_enough),
         ):
             t0 = time.perf_counter()
             model = qwen3(tokenizer, layers, config.width, config.seed)
-            sft(model, tokenizer, data, steps, config.sft_lr, config.sft_batch_size, config.seed)
+            steps = sft(
+                model, tokenizer, data, max_steps, config.sft_lr, config.sft_batch_size, config.seed,
+                f"toy {role} SFT", stop_when,
+            )
             model.save_pretrained(tmp / role)
             tokenizer.save_pretrained(tmp / role)
-            accuracy = greedy_accuracy(tmp / role, tokenizer, heldout)
+            accuracy = greedy_accuracy(model, tokenizer, heldout)
             report[role] = {
                 "layers": layers, "width": config.width, "sft_steps": steps,
                 "parameters": sum(p.numel() for p in model.parameters()),

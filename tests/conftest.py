@@ -13,7 +13,7 @@ from kd.stages.toy import ToyConfig, build
 # Small enough to build in seconds, trained enough that teacher and student clearly differ.
 TINY = ToyConfig(
     seed=0, train_prompts=96, heldout_prompts=16, width=64, teacher_layers=2, student_layers=1,
-    teacher_steps=120, student_steps=20, sft_lr=3e-3, sft_batch_size=32, vocab_size=280,
+    teacher_steps=120, student_steps=20, student_stop_accuracy=1.0, sft_lr=3e-3, sft_batch_size=32, vocab_size=280,
 )
 
 

@@ -199,3 +199,17 @@ def test_server_unreachable_is_one_clear_line(trained):
     config, session = trained
     with pytest.raises(KdError, match="unreachable after 1 tries"):
         make_engine(engine_config(server=f"http://127.0.0.1:{free_port()}", max_retries=0), config.teacher, session.tokenizer)
+
+
+def test_toy_loop_on_vllm_lowers_heldout_kl(config_file, tmp_path):
+    """`kd loop` with vLLM for generate, score and eval, as `just loop-vllm` runs it."""
+    from tests.test_loop import heldout_kl, kd
+
+    vllm = ["generate.engine", "score.engine"]
+    overrides = {f"{e}.{k}": v for e in vllm for k, v in {**VLLM, "cpu_kvcache_gib": 1}.items()}
+    config = config_file(epochs=2, **{"generate.prompts_per_epoch": 16, "eval.every": 2, "eval.num_prompts": 32,
+                                      "train.learning_rate": 1e-2, **overrides})
+    done = kd("loop", "--config", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    kl = heldout_kl(tmp_path / "runs" / "t")
+    assert set(kl) == {0, 2} and kl[2] < kl[0], kl

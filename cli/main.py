@@ -27,7 +27,7 @@ EpochOpt = typer.Option(..., "--epoch", "-e", min=0, help="Epoch whose datasets 
 
 
 def resolve_config(config: Optional[Path], overrides: Optional[List[str]], run_id: Optional[str]):
-    from kd.stages import config as config_lib, run as run_lib
+    from kd.stages import config as config_lib
 
     overrides = list(overrides or [])
     if run_id:
@@ -40,12 +40,14 @@ def resolve_config(config: Optional[Path], overrides: Optional[List[str]], run_i
     return config_lib.load(config, overrides)
 
 
-def stage_config(config, overrides, run_id):
+def run_stage(stage, epoch: int, config, overrides, run_id, **options) -> None:
+    """Resolve the config, check it against the run's, and run one stage holding the run's lock."""
     from kd.stages import run as run_lib
 
     resolved = resolve_config(config, overrides, run_id)
     run_lib.prepare(resolved)
-    return resolved
+    with run_lib.locked(resolved.run_dir):
+        typer.echo(stage.run(resolved, epoch, **options))
 
 
 @app.command()
@@ -69,7 +71,7 @@ def generate(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, override
     """The student (base + previous epoch's adapter) samples completions -> <epoch>/rollouts."""
     from kd.stages import generate as stage
 
-    typer.echo(stage.run(stage_config(config, overrides, run), epoch))
+    run_stage(stage, epoch, config, overrides, run)
 
 
 @app.command()
@@ -78,7 +80,7 @@ def score(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: 
     """The teacher's logprob of every sampled token -> <epoch>/scored."""
     from kd.stages import score as stage
 
-    typer.echo(stage.run(stage_config(config, overrides, run), epoch))
+    run_stage(stage, epoch, config, overrides, run)
 
 
 @app.command()
@@ -87,7 +89,7 @@ def train(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: 
     """Importance-sampled policy-gradient update of the student's LoRA -> <epoch>/train."""
     from kd.stages import train as stage
 
-    typer.echo(stage.run(stage_config(config, overrides, run), epoch))
+    run_stage(stage, epoch, config, overrides, run)
 
 
 @app.command("export-lora")
@@ -97,7 +99,7 @@ def export_lora(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overr
     """The epoch's PEFT adapter, loadable by the next generate, vLLM and SGLang -> <epoch>/adapter."""
     from kd.stages import export_lora as stage
 
-    typer.echo(stage.run(stage_config(config, overrides, run), epoch, merge=merge))
+    run_stage(stage, epoch, config, overrides, run, merge=merge)
 
 
 @app.command("eval")
@@ -106,7 +108,7 @@ def eval_(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: 
     """Held-out reverse KL and accuracy of the policy that samples at EPOCH -> <epoch>/eval."""
     from kd.stages import eval as stage
 
-    typer.echo(stage.run(stage_config(config, overrides, run), epoch))
+    run_stage(stage, epoch, config, overrides, run)
 
 
 @app.command()

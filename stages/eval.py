@@ -18,7 +18,7 @@ import pyarrow as pa
 from kd.stages import datasets_io, run as run_lib
 from kd.stages.config import Config
 from kd.stages.engines import SamplingParams
-from kd.stages.generate import load_prompts, sample_rows
+from kd.stages.generate import sample_rows
 from kd.stages.schemas import ADAPTER, EVAL, ROLLOUTS
 from kd.stages.score import kl_stats, teacher_logprobs, with_teacher
 from kd.stages.session import Session
@@ -36,7 +36,7 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
     if adapter is not None:
         datasets_io.require(adapter, ADAPTER, f"run `kd export-lora --epoch {epoch - 1}` first")
         inputs.append(adapter)
-    heldout = load_prompts(session, cfg.prompts, cfg.max_new_tokens)
+    heldout = session.prompts(cfg.prompts, cfg.max_new_tokens)
     if cfg.num_prompts:
         heldout = heldout[: cfg.num_prompts]
     # Seeds are salted with "eval" so held-out samples never repeat the training samples' draws.

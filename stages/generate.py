@@ -59,10 +59,6 @@ def sample_rows(
     ]
 
 
-def load_prompts(session: Session, path: str, max_new_tokens: int) -> list[prompts_lib.Prompt]:
-    return prompts_lib.load(path, session.tokenizer, session.max_context() - max_new_tokens)
-
-
 def run(config: Config, epoch: int, session: Session | None = None) -> Path:
     out = run_lib.stage_dir(config, epoch, "rollouts")
     if datasets_io.is_complete(out):
@@ -75,7 +71,7 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
     if adapter is not None:
         datasets_io.require(adapter, ADAPTER, f"run `kd export-lora --epoch {epoch - 1}` first")
         inputs.append(adapter)
-    chosen = prompts_lib.choose(load_prompts(session, cfg.prompts, cfg.max_new_tokens), cfg.prompts_per_epoch, config.seed, epoch)
+    chosen = prompts_lib.choose(session.prompts(cfg.prompts, cfg.max_new_tokens), cfg.prompts_per_epoch, config.seed, epoch)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     rows = sample_rows(
         session, chosen, cfg.samples_per_prompt, params, f"train-{epoch}", epoch, adapter, f"generate epoch {epoch}"

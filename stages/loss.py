@@ -54,6 +54,18 @@ def token_logprobs(logits_B_T_V: torch.Tensor, targets_B_T: torch.Tensor) -> tor
     return picked_B_T - torch.logsumexp(logits_B_T_V, dim=-1)
 
 
+@torch.no_grad()
+def entropy_sum(logits_B_T_V: torch.Tensor, mask_B_T: torch.Tensor, chunk: int = 1024) -> float:
+    """Sum over masked positions of the policy's entropy, in chunks so that a 150k vocabulary
+    never needs a second [B, T, V] float32 tensor."""
+    picked_N_V = logits_B_T_V[mask_B_T.bool()]
+    total = 0.0
+    for start in range(0, picked_N_V.shape[0], chunk):
+        logp_C_V = torch.log_softmax(picked_N_V[start : start + chunk].float(), -1)
+        total += float(-(logp_C_V.exp() * logp_C_V).sum())
+    return total
+
+
 @dataclass
 class PolicyLossStats:
     """Sums over the masked tokens of a micro-batch; divide by `tokens` for means."""

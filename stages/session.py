@@ -85,6 +85,7 @@ class Session:
         if not progress:
             quiet_transformers()
         self._engines: dict[tuple, object] = {}
+        self._prompts: dict[tuple, list] = {}
 
     @cached_property
     def tokenizer(self):
@@ -109,6 +110,15 @@ class Session:
             else:
                 self._engines[key] = make_engine(engine, self.config.teacher, self.tokenizer, seed=self.config.seed)
         return self._engines[key]
+
+    def prompts(self, path: str, max_new_tokens: int) -> list:
+        """The tokenized prompt file, loaded once per process (the loop reads it every epoch)."""
+        from kd.stages import prompts as prompts_lib
+
+        key = (path, max_new_tokens)
+        if key not in self._prompts:
+            self._prompts[key] = prompts_lib.load(path, self.tokenizer, self.max_context() - max_new_tokens)
+        return self._prompts[key]
 
     def max_context(self) -> int:
         from transformers import AutoConfig

@@ -216,11 +216,9 @@ class DistillTrainer(Trainer):
                 f"train: importance ratio {stats.ratio_max:.3g} > train.max_ratio {cfg.max_ratio:g} at optimiser step "
                 f"{step}; sampler and trainer disagree: set train.ratio_cap or clip_epsilon, or check the sampler"
             )
-        with torch.no_grad():
-            logp_B_T_V = torch.log_softmax(logits_B_T_V.float(), -1)
-            entropy_sum = float(-(logp_B_T_V.exp() * logp_B_T_V).sum(-1)[mask_B_T].sum())
-            kl_sum = float((inputs["sampler_logprobs"] - inputs["teacher_logprobs"])[mask_B_T].sum())
-        self.recorder.add(stats, kl_sum, entropy_sum, float(loss.detach()))
+        kl_sum = float((inputs["sampler_logprobs"] - inputs["teacher_logprobs"])[mask_B_T].sum())
+        entropy = loss_lib.entropy_sum(logits_B_T_V.detach(), mask_B_T)
+        self.recorder.add(stats, kl_sum, entropy, float(loss.detach()))
         # DDP averages gradients over processes; the normaliser already counts all of their tokens.
         return loss * self.accelerator.num_processes
 

@@ -18,6 +18,31 @@ TINY = ToyConfig(
 
 
 @pytest.fixture(scope="session")
+def toy_world() -> Path:
+    """The real toy world of configs/toy.yaml, at its usual place (runs/toy-world): built once
+    (about 3 minutes on 2 cores) and shared with `just loop`."""
+    config = config_lib.load()
+    world = Path(config.toy_dir)
+    build(config.toy, world, log=lambda *_: None)
+    return world
+
+
+@pytest.fixture
+def toy_config_file(toy_world, tmp_path):
+    """Writes the shipped toy config, with overrides, for a run under tmp_path."""
+    import yaml
+
+    def write(**overrides) -> Path:
+        settings = {"runs_dir": str(tmp_path / "runs"), **overrides}
+        config = config_lib.load(None, [f"{key}={value}" for key, value in settings.items()])
+        path = tmp_path / "toy.yaml"
+        path.write_text(yaml.safe_dump(config.to_dict()))
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     world = tmp_path_factory.mktemp("world") / "toy-world"
     build(TINY, world, log=lambda *_: None)

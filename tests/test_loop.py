@@ -26,11 +26,10 @@ def heldout_kl(run_dir: Path) -> dict[int, float]:
     }
 
 
-def test_loop_lowers_heldout_kl_and_resumes_after_a_kill(config_file, tmp_path):
-    config = config_file(
-        epochs=3, **{"generate.prompts_per_epoch": 16, "eval.every": 3, "eval.num_prompts": 32}
-    )
-    run_dir = tmp_path / "runs" / "t"
+def test_loop_lowers_heldout_kl_and_resumes_after_a_kill(toy_config_file, tmp_path):
+    """Three epochs of the default toy loop, killed inside epoch 1 and re-run."""
+    config = toy_config_file(epochs=3, **{"eval.every": 3})
+    run_dir = tmp_path / "runs" / "toy"
     killed = kd("loop", "--config", str(config), env={"KD_FAULT_KILL": "0001/scored"})
     assert killed.returncode == -9, killed.stderr
     assert datasets_io.is_complete(run_dir / "0001" / "rollouts")

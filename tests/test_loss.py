@@ -90,3 +90,14 @@ def test_token_logprobs_equals_log_softmax_gather():
     targets = torch.randint(0, 11, (2, 5))
     expected = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
     torch.testing.assert_close(token_logprobs(logits, targets), expected)
+
+
+def test_entropy_sum_in_chunks_equals_direct():
+    from kd.stages.loss import entropy_sum
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 7, 13)
+    mask = torch.rand(2, 7) > 0.3
+    logp = torch.log_softmax(logits, -1)
+    direct = float(-(logp.exp() * logp).sum(-1)[mask].sum())
+    assert entropy_sum(logits, mask, chunk=3) == pytest.approx(direct, rel=1e-5)

@@ -170,3 +170,16 @@ def test_readme_inspection_lines_and_kd_inspect(make_config, capsys):
     summary = inspect_stage.run(scored)
     assert summary["rows"] == 16 and summary["completion_tokens"] > 0 and "mean_kl_per_token" in summary
     assert "correct=" in capsys.readouterr().err
+
+
+def test_toy_world_is_deterministic_from_its_seed(tmp_path):
+    from kd.stages.toy import ToyConfig, build
+
+    tiny = ToyConfig(train_prompts=8, heldout_prompts=4, width=32, teacher_layers=1, student_layers=1,
+                     teacher_steps=3, student_steps=2, sft_batch_size=4, vocab_size=270)
+    reports = [build(tiny, tmp_path / name, log=lambda *_: None) for name in ("a", "b")]
+    for role in ("teacher", "student"):
+        first, second = (tmp_path / name / role / "model.safetensors" for name in ("a", "b"))
+        assert datasets_io.sha256_file(first) == datasets_io.sha256_file(second)
+    assert (tmp_path / "a" / "prompts" / "train.jsonl.zst").read_bytes() == (tmp_path / "b" / "prompts" / "train.jsonl.zst").read_bytes()
+    assert reports[0]["student"]["sft_steps"] == 2

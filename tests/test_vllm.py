@@ -201,15 +201,50 @@ def test_server_unreachable_is_one_clear_line(trained):
         make_engine(engine_config(server=f"http://127.0.0.1:{free_port()}", max_retries=0), config.teacher, session.tokenizer)
 
 
-def test_toy_loop_on_vllm_lowers_heldout_kl(config_file, tmp_path):
-    """`kd loop` with vLLM for generate, score and eval, as `just loop-vllm` runs it."""
+def test_toy_loop_on_vllm_lowers_heldout_kl(toy_config_file, tmp_path):
+    """Two epochs of the toy loop with vLLM for generate, score and eval, as `just loop-vllm` runs it."""
     from tests.test_loop import heldout_kl, kd
 
-    vllm = ["generate.engine", "score.engine"]
-    overrides = {f"{e}.{k}": v for e in vllm for k, v in {**VLLM, "cpu_kvcache_gib": 1}.items()}
-    config = config_file(epochs=2, **{"generate.prompts_per_epoch": 16, "eval.every": 2, "eval.num_prompts": 32,
-                                      "train.learning_rate": 1e-2, **overrides})
+    overrides = {f"{stage}.engine.{key}": value for stage in ("generate", "score") for key, value in VLLM.items()}
+    config = toy_config_file(epochs=2, **{"eval.every": 2, **overrides})
     done = kd("loop", "--config", str(config))
     assert done.returncode == 0, done.stderr[-3000:]
-    kl = heldout_kl(tmp_path / "runs" / "t")
+    kl = heldout_kl(tmp_path / "runs" / "toy")
     assert set(kl) == {0, 2} and kl[2] < kl[0], kl
+
+
+def test_malformed_server_answers_are_one_clear_line(trained):
+    """A loopback HTTP server that speaks the protocol's shape but answers nonsense."""
+    import http.server
+    import json as json_lib
+
+    class Nonsense(http.server.BaseHTTPRequestHandler):
+        def _send(self, body: dict) -> None:
+            payload = json_lib.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self):
+            self._send({"data": [{"id": "teacher"}]})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send({"choices": [{"prompt_logprobs": [None]}]})
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Nonsense)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config, session = trained
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        remote = make_engine(engine_config(server=url), config.teacher, session.tokenizer)
+        with pytest.raises(KdError, match="malformed prompt_logprobs answer") as err:
+            remote.score([[1, 2, 3]], [1])
+        assert "\n" not in str(err.value)
+    finally:
+        server.shutdown()

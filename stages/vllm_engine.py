@@ -151,7 +151,7 @@ class VLLMServerEngine:
         self.model = self._get("/v1/models")["data"][0]["id"]
         self._loaded: dict[Path, str] = {}
 
-    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+    def _request(self, method: str, path: str, body: dict | None = None, expect_json: bool = True):
         data = None if body is None else json.dumps(body).encode()
         last_error = ""
         for attempt in range(self.engine.max_retries + 1):
@@ -162,7 +162,8 @@ class VLLMServerEngine:
             )
             try:
                 with urllib.request.urlopen(request, timeout=self.engine.request_timeout) as response:
-                    return json.loads(response.read())
+                    payload = response.read()
+                return json.loads(payload) if expect_json else payload.decode(errors="replace")
             except urllib.error.HTTPError as err:
                 detail = err.read().decode(errors="replace")[:300]
                 if err.code < 500:  # the request is wrong: retrying cannot help
@@ -198,7 +199,8 @@ class VLLMServerEngine:
         adapter = Path(adapter).resolve()
         if adapter not in self._loaded:
             name = f"kd-{adapter.parent.parent.name}-{adapter.parent.name}-{time.time_ns()}"
-            self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter)})
+            # vLLM answers this one in plain text ("Success: LoRA adapter ... added successfully.")
+            self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter)}, expect_json=False)
             self._loaded[adapter] = name
         return self._loaded[adapter]
 

@@ -20,6 +20,14 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
+@app.callback()
+def options(no_verify: bool = typer.Option(False, "--no-verify", help="Do not re-check input datasets against their manifests.")):
+    """On-policy distillation: a student learns from a teacher on its own samples, one on-disk stage at a time."""
+    from kd.stages import datasets_io
+
+    datasets_io.VERIFY_INPUTS = not no_verify
+
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: the run's config.yaml, else configs/toy.yaml).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config field, e.g. --set train.learning_rate=1e-4 (repeatable).")
 RunOpt = typer.Option(None, "--run", help="Run id (overrides run_id in the config).")
@@ -127,6 +135,25 @@ def inspect(path: Path = typer.Argument(..., help="A stage directory, e.g. runs/
     from kd.stages import inspect as stage
 
     stage.run(path, samples)
+
+
+@app.command()
+def verify(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/toy."),
+           hashes: bool = typer.Option(True, "--hashes/--no-hashes", help="Also re-hash every file (sha256).")):
+    """Re-check every dataset of a run: files, sizes, sha256, rows, schema versions, provenance."""
+    from kd.stages import verify as stage
+
+    if not (run_dir / "config.yaml").is_file():
+        raise KdError(f"{run_dir}: not a kd run (no config.yaml)")
+    report = stage.run(run_dir, hashes)
+    bad = {path: problems for path, problems in report["datasets"].items() if problems}
+    for path, problems in bad.items():
+        for problem in problems:
+            typer.echo(f"{path}: {problem}", err=True)
+    typer.echo(f"{len(report['datasets']) - len(bad)} of {len(report['datasets'])} datasets verify "
+               f"({report['seconds']:.2f}s)")
+    if bad:
+        raise typer.Exit(1)
 
 
 def main() -> None:

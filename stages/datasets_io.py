@@ -29,6 +29,9 @@ from kd.stages.errors import KdError
 from kd.stages.schemas import KINDS, DatasetKind
 
 MANIFEST = "manifest.json"
+# Stages verify their inputs (sizes, sha256, rows, schema, provenance) before reading them;
+# `kd --no-verify ...` turns that off for the impatient.
+VERIFY_INPUTS = True
 
 
 def part_name(shard: int, num_shards: int) -> str:
@@ -40,11 +43,14 @@ def staging_dir(target: Path) -> Iterator[Path]:
     """A fresh hidden directory beside `target`, renamed onto it only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        if not _alive(int(stale.name.split("-")[-2])):  # staged by a writer that was killed
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
-        _fault_point(f"{target.parent.name}/{target.name}")
+        fault_point(target, "staged")
         if target.exists():  # an earlier, incomplete attempt (no manifest): never mistaken for output
             shutil.rmtree(target)
         os.rename(tmp, target)
@@ -54,10 +60,26 @@ def staging_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fault_point(name: str) -> None:
-    """Fault injection for the kill-and-resume tests: KD_FAULT_KILL=0001/scored kills this process
-    with SIGKILL after that dataset is fully staged but before it is renamed into place."""
-    if os.environ.get("KD_FAULT_KILL") == name:
+FAULT_POINTS = ("start", "files", "manifest", "staged")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fault_point(target: Path, point: str) -> None:
+    """Fault injection for the kill-and-resume tests: KD_FAULT_KILL=0001/scored:staged SIGKILLs this
+    process at that point of writing <run>/0001/scored. Points: start (the stage begins its work),
+    files (parts written, nothing else), manifest (manifest written beside its final name),
+    staged (complete, not yet renamed into place), and train's checkpoint (adapter saved,
+    optimiser state not yet)."""
+    if os.environ.get("KD_FAULT_KILL") == f"{target.parent.name}/{target.name}:{point}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -93,10 +115,11 @@ def write_dataset(
     with staging_dir(out) as tmp:
         if table is not None:
             write_table(tmp / part_name(0, 1), table, kind)
+        fault_point(out, "files")
         if write_files is not None:
             write_files(tmp)
         rows = table.num_rows if table is not None else 0
-        return write_manifest(tmp, kind, rows, stage_config, stable_hash(stage_config), inputs, stats, started)
+        return write_manifest(tmp, kind, rows, stage_config, stable_hash(stage_config), inputs, stats, started, out)
 
 
 def sha256_file(path: Path) -> str:
@@ -116,8 +139,10 @@ def write_manifest(
     inputs: list[Path],
     stats: dict[str, Any],
     started: float,
+    target: Path | None = None,
 ) -> dict:
-    """Describe every file already in `directory`; written last, it marks the dataset complete."""
+    """Describe every file already in `directory`; written last, it marks the dataset complete.
+    `target`: the final place of a staged `directory` (names its fault-injection point)."""
     from kd.stages import __version__
 
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -141,6 +166,8 @@ def write_manifest(
     tmp.write_text(json.dumps(manifest, indent=2, default=float))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    if target is not None:
+        fault_point(target, "manifest")
     os.rename(tmp, directory / MANIFEST)
     return manifest
 
@@ -174,6 +201,15 @@ def require(directory: Path, kind: DatasetKind, hint: str) -> dict:
             f"{directory}: {kind.name} schema version {manifest['schema_version']}, this kd reads version "
             f"{kind.version}; regenerate it with this kd version"
         )
+    if VERIFY_INPUTS:
+        from kd.stages.verify import dataset_problems
+
+        problems = dataset_problems(Path(directory))
+        if problems:
+            raise KdError(
+                f"{directory}: fails verification ({problems[0]}); delete it and re-run the stage that "
+                "writes it, or pass --no-verify to use it anyway"
+            )
     return manifest
 
 

@@ -28,6 +28,7 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
     out = run_lib.stage_dir(config, epoch, "eval")
     if datasets_io.is_complete(out):
         return out
+    datasets_io.fault_point(out, "start")
     session = session or Session(config)
     started = time.time()
     cfg = config.eval

@@ -26,6 +26,7 @@ def run(config: Config, epoch: int, merge: bool = False) -> Path:
     out = run_lib.stage_dir(config, epoch, "adapter")
     if datasets_io.is_complete(out) and (not merge or (out / "merged").is_dir()):
         return out
+    datasets_io.fault_point(out, "start")
     started = time.time()
     source = run_lib.stage_dir(config, epoch, "train")
     datasets_io.require(source, TRAIN_STEPS, f"run `kd train --epoch {epoch}` first")

@@ -50,6 +50,7 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
     out = run_lib.stage_dir(config, epoch, "scored")
     if datasets_io.is_complete(out):
         return out
+    datasets_io.fault_point(out, "start")
     session = session or Session(config)
     started = time.time()
     source = run_lib.stage_dir(config, epoch, "rollouts")

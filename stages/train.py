@@ -238,6 +238,7 @@ def run(config: Config, epoch: int, progress: bool = True) -> Path:
     out = run_lib.stage_dir(config, epoch, "train")
     if datasets_io.is_complete(out):
         return out
+    datasets_io.fault_point(out, "start")
     started = time.time()
     source = run_lib.stage_dir(config, epoch, "scored")
     examples = features(datasets_io.read_table(source, SCORED, f"run `kd score --epoch {epoch}` first"), config.train, source)
@@ -254,6 +255,7 @@ def run(config: Config, epoch: int, progress: bool = True) -> Path:
     def write_files(tmp: Path) -> None:
         if trainer.is_world_process_zero():
             trainer.model.save_pretrained(tmp / "adapter")
+            datasets_io.fault_point(out, "checkpoint")
             torch.save(trainer.optimizer.state_dict(), tmp / OPTIMIZER)
             (tmp / STATE).write_text(json.dumps({"global_step": final_step, "epoch": epoch}))
 

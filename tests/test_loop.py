@@ -30,7 +30,7 @@ def test_loop_lowers_heldout_kl_and_resumes_after_a_kill(toy_config_file, tmp_pa
     """Three epochs of the default toy loop, killed inside epoch 1 and re-run."""
     config = toy_config_file(epochs=3, **{"eval.every": 3})
     run_dir = tmp_path / "runs" / "toy"
-    killed = kd("loop", "--config", str(config), env={"KD_FAULT_KILL": "0001/scored"})
+    killed = kd("loop", "--config", str(config), env={"KD_FAULT_KILL": "0001/scored:staged"})
     assert killed.returncode == -9, killed.stderr
     assert datasets_io.is_complete(run_dir / "0001" / "rollouts")
     assert not (run_dir / "0001" / "scored").exists()

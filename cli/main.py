@@ -53,9 +53,10 @@ def run_stage(stage, epoch: int, config, overrides, run_id, **options) -> None:
     from kd.stages import run as run_lib
 
     resolved = resolve_config(config, overrides, run_id)
-    run_lib.prepare(resolved)
-    with run_lib.locked(resolved.run_dir):
-        typer.echo(stage.run(resolved, epoch, **options))
+    with run_lib.new_run_removed_on_failure(resolved):
+        run_lib.prepare(resolved)
+        with run_lib.locked(resolved.run_dir):
+            typer.echo(stage.run(resolved, epoch, **options))
 
 
 @app.command()
@@ -123,9 +124,11 @@ def eval_(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: 
 def loop(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, run: Optional[str] = RunOpt,
          overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run made with another config.")):
     """The on-policy loop: generate, score, train, export-lora per epoch, eval every k; resumes when re-run."""
-    from kd.stages import loop as stage
+    from kd.stages import loop as stage, run as run_lib
 
-    stage.run(resolve_config(config, overrides, run), overwrite=overwrite)
+    resolved = resolve_config(config, overrides, run)
+    with run_lib.new_run_removed_on_failure(resolved):
+        stage.run(resolved, overwrite=overwrite)
 
 
 @app.command()
@@ -161,6 +164,13 @@ def main() -> None:
         app()
     except KdError as err:
         typer.echo(f"kd: error: {err}", err=True)
+        sys.exit(2)
+    except OSError as err:  # disk full, read-only directory, ...: staged output was removed
+        where = f" ({err.filename})" if err.filename else ""
+        typer.echo(
+            f"kd: error: could not write: {err.strerror or err}{where}; nothing half-written was kept. "
+            "Free disk space or fix permissions, then re-run the same command", err=True,
+        )
         sys.exit(2)
 
 

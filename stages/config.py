@@ -225,9 +225,11 @@ class Config:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results; `epochs` is left out so a run can be extended."""
+        """Hash of everything that changes results. Left out: `epochs`, so a run can be extended, and
+        where the run lives (`run_id`, `runs_dir`), so a copied or moved run is the same run."""
         data = self.to_dict()
-        data.pop("epochs")
+        for where_or_how_long in ("epochs", "run_id", "runs_dir"):
+            data.pop(where_or_how_long)
         return stable_hash(data)
 
 

@@ -101,6 +101,21 @@ def load_causal_lm(path: str | Path, dtype: str = "auto", device: str = "auto"):
     return model.to(torch_device).eval()
 
 
+def load_adapter(base, adapter: Path, adapter_name: str = "default", is_trainable: bool = False):
+    """PeftModel over `base` from an adapter directory; one line if the adapter was made for another model."""
+    from peft import PeftModel
+
+    from kd.stages.errors import KdError
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise KdError(
+            f"{adapter}: this LoRA adapter does not fit the student ({str(err).strip().splitlines()[0][:200]}); "
+            "use an adapter exported from a run of this student"
+        ) from None
+
+
 class HFEngine:
     """transformers in-process. The base model stays loaded; adapters are swapped by path.
 
@@ -135,8 +150,6 @@ class HFEngine:
         return self.base.device
 
     def use_adapter(self, adapter: Path | None) -> None:
-        from peft import PeftModel
-
         if adapter is None:
             if self.adapter is not None:
                 self.base = self.model.unload()  # drops LoRA layers, keeps base weights untouched
@@ -149,7 +162,7 @@ class HFEngine:
         self._adapter_serial += 1
         name = f"policy{self._adapter_serial}"
         if self.adapter is None:
-            self.model = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=name).eval()
+            self.model = load_adapter(self.base, adapter, adapter_name=name).eval()
         else:
             previous = self.model.active_adapter
             self.model.load_adapter(str(adapter), adapter_name=name)

@@ -48,11 +48,10 @@ def run(config: Config, epoch: int, merge: bool = False) -> Path:
 
 
 def write_merged(student: str, adapter: Path, target: Path) -> None:
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from kd.stages.engines import load_causal_lm
+    from kd.stages.engines import load_adapter, load_causal_lm
 
-    merged = PeftModel.from_pretrained(load_causal_lm(student, "float32", "cpu"), str(adapter)).merge_and_unload()
+    merged = load_adapter(load_causal_lm(student, "float32", "cpu"), adapter).merge_and_unload()
     merged.save_pretrained(target)
     AutoTokenizer.from_pretrained(student).save_pretrained(target)

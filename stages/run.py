@@ -34,6 +34,20 @@ def adapter_for_epoch(config: Config, epoch: int) -> Path | None:
     return None if epoch == 0 else stage_dir(config, epoch - 1, "adapter")
 
 
+@contextlib.contextmanager
+def new_run_removed_on_failure(config: Config) -> Iterator[None]:
+    """A command that fails leaves runs/ as it found it: a run directory it created goes again,
+    unless a complete dataset is already in it (finished work is never deleted)."""
+    created = not config.run_dir.exists()
+    try:
+        yield
+    except BaseException:
+        finished_work = any(config.run_dir.glob("*/*/manifest.json"))
+        if created and config.run_dir.exists() and not finished_work:
+            shutil.rmtree(config.run_dir, ignore_errors=True)
+        raise
+
+
 def prepare(config: Config, overwrite: bool = False) -> Path:
     """Create the run directory with its config.yaml, or check that an existing one matches."""
     run_dir = config.run_dir
@@ -45,20 +59,22 @@ def prepare(config: Config, overwrite: bool = False) -> Path:
                 changed = differing_fields(existing.to_dict(), config.to_dict())
                 raise KdError(
                     f"{run_dir}: this run was made with another config (differs in {', '.join(changed[:5])}); "
-                    "use another run_id, or --overwrite to delete the run and start again"
+                    "use another run_id, or `kd loop --overwrite` to delete the run and start again"
                 )
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(config_lib.to_yaml(config))
-    tmp.replace(saved)
+    text = config_lib.to_yaml(config)
+    if not saved.is_file() or saved.read_text() != text:  # new run, or a longer one (epochs grew)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(text)
+        tmp.replace(saved)
     return run_dir
 
 
 def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
-        if key == "epochs" and not prefix:
+        if key in ("epochs", "run_id", "runs_dir") and not prefix:
             continue
         x, y = a.get(key), b.get(key)
         if isinstance(x, dict) and isinstance(y, dict):

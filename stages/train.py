@@ -108,14 +108,14 @@ def steps_per_epoch(config: Config, world_size: int) -> int:
 
 def policy_model(config: Config, previous_adapter: Path | None):
     """The student with a trainable LoRA: the previous epoch's adapter, or a fresh one (equal to the base)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
-    from kd.stages.engines import load_causal_lm
+    from kd.stages.engines import load_adapter, load_causal_lm
 
     cfg = config.train
     base = load_causal_lm(config.student, dtype="float32", device="cpu")
     if previous_adapter is not None:
-        return PeftModel.from_pretrained(base, str(previous_adapter), is_trainable=True)
+        return load_adapter(base, previous_adapter, is_trainable=True)
     torch.manual_seed(config.seed)  # LoRA A is random: same seed, same initial adapter
     lora = LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -133,7 +133,7 @@ def make_trainer(config: Config, model, examples: list[dict], output_dir: Path, 
     args = TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.passes,
-        max_grad_norm=cfg.max_grad_norm or None, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=config.seed + epoch,
         remove_unused_columns=False, bf16=use_bf16, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, disable_tqdm=not progress, average_tokens_across_devices=True,
@@ -171,6 +171,14 @@ class StepRecorder(TrainerCallback):
         self.kl_sum += kl_sum
         self.entropy_sum += entropy_sum
         self.loss_sum += loss
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for name, parameter in model.named_parameters():
+            if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
+                raise KdError(
+                    f"train: non-finite gradient of {name} at optimiser step {state.global_step + 1}; "
+                    "lower train.learning_rate or check the scored data"
+                )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.pending or logs is None or "learning_rate" not in logs:

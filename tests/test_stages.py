@@ -183,3 +183,22 @@ def test_toy_world_is_deterministic_from_its_seed(tmp_path):
         assert datasets_io.sha256_file(first) == datasets_io.sha256_file(second)
     assert (tmp_path / "a" / "prompts" / "train.jsonl.zst").read_bytes() == (tmp_path / "b" / "prompts" / "train.jsonl.zst").read_bytes()
     assert reports[0]["student"]["sft_steps"] == 2
+
+
+def test_train_stops_on_exploding_ratio_and_non_finite_numbers(make_config):
+    config = make_config(**{"train.passes": 2, "train.max_ratio": 1.0001})
+    session = Session(config, progress=False)
+    run_lib.prepare(config)
+    generate.run(config, 0, session)
+    score.run(config, 0, session)
+    with pytest.raises(KdError, match=r"importance ratio .* > train.max_ratio 1.0001 at optimiser step 2"):
+        train.run(config, 0, progress=False)
+    assert not run_lib.stage_dir(config, 0, "train").exists()
+
+    diverging = make_config(run_id="diverging", **{"train.passes": 3, "train.learning_rate": 1e30, "train.max_grad_norm": 0})
+    run_lib.prepare(diverging)
+    generate.run(diverging, 0, session)
+    score.run(diverging, 0, session)
+    with pytest.raises(KdError, match="non-finite"):
+        train.run(diverging, 0, progress=False)
+    assert not run_lib.stage_dir(diverging, 0, "train").exists()

@@ -1,0 +1,281 @@
+"""The bad-input catalogue: each case runs the real `kd` CLI (in-process) on a real run and must end
+with a one-line error naming the file, row or field and the fix, a non-zero exit, and runs/ exactly
+as it was before. `just bad-inputs` rewrites docs/bad-inputs.md: every case with the message kd gave."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from kd.stages import datasets_io, export_lora, generate, run as run_lib, score, train
+from kd.stages.schemas import SCORED
+from kd.stages.session import Session
+from tests.conftest import tiny_config
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def fresh(command: str, *more: str) -> list[str]:
+    """A command that would start a new run (runs.yaml: the base run's config under another id)."""
+    epoch = [] if command == "loop" else ["--epoch", "0"]
+    return [command, "--config", "runs.yaml", *epoch, *more]
+
+
+def prompts_case(content: bytes | str, name: str = "bad.jsonl"):
+    return lambda tmp: fresh("generate", "--set", f"generate.prompts={write(tmp / name, content)}")
+
+
+def truncated_zst(tmp: Path):
+    path = tmp / "cut.jsonl.zst"
+    datasets_io.write_jsonl_zst(path, [{"prompt": "1+1"}] * 200)
+    path.write_bytes(path.read_bytes()[:-10])
+    return fresh("generate", "--set", f"generate.prompts={path}")
+
+
+def copy_run(tmp: Path, name: str) -> Path:
+    target = tmp / "runs" / name
+    shutil.copytree(tmp / "runs" / "base", target)
+    save_config(target, {**yaml.safe_load((target / "config.yaml").read_text()), "run_id": name})
+    return target
+
+
+def save_config(run: Path, data: dict) -> None:
+    """Written as kd writes it, so that kd finds nothing to rewrite."""
+    from kd.stages import config as config_lib
+
+    (run / "config.yaml").write_text(config_lib.to_yaml(config_lib.build(config_lib.Config, data, where="")))
+
+
+def edit_manifest(directory: Path, edit) -> None:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    edit(manifest)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def corrupt_part(tmp: Path):
+    run = copy_run(tmp, "corrupt")
+    part = run / "0000" / "rollouts" / datasets_io.part_name(0, 1)
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    shutil.rmtree(run / "0000" / "scored")
+    return ["score", "--run", "corrupt", "--epoch", "0"]
+
+
+def manifest_hash_mismatch(tmp: Path):
+    run = copy_run(tmp, "hash")
+    edit_manifest(run / "0000" / "scored", lambda m: m["files"][0].update(sha256="0" * 64))
+    shutil.rmtree(run / "0000" / "train")
+    return ["train", "--run", "hash", "--epoch", "0"]
+
+
+def old_schema(tmp: Path):
+    run = copy_run(tmp, "old")
+    edit_manifest(run / "0000" / "scored", lambda m: m.update(schema_version=0))
+    shutil.rmtree(run / "0000" / "train")
+    return ["train", "--run", "old", "--epoch", "0"]
+
+
+def nan_logprob(tmp: Path):
+    run = copy_run(tmp, "nan")
+    scored = run / "0000" / "scored"
+    table = datasets_io.read_table(scored, SCORED)
+    teacher = table.column("teacher_logprobs").to_pylist()
+    teacher[3][1] = float("nan")
+    table = table.set_column(table.schema.get_field_index("teacher_logprobs"), "teacher_logprobs",
+                             pa.array(teacher, type=pa.list_(pa.float32())))
+    shutil.rmtree(scored)
+    datasets_io.write_dataset(scored, SCORED, table, {}, [run / "0000" / "rollouts"], {}, 0.0)
+    shutil.rmtree(run / "0000" / "train")
+    return ["train", "--run", "nan", "--epoch", "0"]
+
+
+def foreign_adapter(tmp: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    run = copy_run(tmp, "foreign")
+    other = Qwen3ForCausalLM(Qwen3Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=1, num_key_value_heads=1, head_dim=32))
+    get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp / "foreign")
+    for name in export_lora.ADAPTER_FILES:
+        shutil.copy(tmp / "foreign" / name, run / "0000" / "adapter" / name)
+    return ["--no-verify", "generate", "--run", "foreign", "--epoch", "1"]
+
+
+def other_tokenizer(tmp: Path):
+    from kd.stages.toy import build_tokenizer
+
+    run = copy_run(tmp, "vocab")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    teacher = tmp / "other-teacher"
+    shutil.copytree(config["teacher"], teacher)
+    build_tokenizer(["9+9=18 so 18", "another corpus entirely"], vocab_size=270).save_pretrained(teacher)
+    save_config(run, {**config, "teacher": str(teacher)})
+    shutil.rmtree(run / "0000" / "scored")
+    return ["score", "--run", "vocab", "--epoch", "0"]
+
+
+def bad_yaml(tmp: Path):
+    return ["loop", "--config", str(write(tmp / "bad.yaml", "epochs: [1,\n"))]
+
+
+def changed_config(tmp: Path):
+    copy_run(tmp, "changed")
+    return ["generate", "--run", "changed", "--epoch", "0", "--set", "train.learning_rate=0.5"]
+
+
+def held_lock(tmp: Path):
+    import fcntl
+
+    run = copy_run(tmp, "busy")
+    handle = open(run / ".lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    held_lock.handle = handle  # held by this test process until the case is over
+    shutil.rmtree(run / "0000" / "adapter")
+    return ["export-lora", "--run", "busy", "--epoch", "0"]
+
+
+def disk_full(tmp: Path):
+    run = copy_run(tmp, "full")
+    shutil.rmtree(run / "0000" / "adapter")
+    disk_full.limit = 64 * 1024  # bytes per file: merged weights do not fit
+    return ["export-lora", "--run", "full", "--epoch", "0", "--merge"]
+
+
+def read_only_run(tmp: Path):
+    """A run on a read-only file system (a read-only bind mount: root ignores permission bits)."""
+    import subprocess
+
+    run = copy_run(tmp, "readonly")
+    shutil.rmtree(run / "0000" / "adapter")
+    (run / ".lock").touch()
+    mounted = subprocess.run(["mount", "--bind", str(run), str(run)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here ({mounted.stderr.decode().strip()}); needs root in a mount namespace")
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(run)], check=True)
+    read_only_run.cleanup = lambda: subprocess.run(["umount", str(run)], check=True)
+    return ["export-lora", "--run", "readonly", "--epoch", "0"]
+
+
+LONG_PROMPT = json.dumps({"prompt": "1" * 400}) + "\n"
+CASES = [
+    ("missing prompt file", lambda tmp: fresh("generate", "--set", f"generate.prompts={tmp}/none.jsonl"), "prompt file not found"),
+    ("empty prompt file", prompts_case(""), "no prompts in the file"),
+    ("invalid JSON on line 2", prompts_case('{"prompt": "1+1"}\n{"prompt": \n'), ":2: invalid JSON"),
+    ("no prompt or messages", prompts_case('{"text": "1+1"}\n'), ":1: missing field"),
+    ("prompt of the wrong type", prompts_case('{"prompt": 12}\n'), "field prompt: expected a string"),
+    ("messages of the wrong type", prompts_case('{"messages": "1+1"}\n'), "field messages: expected a non-empty list"),
+    ("message without content", prompts_case('{"messages": [{"role": "user"}]}\n'), "field messages"),
+    ("empty prompt", prompts_case('{"prompt": ""}\n'), "field prompt: empty"),
+    ("only empty messages", prompts_case('{"messages": [{"role": "user", "content": " "}]}\n'), "every message is empty"),
+    ("answer of the wrong type", prompts_case('{"prompt": "1+1", "answer": {"x": 1}}\n'), "field answer"),
+    ("duplicate ids", prompts_case('{"id": "a", "prompt": "1"}\n{"id": "a", "prompt": "2"}\n'), "field id: 'a' appears twice"),
+    ("row that is not an object", prompts_case("[1, 2]\n"), ":1: expected a JSON object"),
+    ("prompt longer than the context", prompts_case(LONG_PROMPT), "more than the"),
+    ("non-UTF-8 bytes", prompts_case(b'{"prompt": "\xff"}\n'), "is not UTF-8"),
+    ("truncated .zst", truncated_zst, "not a complete zstandard file"),
+    ("unknown config key", lambda tmp: fresh("generate", "--set", "train.learnig_rate=1"), "did you mean train.learning_rate"),
+    ("unknown section", lambda tmp: fresh("generate", "--set", "trian.lr=1"), "did you mean train"),
+    ("value out of range", lambda tmp: fresh("generate", "--set", "generate.top_p=2"), "generate.top_p: must be in (0, 1]"),
+    ("value of the wrong type", lambda tmp: fresh("loop", "--set", "epochs=ten"), "config field epochs: expected int"),
+    ("unknown engine", lambda tmp: fresh("score", "--set", "score.engine.kind=tgi"), "not one of hf, vllm, sglang"),
+    ("malformed --set", lambda tmp: fresh("generate", "--set", "epochs"), "expected section.key=value"),
+    ("invalid YAML config", bad_yaml, "invalid YAML"),
+    ("missing config file", lambda tmp: ["loop", "--config", f"{tmp}/nope.yaml"], "config file not found"),
+    ("missing model directory", lambda tmp: fresh("generate", "--set", f"student={tmp}/no-model"), "model directory not found"),
+    ("teacher with another tokenizer", other_tokenizer, "vocabulary differs"),
+    ("adapter for another base model", foreign_adapter, "does not fit the student"),
+    ("corrupted Arrow part", corrupt_part, "sha256 differs"),
+    ("manifest hash that does not match", manifest_hash_mismatch, "sha256 differs"),
+    ("dataset of an older schema version", old_schema, "schema version 0"),
+    ("NaN in logprobs", nan_logprob, "non-finite logprob"),
+    ("run made with another config", changed_config, "made with another config (differs in train.learning_rate)"),
+    ("stage run out of order", lambda tmp: ["score", "--run", "base", "--epoch", "1"], "run `kd generate --epoch 1` first"),
+    ("run id with a slash", lambda tmp: fresh("generate", "--run", "a/b"), "run_id: must be a non-empty name"),
+    ("another kd process writes the run", held_lock, "another kd process is writing this run"),
+    ("disk full while writing", disk_full, "File too large"),
+    ("read-only run directory", read_only_run, "Read-only file system"),
+]
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_world, tmp_path_factory) -> Path:
+    """runs/base: epoch 0 complete on the tiny world; cases run with runs/ relative to this folder."""
+    root = tmp_path_factory.mktemp("bad-input")
+    config = tiny_config(tiny_world, root / "runs", run_id="base", **{"generate.prompts_per_epoch": 4})
+    session = Session(config, progress=False)
+    run_lib.prepare(config)
+    generate.run(config, 0, session)
+    score.run(config, 0, session)
+    train.run(config, 0, progress=False)
+    export_lora.run(config, 0)
+    saved = yaml.safe_load((config.run_dir / "config.yaml").read_text())
+    saved["runs_dir"] = "runs"  # stage commands find the run from its id, relative to the cwd
+    save_config(config.run_dir, saved)
+    (root / "runs.yaml").write_text(yaml.safe_dump({**saved, "run_id": "fresh"}))
+    return root
+
+
+def tree(root: Path) -> dict:
+    """Every path under root, files with their mtime; the run lock file is not data."""
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns if p.is_file() else "dir"
+        for p in sorted(root.rglob("*")) if p.name != ".lock"
+    }
+
+
+def run_kd(argv: list[str], file_limit: int | None = None) -> int:
+    import resource
+    import signal
+
+    from kd.cli.main import main
+
+    old_argv, old_limit = sys.argv, resource.getrlimit(resource.RLIMIT_FSIZE)
+    sys.argv = ["kd", *argv]
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if file_limit:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, old_limit[1]))
+    try:
+        main()
+        return 0
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+        sys.argv = old_argv
+
+
+@pytest.mark.parametrize("name, make_args, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(base_run, monkeypatch, capsys, name, make_args, message):
+    monkeypatch.chdir(base_run)
+    args = make_args(base_run)
+    before = tree(base_run / "runs")
+    code = run_kd(args, getattr(make_args, "limit", None))
+    if hasattr(make_args, "handle"):
+        make_args.handle.close()
+    if hasattr(make_args, "cleanup"):
+        make_args.cleanup()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kd: error:")]
+    assert code != 0
+    assert len(errors) == 1 and message in errors[0], errors
+    assert tree(base_run / "runs") == before
+    if os.environ.get("KD_BAD_INPUT_TABLE"):
+        shown = errors[0].replace(str(base_run), "$RUN").replace("|", "\\|")
+        with open(os.environ["KD_BAD_INPUT_TABLE"], "a") as table:
+            table.write(f"| {name} | `{' '.join(args).replace(str(base_run), '$RUN')}` | {shown} |\n")
+
+
+def test_catalogue_is_large_enough():
+    assert len(CASES) >= 30

@@ -19,7 +19,7 @@ from kd.stages import datasets_io, run as run_lib
 from kd.stages.config import Config
 from kd.stages.engines import SamplingParams
 from kd.stages.generate import sample_rows
-from kd.stages.schemas import ADAPTER, EVAL, ROLLOUTS
+from kd.stages.schemas import EVAL, ROLLOUTS
 from kd.stages.score import kl_stats, teacher_logprobs, with_teacher
 from kd.stages.session import Session
 
@@ -32,11 +32,8 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
     session = session or Session(config)
     started = time.time()
     cfg = config.eval
-    adapter = run_lib.adapter_for_epoch(config, epoch)
-    inputs = []
-    if adapter is not None:
-        datasets_io.require(adapter, ADAPTER, f"run `kd export-lora --epoch {epoch - 1}` first")
-        inputs.append(adapter)
+    adapter = run_lib.policy_adapter(config, epoch)
+    inputs = [adapter] if adapter is not None else []
     heldout = session.prompts(cfg.prompts, cfg.max_new_tokens)
     if cfg.num_prompts:
         heldout = heldout[: cfg.num_prompts]

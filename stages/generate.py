@@ -19,7 +19,7 @@ from kd.stages import datasets_io, prompts as prompts_lib, run as run_lib
 from kd.stages.config import Config
 from kd.stages.engines import SamplingParams, sample_seed
 from kd.stages.progress import bar
-from kd.stages.schemas import ADAPTER, ROLLOUTS
+from kd.stages.schemas import ROLLOUTS
 from kd.stages.session import Session
 from kd.stages.toy import extract_answer
 
@@ -67,11 +67,8 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
     session = session or Session(config)
     started = time.time()
     cfg = config.generate
-    adapter = run_lib.adapter_for_epoch(config, epoch)
-    inputs = []
-    if adapter is not None:
-        datasets_io.require(adapter, ADAPTER, f"run `kd export-lora --epoch {epoch - 1}` first")
-        inputs.append(adapter)
+    adapter = run_lib.policy_adapter(config, epoch)
+    inputs = [adapter] if adapter is not None else []
     chosen = prompts_lib.choose(session.prompts(cfg.prompts, cfg.max_new_tokens), cfg.prompts_per_epoch, config.seed, epoch)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     rows = sample_rows(

@@ -48,6 +48,17 @@ def new_run_removed_on_failure(config: Config) -> Iterator[None]:
         raise
 
 
+def policy_adapter(config: Config, epoch: int) -> Path | None:
+    """The complete adapter the policy of `epoch` samples with (None at epoch 0), or a one-line error."""
+    from kd.stages import datasets_io
+    from kd.stages.schemas import ADAPTER
+
+    adapter = adapter_for_epoch(config, epoch)
+    if adapter is not None:
+        datasets_io.require(adapter, ADAPTER, f"run `kd export-lora --epoch {epoch - 1}` first")
+    return adapter
+
+
 def prepare(config: Config, overwrite: bool = False) -> Path:
     """Create the run directory with its config.yaml, or check that an existing one matches."""
     run_dir = config.run_dir

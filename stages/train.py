@@ -31,7 +31,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from kd.stages import datasets_io, loss as loss_lib, run as run_lib
 from kd.stages.config import Config, TrainConfig
 from kd.stages.errors import KdError
-from kd.stages.schemas import ADAPTER, SCORED, TRAIN_STEPS
+from kd.stages.schemas import SCORED, TRAIN_STEPS
 
 IGNORE = -100
 STATE = "state.json"

@@ -14,7 +14,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -204,7 +204,7 @@ def require(directory: Path, kind: DatasetKind, hint: str) -> dict:
     if VERIFY_INPUTS:
         from kd.stages.verify import dataset_problems
 
-        problems = dataset_problems(Path(directory))
+        problems = dataset_problems(Path(directory), read_parts=False)
         if problems:
             raise KdError(
                 f"{directory}: fails verification ({problems[0]}); delete it and re-run the stage that "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -44,11 +44,13 @@ class Engine(Protocol):
         seeds: Sequence[int],
         params: SamplingParams,
         adapter: Path | None,
+        progress: Callable[[int], None] | None = None,
     ) -> list[Completion]:
         """One completion per prompt; `prompts` repeats a prompt once per wanted sample."""
 
     def score(
-        self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int]
+        self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
+        progress: Callable[[int], None] | None = None,
     ) -> list[np.ndarray]:
         """float32 logprob of each token after the prompt, one array per sequence."""
 
@@ -65,7 +67,7 @@ def length_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> li
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
-        longest = max([lengths[j] for j in current] + [lengths[i]])
+        longest = lengths[i]  # ascending order: the newcomer is the longest of its batch
         if current and (longest * (len(current) + 1) > max_tokens or len(current) >= max_rows):
             batches.append(current)
             current = []

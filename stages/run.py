@@ -95,13 +95,6 @@ def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load_config(run_dir: Path) -> Config:
-    saved = Path(run_dir) / "config.yaml"
-    if not saved.is_file():
-        raise KdError(f"{run_dir}: not a kd run (no config.yaml); start it with `kd loop` or a stage command")
-    return config_lib.build(Config, yaml.safe_load(saved.read_text()), where="")
-
-
 @contextlib.contextmanager
 def locked(run_dir: Path) -> Iterator[None]:
     """Serialise writers of one run; the kernel drops the lock when its holder dies."""

@@ -21,7 +21,7 @@ from kd.stages.engines import SamplingParams
 from kd.stages.generate import sample_rows
 from kd.stages.schemas import EVAL, ROLLOUTS
 from kd.stages.score import kl_stats, teacher_logprobs, with_teacher
-from kd.stages.session import Session
+from kd.stages.session import Session, using
 
 
 def run(config: Config, epoch: int, session: Session | None = None) -> Path:
@@ -29,36 +29,36 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
     if datasets_io.is_complete(out):
         return out
     datasets_io.fault_point(out, "start")
-    session = session or Session(config)
-    started = time.time()
-    cfg = config.eval
-    adapter = run_lib.policy_adapter(config, epoch)
-    inputs = [adapter] if adapter is not None else []
-    heldout = session.prompts(cfg.prompts, cfg.max_new_tokens)
-    if cfg.num_prompts:
-        heldout = heldout[: cfg.num_prompts]
-    # Seeds are salted with "eval" so held-out samples never repeat the training samples' draws.
-    sampled = sample_rows(
-        session, heldout, 1, SamplingParams(cfg.max_new_tokens, cfg.temperature), f"eval-{epoch}", epoch, adapter,
-        f"eval epoch {epoch}: sample",
-    )
-    greedy = sample_rows(
-        session, heldout, 1, SamplingParams(cfg.max_new_tokens, greedy=True), f"eval-{epoch}", epoch, adapter,
-        f"eval epoch {epoch}: greedy",
-    )
-    table = pa.Table.from_pylist(sampled + greedy, schema=ROLLOUTS.schema)
-    logprobs = teacher_logprobs(session, table, f"eval epoch {epoch}: score")
-    decoding = pa.array(["sample"] * len(sampled) + ["greedy"] * len(greedy))
-    table = with_teacher(table, logprobs).append_column("decoding", decoding)
-    kl = kl_stats([r["sampler_logprobs"] for r in sampled], logprobs[: len(sampled)])
-    checked = [r["correct"] for r in greedy if r["correct"] is not None]
-    stats = {
-        "heldout_reverse_kl": kl["teacher_kl"],
-        "heldout_reverse_kl_per_sequence": kl["teacher_kl_per_sequence"],
-        "accuracy": sum(checked) / len(checked) if checked else None,
-        "prompts": len(heldout),
-    }
-    stage_config = {"seed": config.seed, "student": config.student, "teacher": config.teacher, "eval": config.to_dict()["eval"]}
-    datasets_io.write_dataset(out, EVAL, table, stage_config, inputs, stats, started)
-    run_lib.log_metrics(config, {"epoch": epoch, "stage": "eval", "wall_seconds": time.time() - started, **stats})
-    return out
+    with using(config, session) as session:
+        started = time.time()
+        cfg = config.eval
+        adapter = run_lib.policy_adapter(config, epoch)
+        inputs = [adapter] if adapter is not None else []
+        heldout = session.prompts(cfg.prompts, cfg.max_new_tokens)
+        if cfg.num_prompts:
+            heldout = heldout[: cfg.num_prompts]
+        # Seeds are salted with "eval" so held-out samples never repeat the training samples' draws.
+        sampled = sample_rows(
+            session, heldout, 1, SamplingParams(cfg.max_new_tokens, cfg.temperature), f"eval-{epoch}", epoch, adapter,
+            f"eval epoch {epoch}: sample",
+        )
+        greedy = sample_rows(
+            session, heldout, 1, SamplingParams(cfg.max_new_tokens, greedy=True), f"eval-{epoch}", epoch, adapter,
+            f"eval epoch {epoch}: greedy",
+        )
+        table = pa.Table.from_pylist(sampled + greedy, schema=ROLLOUTS.schema)
+        logprobs = teacher_logprobs(session, table, f"eval epoch {epoch}: score")
+        decoding = pa.array(["sample"] * len(sampled) + ["greedy"] * len(greedy))
+        table = with_teacher(table, logprobs).append_column("decoding", decoding)
+        kl = kl_stats([r["sampler_logprobs"] for r in sampled], logprobs[: len(sampled)])
+        checked = [r["correct"] for r in greedy if r["correct"] is not None]
+        stats = {
+            "heldout_reverse_kl": kl["teacher_kl"],
+            "heldout_reverse_kl_per_sequence": kl["teacher_kl_per_sequence"],
+            "accuracy": sum(checked) / len(checked) if checked else None,
+            "prompts": len(heldout),
+        }
+        stage_config = {"seed": config.seed, "student": config.student, "teacher": config.teacher, "eval": config.to_dict()["eval"]}
+        datasets_io.write_dataset(out, EVAL, table, stage_config, inputs, stats, started)
+        run_lib.log_metrics(config, {"epoch": epoch, "stage": "eval", "wall_seconds": time.time() - started, **stats})
+        return out

@@ -20,7 +20,7 @@ from kd.stages.config import Config
 from kd.stages.engines import SamplingParams, sample_seed
 from kd.stages.progress import bar
 from kd.stages.schemas import ROLLOUTS
-from kd.stages.session import Session
+from kd.stages.session import Session, using
 from kd.stages.toy import extract_answer
 
 
@@ -64,27 +64,27 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
     if datasets_io.is_complete(out):
         return out
     datasets_io.fault_point(out, "start")
-    session = session or Session(config)
-    started = time.time()
-    cfg = config.generate
-    adapter = run_lib.policy_adapter(config, epoch)
-    inputs = [adapter] if adapter is not None else []
-    chosen = prompts_lib.choose(session.prompts(cfg.prompts, cfg.max_new_tokens), cfg.prompts_per_epoch, config.seed, epoch)
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
-    rows = sample_rows(
-        session, chosen, cfg.samples_per_prompt, params, f"train-{epoch}", epoch, adapter, f"generate epoch {epoch}"
-    )
-    table = pa.Table.from_pylist(rows, schema=ROLLOUTS.schema)
-    tokens = sum(len(r["completion_token_ids"]) for r in rows)
-    checked = [r["correct"] for r in rows if r["correct"] is not None]
-    stats = {
-        "completion_tokens": tokens,
-        "tokens_per_second": tokens / max(time.time() - started, 1e-9),
-        "mean_sampler_logprob": sum(sum(r["sampler_logprobs"]) for r in rows) / max(tokens, 1),
-        "truncated_fraction": sum(r["finish_reason"] == "length" for r in rows) / len(rows),
-        "accuracy": sum(checked) / len(checked) if checked else None,
-    }
-    stage_config = {"seed": config.seed, "student": config.student, "generate": config.to_dict()["generate"]}
-    datasets_io.write_dataset(out, ROLLOUTS, table, stage_config, inputs, stats, started)
-    run_lib.log_metrics(config, {"epoch": epoch, "stage": "generate", "wall_seconds": time.time() - started, **stats})
-    return out
+    with using(config, session) as session:
+        started = time.time()
+        cfg = config.generate
+        adapter = run_lib.policy_adapter(config, epoch)
+        inputs = [adapter] if adapter is not None else []
+        chosen = prompts_lib.choose(session.prompts(cfg.prompts, cfg.max_new_tokens), cfg.prompts_per_epoch, config.seed, epoch)
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+        rows = sample_rows(
+            session, chosen, cfg.samples_per_prompt, params, f"train-{epoch}", epoch, adapter, f"generate epoch {epoch}"
+        )
+        table = pa.Table.from_pylist(rows, schema=ROLLOUTS.schema)
+        tokens = sum(len(r["completion_token_ids"]) for r in rows)
+        checked = [r["correct"] for r in rows if r["correct"] is not None]
+        stats = {
+            "completion_tokens": tokens,
+            "tokens_per_second": tokens / max(time.time() - started, 1e-9),
+            "mean_sampler_logprob": sum(sum(r["sampler_logprobs"]) for r in rows) / max(tokens, 1),
+            "truncated_fraction": sum(r["finish_reason"] == "length" for r in rows) / len(rows),
+            "accuracy": sum(checked) / len(checked) if checked else None,
+        }
+        stage_config = {"seed": config.seed, "student": config.student, "generate": config.to_dict()["generate"]}
+        datasets_io.write_dataset(out, ROLLOUTS, table, stage_config, inputs, stats, started)
+        run_lib.log_metrics(config, {"epoch": epoch, "stage": "generate", "wall_seconds": time.time() - started, **stats})
+        return out

@@ -27,10 +27,9 @@ def eval_epochs(config: Config) -> list[int]:
 
 def run(config: Config, overwrite: bool = False) -> list[dict]:
     run_lib.prepare(config, overwrite)
-    session = Session(config, progress=False)
     evals = set(eval_epochs(config))
     started = time.time()
-    with run_lib.locked(config.run_dir):
+    with run_lib.locked(config.run_dir), Session(config, progress=False) as session:
         for epoch in range(config.epochs + 1):
             if epoch in evals:
                 report_eval(config, epoch, eval_stage.run(config, epoch, session))

@@ -19,7 +19,7 @@ from kd.stages import datasets_io, run as run_lib
 from kd.stages.config import Config
 from kd.stages.progress import bar
 from kd.stages.schemas import ROLLOUTS, SCORED
-from kd.stages.session import Session
+from kd.stages.session import Session, using
 
 
 def teacher_logprobs(session: Session, table: pa.Table, description: str) -> list[np.ndarray]:
@@ -51,14 +51,14 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
     if datasets_io.is_complete(out):
         return out
     datasets_io.fault_point(out, "start")
-    session = session or Session(config)
-    started = time.time()
-    source = run_lib.stage_dir(config, epoch, "rollouts")
-    rollouts = datasets_io.read_table(source, ROLLOUTS, f"run `kd generate --epoch {epoch}` first")
-    logprobs = teacher_logprobs(session, rollouts, f"score epoch {epoch}")
-    stats = kl_stats(rollouts.column("sampler_logprobs").to_pylist(), logprobs)
-    stats["tokens_per_second"] = stats["completion_tokens"] / max(time.time() - started, 1e-9)
-    stage_config = {"teacher": config.teacher, "score": config.to_dict()["score"]}
-    datasets_io.write_dataset(out, SCORED, with_teacher(rollouts, logprobs), stage_config, [source], stats, started)
-    run_lib.log_metrics(config, {"epoch": epoch, "stage": "score", "wall_seconds": time.time() - started, **stats})
-    return out
+    with using(config, session) as session:
+        started = time.time()
+        source = run_lib.stage_dir(config, epoch, "rollouts")
+        rollouts = datasets_io.read_table(source, ROLLOUTS, f"run `kd generate --epoch {epoch}` first")
+        logprobs = teacher_logprobs(session, rollouts, f"score epoch {epoch}")
+        stats = kl_stats(rollouts.column("sampler_logprobs").to_pylist(), logprobs)
+        stats["tokens_per_second"] = stats["completion_tokens"] / max(time.time() - started, 1e-9)
+        stage_config = {"teacher": config.teacher, "score": config.to_dict()["score"]}
+        datasets_io.write_dataset(out, SCORED, with_teacher(rollouts, logprobs), stage_config, [source], stats, started)
+        run_lib.log_metrics(config, {"epoch": epoch, "stage": "score", "wall_seconds": time.time() - started, **stats})
+        return out

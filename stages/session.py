@@ -7,6 +7,7 @@ and writes its outputs to disk, so both paths produce the same datasets.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -111,6 +112,20 @@ class Session:
                 self._engines[key] = make_engine(engine, self.config.teacher, self.tokenizer, seed=self.config.seed)
         return self._engines[key]
 
+    def close(self) -> None:
+        """Stop in-process engines now: vLLM's engine-core processes, left to interpreter exit, can abort it."""
+        engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def prompts(self, path: str, max_new_tokens: int) -> list:
         """The tokenized prompt file, loaded once per process (the loop reads it every epoch)."""
         from kd.stages import prompts as prompts_lib
@@ -124,3 +139,13 @@ class Session:
         from transformers import AutoConfig
 
         return int(getattr(AutoConfig.from_pretrained(self.config.student), "max_position_embeddings", 4096))
+
+
+@contextmanager
+def using(config: Config, session: Session | None):
+    """The caller's session, or a new one that is closed when the stage is done."""
+    if session is not None:
+        yield session
+        return
+    with Session(config) as own:
+        yield own

@@ -80,6 +80,9 @@ class VLLMEngine:
         self._lora = None
         self._serial = 0
 
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
     def _lora_request(self, adapter: Path | None):
         from vllm.lora.request import LoRARequest
 

@@ -90,17 +90,24 @@ def check_sampler_matches_trainer(config, engine, adapter, seed_base):
     return completions
 
 
-def test_in_process_teacher_scores_match_hf(trained):
-    config, session = trained
+@pytest.fixture
+def vllm_session(trained):
+    """In-process engines, shut down after the test: left to interpreter exit they can abort pytest."""
+    with Session(trained[0], progress=False) as session:
+        yield session
+
+
+def test_in_process_teacher_scores_match_hf(trained, vllm_session):
+    config, _ = trained
     table = scored_table(config, 0)
     seqs, starts = sequences(table)
-    vllm_teacher = make_engine(engine_config(), config.teacher, session.tokenizer, seed=0)
+    vllm_teacher = vllm_session.engine("teacher", engine_config())
     assert max_gap(vllm_teacher.score(seqs, starts), table.column("teacher_logprobs").to_pylist()) < 1e-4
 
 
-def test_in_process_sampler_logprobs_match_trainer_across_adapter_changes(trained):
-    config, session = trained
-    student = make_engine(engine_config(), config.student, session.tokenizer, lora_rank=config.train.lora_rank, seed=0)
+def test_in_process_sampler_logprobs_match_trainer_across_adapter_changes(trained, vllm_session):
+    config, _ = trained
+    student = vllm_session.engine("student", engine_config())
     first = check_sampler_matches_trainer(config, student, run_lib.stage_dir(config, 0, "adapter"), 0)
     second = check_sampler_matches_trainer(config, student, run_lib.stage_dir(config, 1, "adapter"), 0)
     assert [c.token_ids for c in first] != [c.token_ids for c in second] or any(

@@ -104,9 +104,17 @@ class GenerateConfig:
 
 @dataclass
 class ScoreConfig:
-    """The teacher scores every completion token (one prefill per sequence)."""
+    """The teacher scores every completion token (one prefill per sequence).
+
+    top_k: also store the teacher's top_k most likely tokens and their logprobs at every completion
+        position, for train's top-k divergences (0: off; the vocabulary size: the exact distribution).
+    """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 0, "score.top_k", "must be >= 0 (0: off)")
 
 
 @dataclass
@@ -120,7 +128,11 @@ class TrainConfig:
     passes: passes over each epoch's scored samples (optimiser steps per epoch =
         passes x ceil(samples / (batch_size x grad_accum x processes))).
     max_grad_norm: gradient clipping (0: off).
-    kl_coef: advantage A_t = -kl_coef (s_t - q_t) (+ reward_coef x task reward, discounted by gamma).
+    kl_coef: advantage A_t = -kl_coef (s_t - q_t) (+ reward_coef x task reward, discounted by gamma):
+        the sampled-token policy-gradient term (0 with reward_coef 0: off).
+    topk_reverse_kl, topk_forward_kl, topk_jsd: coefficients of the divergences over the teacher's
+        top-k support plus a tail bucket (need score.top_k > 0); jsd_beta: the generalised JSD's
+        mixture weight (TRL's convention). See kd.stages.loss.
     clip_epsilon: PPO clipping of the importance ratio to [1-eps, 1+eps] (0: off).
     ratio_cap: truncate the importance ratio at this value (0: off).
     max_ratio: abort when an importance ratio exceeds this (a diverged or mismatched sampler).
@@ -145,11 +157,19 @@ class TrainConfig:
     kl_coef: float = 1.0
     reward_coef: float = 0.0
     gamma: float = 0.0
+    topk_reverse_kl: float = 0.0
+    topk_forward_kl: float = 0.0
+    topk_jsd: float = 0.0
+    jsd_beta: float = 0.5
     clip_epsilon: float = 0.0
     ratio_cap: float = 0.0
     max_ratio: float = 1e4
     precision: Literal["auto", "float32", "bf16"] = "auto"
     logging_steps: int = 1
+
+    @property
+    def uses_top_k(self) -> bool:
+        return bool(self.topk_reverse_kl or self.topk_forward_kl or self.topk_jsd)
 
     def __post_init__(self) -> None:
         _check(self.lora_rank > 0, "train.lora_rank", "must be > 0")
@@ -161,6 +181,9 @@ class TrainConfig:
         _check(self.passes > 0, "train.passes", "must be > 0")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         _check(0 <= self.gamma <= 1, "train.gamma", "must be in [0, 1]")
+        for name in ("topk_reverse_kl", "topk_forward_kl", "topk_jsd"):
+            _check(getattr(self, name) >= 0, f"train.{name}", "must be >= 0 (0: off)")
+        _check(0 < self.jsd_beta < 1, "train.jsd_beta", "must be in (0, 1); use topk_forward_kl or topk_reverse_kl for 0 or 1")
         _check(0 <= self.clip_epsilon < 1, "train.clip_epsilon", "must be in [0, 1)")
         _check(self.ratio_cap == 0 or self.ratio_cap >= 1, "train.ratio_cap", "must be 0 (off) or >= 1")
         _check(self.max_ratio > 1, "train.max_ratio", "must be > 1")
@@ -216,6 +239,8 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(bool(self.run_id) and "/" not in self.run_id, "run_id", "must be a non-empty name without '/'")
+        _check(not self.train.uses_top_k or self.score.top_k > 0, "train.topk_*",
+               "the top-k divergences need the teacher's top-k: set score.top_k (e.g. 32)")
 
     @property
     def run_dir(self) -> Path:

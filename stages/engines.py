@@ -1,7 +1,8 @@
 """Engines: the two jobs the stages need from a model runtime.
 
     sample(prompts, n, params, seeds, adapter) -> completions with the sampler's logprob of every token
-    score(sequences, prompt_lengths)           -> the model's logprob of every completion token
+    score(sequences, prompt_lengths, top_k)    -> the model's logprob of every completion token, and
+                                                  optionally its top-k tokens at every completion position
 
 `hf` (this module) runs transformers in-process on CPU or GPU and loads a LoRA adapter with PEFT.
 vLLM and SGLang implement the same two methods, so the stages never know which engine they drive.
@@ -37,6 +38,20 @@ class Completion:
     finish_reason: str  # "stop" (an end-of-turn token was sampled) or "length"
 
 
+@dataclass
+class Scores:
+    """A scorer's view of one sequence's completion: T tokens, K = top_k (0: no top-k asked for)."""
+
+    logprobs: np.ndarray  # [T] float32: logprob of each completion token
+    top_ids: np.ndarray  # [T, K] int32: the K most likely tokens at each completion position, most likely first
+    top_logprobs: np.ndarray  # [T, K] float32: their logprobs
+
+    @classmethod
+    def without_top_k(cls, logprobs: np.ndarray) -> "Scores":
+        empty = np.zeros((len(logprobs), 0))
+        return cls(np.asarray(logprobs, np.float32), empty.astype(np.int32), empty.astype(np.float32))
+
+
 class Engine(Protocol):
     def sample(
         self,
@@ -50,9 +65,9 @@ class Engine(Protocol):
 
     def score(
         self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
-        progress: Callable[[int], None] | None = None,
-    ) -> list[np.ndarray]:
-        """float32 logprob of each token after the prompt, one array per sequence."""
+        progress: Callable[[int], None] | None = None, top_k: int = 0,
+    ) -> list[Scores]:
+        """Logprob of each token after the prompt (and the top_k most likely tokens there), one per sequence."""
 
 
 def sample_seed(*parts: object) -> int:
@@ -251,8 +266,13 @@ class HFEngine:
         return completions
 
     @torch.no_grad()
-    def score(self, sequences, prompt_lengths, progress=None) -> list[np.ndarray]:
-        results: list[np.ndarray | None] = [None] * len(sequences)
+    def score(self, sequences, prompt_lengths, progress=None, top_k: int = 0) -> list[Scores]:
+        from kd.stages.errors import KdError
+
+        vocabulary = self.base.get_output_embeddings().out_features
+        if top_k > vocabulary:
+            raise KdError(f"score.top_k = {top_k} exceeds the teacher's vocabulary ({vocabulary}); use at most {vocabulary}")
+        results: list[Scores | None] = [None] * len(sequences)
         lengths = [len(s) for s in sequences]
         for batch in length_batches(lengths, self.max_batch_tokens, self.max_batch_rows):
             ids_B_L, mask_B_L = right_pad([sequences[i] for i in batch], self.pad_token_id)
@@ -262,7 +282,11 @@ class HFEngine:
                 # logits at position t predict token t+1: completion tokens [start, end) need logits [start-1, end-1)
                 logprobs_T_V = torch.log_softmax(logits_B_L_V[row, start - 1 : end - 1].float(), -1)
                 targets_T = ids_B_L[row, start:end].to(self.device)
-                results[i] = logprobs_T_V.gather(-1, targets_T[:, None])[:, 0].cpu().numpy().astype(np.float32)
+                top_T_K = logprobs_T_V.topk(top_k, dim=-1)  # sorted, most likely first
+                results[i] = Scores(
+                    logprobs_T_V.gather(-1, targets_T[:, None])[:, 0].cpu().numpy().astype(np.float32),
+                    top_T_K.indices.cpu().numpy().astype(np.int32), top_T_K.values.cpu().numpy().astype(np.float32),
+                )
             if progress is not None:
                 progress(len(batch))
         return results  # type: ignore[return-value]

@@ -20,7 +20,7 @@ from kd.stages.config import Config
 from kd.stages.engines import SamplingParams
 from kd.stages.generate import sample_rows
 from kd.stages.schemas import EVAL, ROLLOUTS
-from kd.stages.score import kl_stats, teacher_logprobs, with_teacher
+from kd.stages.score import kl_stats, teacher_scores, with_teacher
 from kd.stages.session import Session, using
 
 
@@ -47,7 +47,7 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
             f"eval epoch {epoch}: greedy",
         )
         table = pa.Table.from_pylist(sampled + greedy, schema=ROLLOUTS.schema)
-        logprobs = teacher_logprobs(session, table, f"eval epoch {epoch}: score")
+        logprobs = [s.logprobs for s in teacher_scores(session, table, f"eval epoch {epoch}: score")]
         decoding = pa.array(["sample"] * len(sampled) + ["greedy"] * len(greedy))
         table = with_teacher(table, logprobs).append_column("decoding", decoding)
         kl = kl_stats([r["sampler_logprobs"] for r in sampled], logprobs[: len(sampled)])

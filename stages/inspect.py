@@ -1,4 +1,5 @@
-"""inspect: a polars summary of any stage directory: rows, tokens, mean KL, decoded samples.
+"""inspect: a polars summary of any stage directory: rows, tokens, mean KL, the teacher's top-K and
+the mass it covers (scored with score.top_k), decoded samples.
 
     kd inspect runs/toy/0003/scored
 """
@@ -34,6 +35,10 @@ def run(path: Path, samples: int = 3) -> dict:
         stats = frame.select(exprs).collect()
         console.print(stats)
         summary.update(stats.row(0, named=True))
+        if manifest["stats"].get("top_k"):
+            summary.update(top_k=manifest["stats"]["top_k"], top_k_mass=manifest["stats"]["top_k_mass"])
+            console.print(f"teacher top-k: K = {summary['top_k']}, mean teacher mass inside the top-K "
+                          f"{summary['top_k_mass']:.4f}")
         shown = frame.select("prompt_id", "sample_index", "completion_text", "correct").head(samples).collect()
         for row in shown.iter_rows(named=True):
             console.print(f"  {row['prompt_id']}#{row['sample_index']} correct={row['correct']}: {row['completion_text']!r}")

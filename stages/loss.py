@@ -16,10 +16,34 @@ gradient. rho_t = 1 at the first step of an epoch up to sampler/trainer numerica
 corrects for later steps on the same samples. Options:
     clip_epsilon > 0: PPO, -min(rho A, clip(rho, 1-eps, 1+eps) A)
     ratio_cap > 0:    truncated IS, rho replaced by min(rho, cap) (no gradient where capped)
+
+Top-k divergences (score.top_k = K > 0; train.topk_reverse_kl / topk_forward_kl / topk_jsd > 0).
+At each completion position t the scored data holds the teacher's K most likely tokens S_t and
+their logprobs q_k. Both distributions are collapsed onto K + 1 buckets: the K tokens of S_t and a
+tail bucket for everything else,
+    Q = (exp q_1, ..., exp q_K, 1 - sum_k exp q_k)
+    P = (exp p_1, ..., exp p_K, 1 - sum_k exp p_k),   p_k = log pi_theta(k | x, y_<t), k in S_t
+and the divergence is taken between P and Q over those buckets (tail masses below TAIL_FLOOR are
+raised to it, to keep the logarithms finite):
+    reverse KL   D = sum_b P_b (log P_b - log Q_b)
+    forward KL   D = sum_b Q_b (log Q_b - log P_b)
+    JSD(beta)    M = beta Q + (1 - beta) P,  D = beta KL(Q || M) + (1 - beta) KL(P || M)
+                 (TRL's generalised JSD; beta -> 1 approaches reverse KL's shape, beta -> 0 forward's)
+The tail bucket is what keeps the student honest: without it, moving mass off S_t would lower
+every p_k's share of nothing and leave the loss unchanged; with it, mass outside S_t is compared
+with the teacher's own (small) tail. With K = the vocabulary the tail is empty and D is the exact
+divergence (its gradient too). Loss = sum over completion positions of coef x D / N, N as above;
+no importance ratio: D is a function of the student's whole distribution at a position the sampler
+reached, and GKD / TRL weight those positions equally too.
+
+Which student logprobs are needed: only p_k for k in S_t, i.e. gather(logits, ids) - logsumexp
+(logits), [B, T, K] values. The logsumexp over the vocabulary is the one the sampled-token term
+already computes, so the top-k terms add a [B, T, K] gather and no second [B, T, V] tensor.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,11 +71,13 @@ def advantages(
     return discounted.astype(np.float32)
 
 
-def token_logprobs(logits_B_T_V: torch.Tensor, targets_B_T: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] without materialising a second [B, T, V] tensor."""
+def token_logprobs(logits_B_T_V: torch.Tensor, targets_B_T_K: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[targets] for [B, T] or [B, T, K] targets, without a second [B, T, V] tensor."""
     logits_B_T_V = logits_B_T_V.float()
-    picked_B_T = logits_B_T_V.gather(-1, targets_B_T[..., None])[..., 0]
-    return picked_B_T - torch.logsumexp(logits_B_T_V, dim=-1)
+    lse_B_T = torch.logsumexp(logits_B_T_V, dim=-1)
+    if targets_B_T_K.dim() == 2:
+        return logits_B_T_V.gather(-1, targets_B_T_K[..., None])[..., 0] - lse_B_T
+    return logits_B_T_V.gather(-1, targets_B_T_K) - lse_B_T[..., None]
 
 
 @torch.no_grad()
@@ -64,6 +90,33 @@ def entropy_sum(logits_B_T_V: torch.Tensor, mask_B_T: torch.Tensor, chunk: int =
         logp_C_V = torch.log_softmax(picked_N_V[start : start + chunk].float(), -1)
         total += float(-(logp_C_V.exp() * logp_C_V).sum())
     return total
+
+
+TAIL_FLOOR = 1e-6  # above float32 rounding of a sum of K probabilities, so K = vocabulary gives an empty tail
+
+
+def with_tail(top_logprobs_N_K: torch.Tensor) -> torch.Tensor:
+    """[..., K] logprobs of K tokens -> [..., K + 1] with log(1 - their mass) appended as the tail bucket."""
+    inside_N = torch.logsumexp(top_logprobs_N_K, -1).clamp(max=math.log1p(-TAIL_FLOOR))
+    tail_N = torch.log(-torch.expm1(inside_N))
+    return torch.cat([top_logprobs_N_K, tail_N[..., None]], -1)
+
+
+def topk_divergence(student_N_K: torch.Tensor, teacher_N_K: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence between student and teacher over the teacher's top-K plus a tail bucket.
+
+    Both arguments are logprobs of the same K tokens (the teacher's top-K) at each position;
+    `kind` is reverse_kl, forward_kl or jsd. See the module docstring.
+    """
+    log_p, log_q = with_tail(student_N_K), with_tail(teacher_N_K.detach())
+    if kind == "reverse_kl":
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if kind == "forward_kl":
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    if kind == "jsd":
+        log_m = torch.logsumexp(torch.stack([log_q + math.log(beta), log_p + math.log1p(-beta)]), 0)
+        return beta * (log_q.exp() * (log_q - log_m)).sum(-1) + (1 - beta) * (log_p.exp() * (log_p - log_m)).sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}")
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """Every dataset kd writes, declared once with a version. Writers pass these; readers check them.
 
 Token ids are int32, logprobs float32. A row of `rollouts` is one sample; `scored` adds the
-teacher's logprob of each completion token; `eval` is `scored` plus which decoding made the row.
+teacher's logprob of each completion token and, when score.top_k = K > 0, the teacher's K most
+likely tokens at each completion position, flattened position-major (T x K values; empty for
+K = 0; K is in the manifest's stats); `eval` is rollouts plus the teacher's logprobs and which
+decoding made the row.
 Bump a version whenever a schema changes: readers refuse other versions with a one-line error.
 """
 
@@ -33,8 +36,13 @@ _ROLLOUT_FIELDS = [
 ]
 _TEACHER_FIELDS = [pa.field("teacher_logprobs", pa.list_(pa.float32()), nullable=False)]
 
+_TOP_K_FIELDS = [
+    pa.field("teacher_top_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("teacher_top_logprobs", pa.list_(pa.float32()), nullable=False),
+]
+
 ROLLOUTS = DatasetKind("rollouts", 1, pa.schema(_ROLLOUT_FIELDS))
-SCORED = DatasetKind("scored", 1, pa.schema(_ROLLOUT_FIELDS + _TEACHER_FIELDS))
+SCORED = DatasetKind("scored", 2, pa.schema(_ROLLOUT_FIELDS + _TEACHER_FIELDS + _TOP_K_FIELDS))
 EVAL = DatasetKind(
     "eval", 1, pa.schema(_ROLLOUT_FIELDS + _TEACHER_FIELDS + [pa.field("decoding", pa.string(), nullable=False)])
 )

@@ -57,14 +57,16 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def make_engine(engine: EngineConfig, model_path: str, tokenizer, lora_rank: int | None = None, seed: int = 0):
-    """An engine for `model_path`; `lora_rank` is set for a student that will load adapters."""
+def make_engine(engine: EngineConfig, model_path: str, tokenizer, lora_rank: int | None = None, seed: int = 0,
+                max_logprobs: int = 0):
+    """An engine for `model_path`; `lora_rank` is set for a student that will load adapters, `max_logprobs`
+    for a scorer asked for that many top tokens."""
     if engine.kind == "vllm":
         from kd.stages import vllm_engine
 
         if engine.server:
             return vllm_engine.VLLMServerEngine(engine, stop_token_ids(tokenizer))
-        return vllm_engine.VLLMEngine(model_path, engine, stop_token_ids(tokenizer), lora_rank, seed)
+        return vllm_engine.VLLMEngine(model_path, engine, stop_token_ids(tokenizer), lora_rank, seed, max_logprobs)
     if engine.kind == "hf":
         from kd.stages.engines import HFEngine
 
@@ -109,7 +111,9 @@ class Session:
                     engine, self.config.student, self.tokenizer, self.config.train.lora_rank, self.config.seed
                 )
             else:
-                self._engines[key] = make_engine(engine, self.config.teacher, self.tokenizer, seed=self.config.seed)
+                self._engines[key] = make_engine(
+                    engine, self.config.teacher, self.tokenizer, seed=self.config.seed, max_logprobs=self.config.score.top_k
+                )
         return self._engines[key]
 
     def close(self) -> None:

@@ -38,8 +38,9 @@ STATE = "state.json"
 OPTIMIZER = "optimizer.pt"
 
 
-def features(table: pa.Table, cfg: TrainConfig, source: Path) -> list[dict]:
-    """One training example per sample: token ids plus per-target-position logprobs and advantages."""
+def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0) -> list[dict]:
+    """One training example per sample: token ids plus per-target-position logprobs and advantages
+    (and the teacher's top-k ids and logprobs, [T, K], when the top-k divergences are on)."""
     rows = []
     for index, row in enumerate(table.to_pylist()):
         prompt, completion = row["prompt_token_ids"], row["completion_token_ids"]
@@ -52,12 +53,33 @@ def features(table: pa.Table, cfg: TrainConfig, source: Path) -> list[dict]:
             continue
         reward = None if row["correct"] is None else float(row["correct"])
         adv = loss_lib.advantages(sampler, teacher, cfg.kl_coef, cfg.gamma, reward, cfg.reward_coef)
-        rows.append({
+        example = {
             "input_ids": prompt + completion, "prompt_length": len(prompt),
             "sampler_logprobs": sampler.astype(np.float32), "teacher_logprobs": teacher.astype(np.float32),
             "advantages": adv,
-        })
+        }
+        if cfg.uses_top_k:
+            top_ids, top_logprobs = np.asarray(row["teacher_top_ids"]), np.asarray(row["teacher_top_logprobs"])
+            if not (len(top_ids) == len(top_logprobs) == top_k * len(completion)):
+                raise KdError(
+                    f"{source}: row {index}: teacher_top_ids / teacher_top_logprobs do not hold top_k = {top_k} "
+                    "entries per completion token; re-run `kd score`"
+                )
+            example["teacher_top_ids"] = top_ids.reshape(len(completion), top_k)
+            example["teacher_top_logprobs"] = top_logprobs.astype(np.float32).reshape(len(completion), top_k)
+        rows.append(example)
     return rows
+
+
+def scored_top_k(source: Path, cfg: TrainConfig) -> int:
+    """K of the scored dataset; the top-k divergences refuse data scored without top-k."""
+    top_k = datasets_io.read_manifest(source)["stats"].get("top_k", 0)
+    if cfg.uses_top_k and not top_k:
+        raise KdError(
+            f"{source}: scored without the teacher's top-k, but train.topk_* > 0; "
+            "re-run `kd score` with score.top_k set (e.g. 32)"
+        )
+    return top_k
 
 
 class Collator:
@@ -67,8 +89,9 @@ class Collator:
     tokens of the effective batch for the loss normaliser.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, top_k: int = 0):
         self.pad_token_id = pad_token_id
+        self.top_k = top_k
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         rows, longest = len(examples), max(len(e["input_ids"]) for e in examples)
@@ -79,13 +102,17 @@ class Collator:
         }
         for name in ("sampler_logprobs", "teacher_logprobs", "advantages"):
             batch[name] = torch.zeros((rows, longest - 1), dtype=torch.float32)
+        if self.top_k:
+            batch["teacher_top_ids"] = torch.zeros((rows, longest - 1, self.top_k), dtype=torch.long)
+            batch["teacher_top_logprobs"] = torch.zeros((rows, longest - 1, self.top_k), dtype=torch.float32)
         for r, e in enumerate(examples):
             ids, start = e["input_ids"], e["prompt_length"]
             batch["input_ids"][r, : len(ids)] = torch.tensor(ids)
             batch["attention_mask"][r, : len(ids)] = 1
             batch["labels"][r, start : len(ids)] = torch.tensor(ids[start:])
-            for name in ("sampler_logprobs", "teacher_logprobs", "advantages"):
-                batch[name][r, start - 1 : len(ids) - 1] = torch.from_numpy(np.asarray(e[name]))
+            for name in ("sampler_logprobs", "teacher_logprobs", "advantages", "teacher_top_ids", "teacher_top_logprobs"):
+                if name in batch:
+                    batch[name][r, start - 1 : len(ids) - 1] = torch.from_numpy(np.asarray(e[name]))
         batch["shift_labels"] = batch["labels"][:, 1:].contiguous()
         return batch
 
@@ -125,7 +152,7 @@ def policy_model(config: Config, previous_adapter: Path | None):
 
 
 def make_trainer(config: Config, model, examples: list[dict], output_dir: Path, epoch: int, global_step: int,
-                 optimizer_state: dict | None, progress: bool):
+                 optimizer_state: dict | None, progress: bool, top_k: int = 0):
     cfg = config.train
     use_bf16 = cfg.precision == "bf16" or (
         cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -148,7 +175,7 @@ def make_trainer(config: Config, model, examples: list[dict], output_dir: Path, 
     )
     recorder = StepRecorder(global_step)
     trainer = DistillTrainer(
-        model=model, args=args, train_dataset=examples, data_collator=Collator(model.config.pad_token_id or 0),
+        model=model, args=args, train_dataset=examples, data_collator=Collator(model.config.pad_token_id or 0, top_k),
         optimizers=(optimizer, schedule), callbacks=[recorder],
     )
     trainer.train_config, trainer.recorder = cfg, recorder
@@ -210,12 +237,23 @@ class DistillTrainer(Trainer):
         logits_B_T_V = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
         mask_B_T = inputs["shift_labels"] != IGNORE
         targets_B_T = inputs["shift_labels"].clamp(min=0)
-        logprobs_B_T = loss_lib.token_logprobs(logits_B_T_V, targets_B_T)
+        top_ids_B_T_K = inputs.get("teacher_top_ids")
+        if top_ids_B_T_K is None:
+            logprobs_B_T = loss_lib.token_logprobs(logits_B_T_V, targets_B_T)
+        else:  # one gather and one logsumexp for the sampled token and the teacher's top-k
+            picked_B_T_K = loss_lib.token_logprobs(logits_B_T_V, torch.cat([targets_B_T[..., None], top_ids_B_T_K], -1))
+            logprobs_B_T, student_top_B_T_K = picked_B_T_K[..., 0], picked_B_T_K[..., 1:]
         normaliser = num_items_in_batch if num_items_in_batch is not None else mask_B_T.sum()
         loss, stats = loss_lib.policy_loss(
             logprobs_B_T, inputs["sampler_logprobs"], inputs["advantages"], mask_B_T, normaliser,
             cfg.clip_epsilon, cfg.ratio_cap,
         )
+        for kind, coef in (("reverse_kl", cfg.topk_reverse_kl), ("forward_kl", cfg.topk_forward_kl), ("jsd", cfg.topk_jsd)):
+            if coef:
+                divergence_B_T = loss_lib.topk_divergence(
+                    student_top_B_T_K, inputs["teacher_top_logprobs"], kind, cfg.jsd_beta
+                )
+                loss = loss + coef * torch.where(mask_B_T, divergence_B_T, 0.0).sum() / normaliser
         step = self.state.global_step + 1
         if not torch.isfinite(loss):
             raise KdError(f"train: non-finite loss at optimiser step {step}; lower train.learning_rate or check the scored data")
@@ -249,13 +287,18 @@ def run(config: Config, epoch: int, progress: bool = True) -> Path:
     datasets_io.fault_point(out, "start")
     started = time.time()
     source = run_lib.stage_dir(config, epoch, "scored")
-    examples = features(datasets_io.read_table(source, SCORED, f"run `kd score --epoch {epoch}` first"), config.train, source)
+    table = datasets_io.read_table(source, SCORED, f"run `kd score --epoch {epoch}` first")
+    top_k = scored_top_k(source, config.train)
+    examples = features(table, config.train, source, top_k)
     if not examples:
         raise KdError(f"{source}: no sample has a completion token; check generate.max_new_tokens and the prompts")
     adapter, optimizer_state, global_step = previous_state(config, epoch)
     model = policy_model(config, adapter)
     with tempfile.TemporaryDirectory(prefix="kd-trainer-") as work:
-        trainer = make_trainer(config, model, examples, Path(work), epoch, global_step, optimizer_state, progress)
+        trainer = make_trainer(
+            config, model, examples, Path(work), epoch, global_step, optimizer_state, progress,
+            top_k if config.train.uses_top_k else 0,
+        )
         trainer.train()
     steps = trainer.recorder.rows
     final_step = global_step + trainer.state.global_step

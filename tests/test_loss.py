@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd.stages.loss import advantages, policy_loss, token_logprobs
+from kd.stages.loss import advantages, policy_loss, token_logprobs, topk_divergence
 
 
 def test_advantage_is_negative_reverse_kl_per_token():
@@ -101,3 +101,62 @@ def test_entropy_sum_in_chunks_equals_direct():
     logp = torch.log_softmax(logits, -1)
     direct = float(-(logp.exp() * logp).sum(-1)[mask].sum())
     assert entropy_sum(logits, mask, chunk=3) == pytest.approx(direct, rel=1e-5)
+
+
+# ---- top-k divergences ------------------------------------------------------------------------
+
+def _top_k_pair(student_probs, teacher_probs, k):
+    """Student (via the trainer's float32 gather) and teacher logprobs over the teacher's k most likely tokens."""
+    logits = torch.tensor(student_probs, dtype=torch.float64).log()
+    teacher = torch.tensor(teacher_probs, dtype=torch.float64).log()
+    ids = teacher.topk(k).indices
+    return token_logprobs(logits[None, None], ids[None, None])[0, 0], teacher[ids]
+
+
+def test_topk_divergences_match_hand_computed_values():
+    # teacher top-2 = tokens 0, 1; buckets P = (0.4, 0.3 | tail 0.3), Q = (0.5, 0.25 | tail 0.25)
+    student, teacher = _top_k_pair([0.4, 0.3, 0.2, 0.1], [0.5, 0.25, 0.15, 0.1], 2)
+    reverse = 0.4 * math.log(0.4 / 0.5) + 2 * 0.3 * math.log(0.3 / 0.25)
+    forward = 0.5 * math.log(0.5 / 0.4) + 2 * 0.25 * math.log(0.25 / 0.3)
+    m = tuple(  # beta = 0.25: M = 0.25 Q + 0.75 P
+        0.25 * q + 0.75 * p for q, p in zip((0.5, 0.25, 0.25), (0.4, 0.3, 0.3)))
+    jsd = 0.25 * sum(q * math.log(q / mi) for q, mi in zip((0.5, 0.25, 0.25), m)) + 0.75 * sum(
+        p * math.log(p / mi) for p, mi in zip((0.4, 0.3, 0.3), m)
+    )
+    assert float(topk_divergence(student, teacher, "reverse_kl")) == pytest.approx(reverse, abs=1e-6)
+    assert float(topk_divergence(student, teacher, "forward_kl")) == pytest.approx(forward, abs=1e-6)
+    assert float(topk_divergence(student, teacher, "jsd", beta=0.25)) == pytest.approx(jsd, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd"])
+def test_topk_with_the_whole_vocabulary_is_the_exact_divergence_and_gradient(kind):
+    torch.manual_seed(0)
+    vocabulary = 50
+    logits_N_V = (3 * torch.randn(6, vocabulary)).requires_grad_()
+    teacher_N_V = torch.log_softmax(3 * torch.randn(6, vocabulary), -1)
+    ids_N_V = teacher_N_V.argsort(-1, descending=True)
+    student_top_N_V = token_logprobs(logits_N_V[None], ids_N_V[None])[0]
+    top_k = topk_divergence(student_top_N_V, teacher_N_V.gather(-1, ids_N_V), kind, beta=0.3).sum()
+    (top_k_grad,) = torch.autograd.grad(top_k, logits_N_V)
+
+    log_p, log_q = torch.log_softmax(logits_N_V, -1), teacher_N_V
+    if kind == "reverse_kl":
+        exact = (log_p.exp() * (log_p - log_q)).sum()
+    elif kind == "forward_kl":
+        exact = (log_q.exp() * (log_q - log_p)).sum()
+    else:
+        m = 0.3 * log_q.exp() + 0.7 * log_p.exp()
+        exact = 0.3 * (log_q.exp() * (log_q - m.log())).sum() + 0.7 * (log_p.exp() * (log_p - m.log())).sum()
+    (exact_grad,) = torch.autograd.grad(exact, logits_N_V)
+    assert float(top_k) == pytest.approx(float(exact), abs=1e-4)
+    torch.testing.assert_close(top_k_grad, exact_grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd"])
+def test_tail_bucket_charges_mass_moved_outside_the_support(kind):
+    teacher = [0.6, 0.3, 0.05, 0.05]
+    same, teacher_top = _top_k_pair(teacher, teacher, 2)
+    # Same proportions inside the top-2 as the teacher (a renormalised loss would be 0), half the mass moved out.
+    moved, _ = _top_k_pair([0.3, 0.15, 0.275, 0.275], teacher, 2)
+    assert abs(float(topk_divergence(same, teacher_top, kind))) < 1e-6  # float32 logits
+    assert float(topk_divergence(moved, teacher_top, kind)) > 0.05

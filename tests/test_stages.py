@@ -202,3 +202,49 @@ def test_train_stops_on_exploding_ratio_and_non_finite_numbers(make_config):
     with pytest.raises(KdError, match="non-finite"):
         train.run(diverging, 0, progress=False)
     assert not run_lib.stage_dir(diverging, 0, "train").exists()
+
+
+def test_top_k_scores_and_trains_on_the_top_k_divergence_alone(make_config):
+    from kd.stages import inspect
+
+    top_k = 8
+    config = make_config(**{"score.top_k": top_k, "train.kl_coef": 0.0, "train.topk_reverse_kl": 1.0})
+    session = Session(config, progress=False)
+    adapter = run_epoch(config, 0, session)
+    scored_dir = run_lib.stage_dir(config, 0, "scored")
+    scored = loads_everywhere(scored_dir, SCORED)
+    lengths = scored["completion_token_ids"].list.len()
+    assert (scored["teacher_top_ids"].list.len() == top_k * lengths).all()
+    masses = []
+    for row in scored.iter_rows(named=True):
+        ids = np.array(row["teacher_top_ids"]).reshape(-1, top_k)
+        logprobs = np.array(row["teacher_top_logprobs"]).reshape(-1, top_k)
+        assert (np.diff(logprobs, axis=-1) <= 0).all()  # most likely first
+        for t, token in enumerate(row["completion_token_ids"]):
+            if token in ids[t]:
+                assert abs(logprobs[t][list(ids[t]).index(token)] - row["teacher_logprobs"][t]) < 1e-6
+            else:
+                assert row["teacher_logprobs"][t] <= logprobs[t, -1] + 1e-6
+        masses.extend(np.exp(logprobs.astype(np.float64)).sum(-1))
+    stats = datasets_io.read_manifest(scored_dir)["stats"]
+    assert stats["top_k"] == top_k and stats["top_k_mass"] == pytest.approx(np.mean(masses), abs=1e-6)
+    assert 0 < stats["top_k_mass"] <= 1 + 1e-6
+    assert inspect.run(scored_dir)["top_k"] == top_k
+
+    # kl_coef 0: the sampled-token term is exactly zero, so only the top-k divergence moved the adapter.
+    steps = datasets_io.read_table(run_lib.stage_dir(config, 0, "train"), TRAIN_STEPS)
+    assert steps.column("loss")[0].as_py() > 0
+    from safetensors.torch import load_file
+
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any(torch.count_nonzero(w) for name, w in weights.items() if "lora_B" in name)
+
+
+def test_top_k_above_the_vocabulary_is_one_clear_line(make_config):
+    config = make_config(**{"score.top_k": 100000})
+    session = Session(config, progress=False)
+    run_lib.prepare(config)
+    generate.run(config, 0, session)
+    with pytest.raises(KdError, match="score.top_k = 100000 exceeds the teacher's vocabulary"):
+        score.run(config, 0, session)
+    assert not run_lib.stage_dir(config, 0, "scored").exists()

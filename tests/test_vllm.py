@@ -90,19 +90,40 @@ def check_sampler_matches_trainer(config, engine, adapter, seed_base):
     return completions
 
 
+TOP_K = 32  # above vLLM's default max_logprobs (20): the engine must raise it
+
+
 @pytest.fixture
 def vllm_session(trained):
     """In-process engines, shut down after the test: left to interpreter exit they can abort pytest."""
-    with Session(trained[0], progress=False) as session:
+    config = dataclasses.replace(trained[0], score=dataclasses.replace(trained[0].score, top_k=TOP_K))
+    with Session(config, progress=False) as session:
         yield session
 
 
+def check_top_k_matches_hf(session, scorer, seqs, starts, top_k):
+    """Top-k ids agree as sets and their logprobs within 1e-4, at positions without a near-tie at the k-th token."""
+    expected = session.engine("teacher", session.config.score.engine).score(seqs, starts, top_k=top_k + 1)
+    got = scorer.score(seqs, starts, top_k=top_k)
+    assert max_gap([g.logprobs for g in got], [e.logprobs for e in expected]) < 1e-4
+    compared = 0
+    for g, e in zip(got, expected):
+        assert g.top_ids.shape == (len(e.logprobs), top_k)
+        clear = e.top_logprobs[:, top_k - 1] - e.top_logprobs[:, top_k] > 1e-3
+        for t in np.flatnonzero(clear):
+            assert set(g.top_ids[t]) == set(e.top_ids[t, :top_k])
+            np.testing.assert_allclose(g.top_logprobs[t], e.top_logprobs[t, :top_k], atol=1e-4)
+            compared += 1
+    assert compared > 0.5 * sum(len(e.logprobs) for e in expected)  # the rest: k-th and (k+1)-th nearly tied
+
+
 def test_in_process_teacher_scores_match_hf(trained, vllm_session):
-    config, _ = trained
+    config, session = trained
     table = scored_table(config, 0)
     seqs, starts = sequences(table)
     vllm_teacher = vllm_session.engine("teacher", engine_config())
-    assert max_gap(vllm_teacher.score(seqs, starts), table.column("teacher_logprobs").to_pylist()) < 1e-4
+    assert max_gap([s.logprobs for s in vllm_teacher.score(seqs, starts)], table.column("teacher_logprobs").to_pylist()) < 1e-4
+    check_top_k_matches_hf(session, vllm_teacher, seqs, starts, TOP_K)
 
 
 def test_in_process_sampler_logprobs_match_trainer_across_adapter_changes(trained, vllm_session):
@@ -155,7 +176,8 @@ def test_server_scoring_matches_hf_and_survives_a_dying_server(trained):
         table = scored_table(config, 0)
         seqs, starts = sequences(table)
         remote = make_engine(engine_config(server=server.url), config.teacher, session.tokenizer)
-        assert max_gap(remote.score(seqs, starts), table.column("teacher_logprobs").to_pylist()) < 1e-4
+        assert max_gap([s.logprobs for s in remote.score(seqs, starts)], table.column("teacher_logprobs").to_pylist()) < 1e-4
+        check_top_k_matches_hf(session, remote, seqs, starts, 8)
 
         # A bigger job, scored one request at a time, and the server killed mid-way.
         served = dataclasses.replace(

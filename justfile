@@ -32,6 +32,10 @@ loop-vllm *args: toy
 bench-engines:
     python bench/engines.py
 
+# Top-k vs sampled-token distillation vs TRL's DistillationTrainer, same wall time -> bench/results/topk.md
+bench-topk:
+    python bench/topk.py
+
 # Rewrite docs/bad-inputs.md: every bad input of the test catalogue with the error kd gives.
 bad-inputs:
     mkdir -p docs

@@ -24,6 +24,39 @@ from kd.stages.score import kl_stats, teacher_scores, with_teacher
 from kd.stages.session import Session, using
 
 
+def evaluate(session: Session, adapter: Path | None, epoch: int) -> tuple[pa.Table, dict]:
+    """The eval rows and stats of the policy `adapter` (None: the base student); `epoch` salts the seeds.
+
+    Also used by bench/ to evaluate adapters trained by other tools on exactly the same footing.
+    """
+    cfg = session.config.eval
+    heldout = session.prompts(cfg.prompts, cfg.max_new_tokens)
+    if cfg.num_prompts:
+        heldout = heldout[: cfg.num_prompts]
+    # Seeds are salted with "eval" so held-out samples never repeat the training samples' draws.
+    sampled = sample_rows(
+        session, heldout, 1, SamplingParams(cfg.max_new_tokens, cfg.temperature), f"eval-{epoch}", epoch, adapter,
+        f"eval epoch {epoch}: sample",
+    )
+    greedy = sample_rows(
+        session, heldout, 1, SamplingParams(cfg.max_new_tokens, greedy=True), f"eval-{epoch}", epoch, adapter,
+        f"eval epoch {epoch}: greedy",
+    )
+    table = pa.Table.from_pylist(sampled + greedy, schema=ROLLOUTS.schema)
+    logprobs = [s.logprobs for s in teacher_scores(session, table, f"eval epoch {epoch}: score")]
+    decoding = pa.array(["sample"] * len(sampled) + ["greedy"] * len(greedy))
+    table = with_teacher(table, logprobs).append_column("decoding", decoding)
+    kl = kl_stats([r["sampler_logprobs"] for r in sampled], logprobs[: len(sampled)])
+    checked = [r["correct"] for r in greedy if r["correct"] is not None]
+    stats = {
+        "heldout_reverse_kl": kl["teacher_kl"],
+        "heldout_reverse_kl_per_sequence": kl["teacher_kl_per_sequence"],
+        "accuracy": sum(checked) / len(checked) if checked else None,
+        "prompts": len(heldout),
+    }
+    return table, stats
+
+
 def run(config: Config, epoch: int, session: Session | None = None) -> Path:
     out = run_lib.stage_dir(config, epoch, "eval")
     if datasets_io.is_complete(out):
@@ -31,34 +64,9 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
     datasets_io.fault_point(out, "start")
     with using(config, session) as session:
         started = time.time()
-        cfg = config.eval
         adapter = run_lib.policy_adapter(config, epoch)
-        inputs = [adapter] if adapter is not None else []
-        heldout = session.prompts(cfg.prompts, cfg.max_new_tokens)
-        if cfg.num_prompts:
-            heldout = heldout[: cfg.num_prompts]
-        # Seeds are salted with "eval" so held-out samples never repeat the training samples' draws.
-        sampled = sample_rows(
-            session, heldout, 1, SamplingParams(cfg.max_new_tokens, cfg.temperature), f"eval-{epoch}", epoch, adapter,
-            f"eval epoch {epoch}: sample",
-        )
-        greedy = sample_rows(
-            session, heldout, 1, SamplingParams(cfg.max_new_tokens, greedy=True), f"eval-{epoch}", epoch, adapter,
-            f"eval epoch {epoch}: greedy",
-        )
-        table = pa.Table.from_pylist(sampled + greedy, schema=ROLLOUTS.schema)
-        logprobs = [s.logprobs for s in teacher_scores(session, table, f"eval epoch {epoch}: score")]
-        decoding = pa.array(["sample"] * len(sampled) + ["greedy"] * len(greedy))
-        table = with_teacher(table, logprobs).append_column("decoding", decoding)
-        kl = kl_stats([r["sampler_logprobs"] for r in sampled], logprobs[: len(sampled)])
-        checked = [r["correct"] for r in greedy if r["correct"] is not None]
-        stats = {
-            "heldout_reverse_kl": kl["teacher_kl"],
-            "heldout_reverse_kl_per_sequence": kl["teacher_kl_per_sequence"],
-            "accuracy": sum(checked) / len(checked) if checked else None,
-            "prompts": len(heldout),
-        }
+        table, stats = evaluate(session, adapter, epoch)
         stage_config = {"seed": config.seed, "student": config.student, "teacher": config.teacher, "eval": config.to_dict()["eval"]}
-        datasets_io.write_dataset(out, EVAL, table, stage_config, inputs, stats, started)
+        datasets_io.write_dataset(out, EVAL, table, stage_config, [adapter] if adapter is not None else [], stats, started)
         run_lib.log_metrics(config, {"epoch": epoch, "stage": "eval", "wall_seconds": time.time() - started, **stats})
         return out

@@ -1,0 +1,207 @@
+"""Top-k distillation against sampled-token distillation and TRL's DistillationTrainer, on the toy world.
+
+    python bench/topk.py [--epochs 40] [--eval-every 5]        (just bench-topk)
+
+Runs, one after another on this machine:
+- `kd loop` with the sampled-token objective (K = 1, the default config), and with the top-k reverse
+  KL alone (train.kl_coef 0, train.topk_reverse_kl 1) for K = 8, 32 and the whole vocabulary;
+- `trl.DistillationTrainer` (beta = 1: reverse KL over the full vocabulary, on-policy generation with
+  transformers), same student, teacher, LoRA, learning rate and warm-up, for the wall time of the
+  slowest kd run.
+Every policy is evaluated by the same code (`kd.stages.eval.evaluate`: held-out reverse KL from one
+sample per held-out prompt, greedy accuracy); evaluation time is excluded from the training wall time.
+Writes bench/results/topk.json and bench/results/topk.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TRAINING_STAGES = {"generate", "score", "train", "export-lora"}
+
+
+def kd_variants(vocabulary: int) -> dict[str, list[str]]:
+    top_k = ["train.kl_coef=0", "train.topk_reverse_kl=1"]
+    return {
+        "kd K=1 (sampled token)": [],
+        "kd K=8 reverse KL": ["score.top_k=8", *top_k],
+        "kd K=32 reverse KL": ["score.top_k=32", *top_k],
+        f"kd K={vocabulary} (vocabulary) reverse KL": [f"score.top_k={vocabulary}", *top_k],
+    }
+
+
+def run_kd(name: str, overrides: list[str], epochs: int, eval_every: int) -> list[dict]:
+    """`kd loop` as a user runs it; the curve: held-out KL and accuracy against cumulative training seconds."""
+    run_id = "bench-topk-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    command = ["kd", "loop", "--config", str(ROOT / "configs" / "toy.yaml"), "--run", run_id, "--overwrite",
+               "--set", f"epochs={epochs}", "--set", f"eval.every={eval_every}"]
+    for override in overrides:
+        command += ["--set", override]
+    print(f"== {name}: {' '.join(command)}", flush=True)
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    records = [json.loads(line) for line in (ROOT / "runs" / run_id / "metrics.jsonl").read_text().splitlines()]
+    curve = []
+    for record in records:
+        if record.get("stage") == "eval":
+            seconds = sum(r["wall_seconds"] for r in records
+                          if r.get("stage") in TRAINING_STAGES and r["epoch"] < record["epoch"])
+            curve.append({"epoch": record["epoch"], "train_seconds": seconds,
+                          "heldout_reverse_kl": record["heldout_reverse_kl"], "accuracy": record["accuracy"]})
+    return sorted(curve, key=lambda point: point["epoch"])
+
+
+def run_trl(budget_seconds: float, eval_every: int) -> list[dict]:
+    """trl.DistillationTrainer (beta 1) with kd's toy hyper-parameters, stopped after `budget_seconds` of training."""
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from kd.stages import config as config_lib
+    from kd.stages.datasets_io import read_prompt_rows
+    from kd.stages.eval import evaluate
+    from kd.stages.session import Session
+
+    config = config_lib.load(ROOT / "configs" / "toy.yaml")
+    config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, num_prompts=0))
+    cfg = config.train
+    session = Session(config, progress=False)
+    rows = read_prompt_rows(config.generate.prompts)
+    train_set = datasets.Dataset.from_list([{"prompt": row["messages"]} for row in rows])
+    tokenizer = AutoTokenizer.from_pretrained(config.student)
+    work = Path(tempfile.mkdtemp(prefix="kd-bench-trl-"))
+    curve: list[dict] = []
+
+    class EvalAndBudget(TrainerCallback):
+        """Evaluates every `eval_every` steps with the clock stopped; stops training when the budget is spent."""
+
+        def __init__(self):
+            self.started = self.paused = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            self.record(0, None)
+
+        def record(self, step: int, model) -> None:
+            pause = time.perf_counter()
+            adapter = None
+            if model is not None:
+                adapter = work / f"step-{step}"
+                model.save_pretrained(adapter)
+            _, stats = evaluate(session, adapter, step)
+            curve.append({"step": step, "train_seconds": pause - self.started - self.paused,
+                          "heldout_reverse_kl": stats["heldout_reverse_kl"], "accuracy": stats["accuracy"]})
+            print(f"   trl step {step}: {curve[-1]}", flush=True)
+            self.paused += time.perf_counter() - pause
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            spent = time.perf_counter() - self.started - self.paused
+            if state.global_step % eval_every == 0 or spent >= budget_seconds:
+                self.record(state.global_step, model)
+            if spent >= budget_seconds:
+                control.should_training_stop = True
+
+    args = DistillationConfig(
+        output_dir=str(work / "trainer"), beta=1.0, learning_rate=cfg.learning_rate, lr_scheduler_type="constant_with_warmup",
+        warmup_steps=cfg.warmup_steps, per_device_train_batch_size=config.generate.prompts_per_epoch,
+        max_completion_length=config.generate.max_new_tokens, temperature=config.generate.temperature,
+        max_grad_norm=cfg.max_grad_norm, max_steps=100000, logging_steps=10, save_strategy="no", report_to=[],
+        use_cpu=True, seed=config.seed, bf16=False, disable_tqdm=True,
+    )
+    trainer = DistillationTrainer(
+        model=AutoModelForCausalLM.from_pretrained(config.student, dtype="float32"),
+        teacher_model=AutoModelForCausalLM.from_pretrained(config.teacher, dtype="float32"),
+        args=args, train_dataset=train_set, processing_class=tokenizer,
+        peft_config=LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                               target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"),
+        callbacks=[EvalAndBudget()],
+    )
+    trainer.train()
+    session.close()
+    shutil.rmtree(work, ignore_errors=True)
+    return curve
+
+
+def at_time(curve: list[dict], seconds: float) -> dict:
+    """The last evaluation at or before `seconds` of training."""
+    return [point for point in curve if point["train_seconds"] <= seconds + 1e-9][-1]
+
+
+def first_reaching(curve: list[dict], kl: float) -> float | None:
+    return next((point["train_seconds"] for point in curve if point["heldout_reverse_kl"] <= kl), None)
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "peft", "trl")}
+
+
+def markdown(result: dict) -> str:
+    common = result["common_seconds"]
+    trl_final = result["curves"]["trl DistillationTrainer (beta=1)"][-1]["heldout_reverse_kl"]
+    lines = [
+        "# Top-k distillation vs sampled-token vs TRL (toy world)",
+        "",
+        f"{result['date']}, {result['machine']}; {', '.join(f'{k} {v}' for k, v in result['versions'].items())}.",
+        f"`python bench/topk.py --epochs {result['epochs']} --eval-every {result['eval_every']}`; training seconds exclude "
+        "evaluation; every policy evaluated by `kd.stages.eval.evaluate` on the 256 held-out prompts.",
+        "",
+        f"| run | epochs / steps | training s | final held-out KL | final accuracy | KL at {common:.0f} s "
+        f"| accuracy at {common:.0f} s | s to reach TRL's final KL ({trl_final:.4f}) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, curve in result["curves"].items():
+        final, common_point = curve[-1], at_time(curve, common)
+        reach = first_reaching(curve, trl_final)
+        lines.append(
+            f"| {name} | {final.get('epoch', final.get('step'))} | {final['train_seconds']:.1f} "
+            f"| {final['heldout_reverse_kl']:.4f} | {final['accuracy']:.1%} | {common_point['heldout_reverse_kl']:.4f} "
+            f"| {common_point['accuracy']:.1%} | {'not reached' if reach is None else f'{reach:.1f}'} |"
+        )
+    lines += ["", "Curves (training seconds: held-out KL / accuracy):", ""]
+    for name, curve in result["curves"].items():
+        points = ", ".join(f"{p['train_seconds']:.0f}s: {p['heldout_reverse_kl']:.3f}/{p['accuracy']:.0%}" for p in curve)
+        lines.append(f"- {name}: {points}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--trl-eval-every", type=int, default=10, help="TRL optimiser steps between evaluations")
+    options = parser.parse_args()
+    if not (ROOT / "runs" / "toy-world" / "toy.json").is_file():
+        subprocess.run(["kd", "toy"], cwd=ROOT, check=True)
+    vocabulary = json.loads((ROOT / "runs" / "toy-world" / "toy.json").read_text())["vocab_size"]
+    curves = {name: run_kd(name, overrides, options.epochs, options.eval_every)
+              for name, overrides in kd_variants(vocabulary).items()}
+    budget = max(curve[-1]["train_seconds"] for curve in curves.values())
+    print(f"== trl DistillationTrainer, {budget:.0f} s of training", flush=True)
+    curves["trl DistillationTrainer (beta=1)"] = run_trl(budget, options.trl_eval_every)
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+        f"{__import__('os').cpu_count()} cores, CPU only", "versions": versions(), "epochs": options.epochs,
+        "eval_every": options.eval_every, "common_seconds": min(curve[-1]["train_seconds"] for curve in curves.values()),
+        "curves": curves,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "topk.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "topk.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

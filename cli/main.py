@@ -141,6 +141,14 @@ def inspect(path: Path = typer.Argument(..., help="A stage directory, e.g. runs/
 
 
 @app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/toy.")):
+    """Write PNG plots (KL, accuracy, importance ratios, tokens/s) and report.md into RUN/report/."""
+    from kd.stages import report as stage
+
+    typer.echo(stage.run(run_dir))
+
+
+@app.command()
 def verify(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/toy."),
            hashes: bool = typer.Option(True, "--hashes/--no-hashes", help="Also re-hash every file (sha256).")):
     """Re-check every dataset of a run: files, sizes, sha256, rows, schema versions, provenance."""

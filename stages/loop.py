@@ -6,7 +6,8 @@
 Stages run in this one process and share a Session, so the teacher and the student's base weights
 load once; each stage still reads and writes its datasets on disk exactly as its standalone
 command does. Re-running the same command resumes: complete stages are skipped, an incomplete one
-is redone from scratch. Eval runs at epochs 0, k, 2k, ... and at the end (policy after training).
+is redone from scratch. Eval runs at epochs 0, k, 2k, ... and at the end (policy after training);
+then `kd report` writes the run's plots and summary into runs/<id>/report/.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 
 from rich.table import Table
 
-from kd.stages import datasets_io, eval as eval_stage, export_lora, generate, run as run_lib, score, train
+from kd.stages import datasets_io, eval as eval_stage, export_lora, generate, report, run as run_lib, score, train
 from kd.stages.config import Config
 from kd.stages.progress import console
 from kd.stages.session import Session
@@ -44,6 +45,7 @@ def run(config: Config, overwrite: bool = False) -> list[dict]:
     rows = summary(config)
     console.print(summary_table(rows, time.time() - started))
     console.print(stage_times(config))
+    console.print(f"report: {report.run(config.run_dir) / 'report.md'}")
     return rows
 
 

@@ -45,6 +45,10 @@ def test_loop_lowers_heldout_kl_and_resumes_after_a_kill(toy_config_file, tmp_pa
     kl = heldout_kl(run_dir)
     assert set(kl) == {0, 3}
     assert kl[3] < 0.9 * kl[0], kl
+    report = run_dir / "report"  # kd report, written by the loop
+    for figure in ("kl.png", "accuracy.png", "ratios.png", "mismatch.png", "throughput.png"):
+        assert (report / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+    assert f"-> {kl[3]:.4f} after 3" in (report / "report.md").read_text()
 
     manifests = {p: p.stat().st_mtime_ns for p in run_dir.rglob("manifest.json")}
     again = kd("loop", "--config", str(config))  # nothing left to do: every stage is skipped
@@ -69,5 +73,5 @@ def test_config_change_on_existing_run_is_refused(config_file, tmp_path):
 
 def test_cli_help_lists_every_command():
     out = kd("--help").stdout
-    for command in ("toy", "generate", "score", "train", "export-lora", "eval", "loop", "inspect"):
+    for command in ("toy", "generate", "score", "train", "export-lora", "eval", "loop", "inspect", "report", "verify"):
         assert command in out

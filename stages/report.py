@@ -1,0 +1,113 @@
+"""report: PNG plots and a Markdown summary of a run, written into runs/<id>/report/.
+
+    kd report runs/toy          (kd loop writes it after the last epoch)
+
+Reads only what the stages logged in metrics.jsonl, so it works on a finished run, a run cut short
+and a run still going. Plots: teacher KL of each epoch's samples and held-out reverse KL; held-out
+greedy accuracy (and the accuracy of the training samples); importance ratios, and the
+sampler/trainer mismatch, per optimiser step; tokens/s per stage. The directory is replaced as a whole (written
+aside, then renamed), so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from kd.stages import run as run_lib
+from kd.stages.errors import KdError
+
+FIGURES = {
+    "kl.png": "teacher KL (training samples) and held-out reverse KL per epoch",
+    "accuracy.png": "held-out greedy accuracy and training-sample accuracy per epoch",
+    "ratios.png": "importance ratio (mean, max) per optimiser step",
+    "mismatch.png": "sampler/trainer logprob mismatch per optimiser step",
+    "throughput.png": "tokens/s of generate, score and train per epoch",
+}
+
+
+def series(records: list[dict], stage: str, field: str, x: str = "epoch") -> tuple[list, list]:
+    points = sorted((r[x], r[field]) for r in records if r.get("stage") == stage and r.get(field) is not None)
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _plot(path: Path, title: str, xlabel: str, lines: list[tuple[str, tuple[list, list], str]],
+          log_scale: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on clusters and CI
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for label, (xs, ys), style in lines:
+        if xs:
+            axis.plot(xs, ys, style, label=label)
+    if log_scale:
+        axis.set_yscale("log")
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def summary_markdown(run_dir: Path, records: list[dict]) -> str:
+    evals = sorted((r for r in records if r.get("stage") == "eval"), key=lambda r: r["epoch"])
+    lines = [f"# Run {run_dir.name}", ""]
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines += [
+            f"Held-out reverse KL per token {first['heldout_reverse_kl']:.4f} after {first['epoch']} epochs -> "
+            f"{last['heldout_reverse_kl']:.4f} after {last['epoch']}.",
+            "",
+            "| epochs trained | held-out reverse KL / token | held-out accuracy |",
+            "|---|---|---|",
+        ]
+        for r in evals:
+            accuracy = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.1%}"
+            lines.append(f"| {r['epoch']} | {r['heldout_reverse_kl']:.4f} | {accuracy} |")
+    seconds: dict[str, list[float]] = {}
+    for r in records:
+        if "wall_seconds" in r:
+            seconds.setdefault(r["stage"], []).append(r["wall_seconds"])
+    lines += ["", "| stage | calls | mean s | total s |", "|---|---|---|---|"]
+    lines += [f"| {stage} | {len(v)} | {sum(v) / len(v):.2f} | {sum(v):.1f} |" for stage, v in seconds.items()]
+    lines += [""] + [f"![{about}]({name})" for name, about in FIGURES.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    records = run_lib.read_metrics(run_dir)
+    if not records:
+        raise KdError(f"{run_dir}: no metrics.jsonl to report on; run `kd loop` (or the stages) first")
+    out, staging = run_dir / "report", run_dir / ".report.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _plot(staging / "kl.png", "reverse KL per token", "epoch", [
+            ("teacher KL of the epoch's samples (score)", series(records, "score", "teacher_kl"), "-"),
+            ("held-out reverse KL (eval)", series(records, "eval", "heldout_reverse_kl"), "o-"),
+        ])
+        _plot(staging / "accuracy.png", "task accuracy", "epoch", [
+            ("held-out, greedy (eval)", series(records, "eval", "accuracy"), "o-"),
+            ("training samples (generate)", series(records, "generate", "accuracy"), "-"),
+        ])
+        _plot(staging / "ratios.png", "importance ratio pi_theta / sampler", "optimiser step", [
+            ("mean", series(records, "train_step", "ratio_mean", "global_step"), "-"),
+            ("max", series(records, "train_step", "ratio_max", "global_step"), "-"),
+        ], log_scale=True)  # one large ratio would flatten the rest
+        _plot(staging / "mismatch.png", "mean sampler - trainer logprob per token", "optimiser step", [
+            ("mismatch", series(records, "train_step", "mismatch", "global_step"), "-"),
+        ])
+        _plot(staging / "throughput.png", "tokens per second", "epoch", [
+            (stage, series(records, stage, "tokens_per_second"), "-") for stage in ("generate", "score", "train")
+        ])
+        (staging / "report.md").write_text(summary_markdown(run_dir, records))
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

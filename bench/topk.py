@@ -5,7 +5,8 @@
 Runs, one after another on this machine:
 - `kd loop` with the sampled-token objective (K = 1), and with the top-k reverse KL alone
   (train.kl_coef 0, train.topk_reverse_kl 1) for K = 8, 32 and the whole vocabulary, at 64 samples
-  per optimiser step like TRL below (and K = 8 once more at toy.yaml's 128);
+  per optimiser step like TRL below (and K = 8 once more at toy.yaml's 128, and the whole
+  vocabulary once more with one sample for each of 256 prompts per epoch, as TRL samples);
 - `trl.DistillationTrainer` (beta = 1: reverse KL over the full vocabulary, on-policy generation with
   transformers), same student, teacher, LoRA, learning rate and warm-up, for the wall time of the
   slowest kd run.
@@ -42,6 +43,10 @@ def kd_variants(vocabulary: int) -> dict[str, list[str]]:
         "kd K=32 reverse KL": ["score.top_k=32", *top_k, *batch],
         f"kd K={vocabulary} (vocabulary) reverse KL": [f"score.top_k={vocabulary}", *top_k, *batch],
         "kd K=8 reverse KL, batch 128 (toy.yaml)": ["score.top_k=8", *top_k],
+        # TRL samples one completion for each of 64 prompts per step; kd's default is 4 for each of 16.
+        f"kd K={vocabulary} reverse KL, 1 sample x 256 prompts": [
+            f"score.top_k={vocabulary}", *top_k, *batch, "generate.prompts_per_epoch=256", "generate.samples_per_prompt=1",
+        ],
     }
 
 

@@ -32,6 +32,13 @@ loop-vllm *args: toy
 bench-engines:
     python bench/engines.py
 
+# Every benchmark, one after another (results in bench/results/, summary in BENCHMARKS.md)
+bench: bench-engines bench-topk bench-efficiency
+
+# Score and train stage wall time vs the bare model work inside, dataset I/O share -> bench/results/efficiency.md
+bench-efficiency:
+    python bench/efficiency.py
+
 # Top-k vs sampled-token distillation vs TRL's DistillationTrainer, same wall time -> bench/results/topk.md
 bench-topk:
     python bench/topk.py

@@ -53,7 +53,8 @@ def kd_variants(vocabulary: int) -> dict[str, list[str]]:
 def run_kd(name: str, overrides: list[str], epochs: int, eval_every: int) -> list[dict]:
     """`kd loop` as a user runs it; the curve: held-out KL and accuracy against cumulative training seconds."""
     run_id = "bench-topk-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    command = ["kd", "loop", "--config", str(ROOT / "configs" / "toy.yaml"), "--run", run_id, "--overwrite",
+    shutil.rmtree(ROOT / "runs" / run_id, ignore_errors=True)  # a fresh run: `kd loop` would resume an old one
+    command = ["kd", "loop", "--config", str(ROOT / "configs" / "toy.yaml"), "--run", run_id,
                "--set", f"epochs={epochs}", "--set", f"eval.every={eval_every}"]
     for override in overrides:
         command += ["--set", override]

@@ -1,0 +1,169 @@
+"""Stage efficiency on the toy world: each stage's wall time against the bare model work it contains.
+
+    python bench/efficiency.py            (just bench-efficiency)
+
+Runs epochs 0 and 1 of the toy config (hf engine) through the stage functions in one process, as
+`kd loop` does, and measures epoch 1 (engines warm):
+- score: stage wall vs the teacher's batched forward over the same sequences, in the same
+  length-sorted batches (no log-softmax, no gather, no I/O);
+- train: stage wall vs a bare forward + backward + AdamW step of the LoRA student over the same
+  collated batches (model already loaded; no Trainer, no checkpoint, no I/O);
+- generate: tokens/s (engines compared in bench/results/engines.md);
+- dataset I/O: writing and reading each epoch-1 dataset as a share of its stage's wall time, and
+  bytes on disk with zstd against uncompressed Arrow.
+Writes bench/results/efficiency.json and bench/results/efficiency.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - started, result
+
+
+def bare_score_seconds(session, table) -> float:
+    import torch
+
+    from kd.stages.engines import length_batches, right_pad
+
+    engine = session.engine("teacher", session.config.score.engine)
+    sequences = [p + c for p, c in zip(table.column("prompt_token_ids").to_pylist(),
+                                       table.column("completion_token_ids").to_pylist())]
+    batches = length_batches([len(s) for s in sequences], engine.max_batch_tokens, engine.max_batch_rows)
+    padded = [right_pad([sequences[i] for i in batch], engine.pad_token_id) for batch in batches]
+    started = time.perf_counter()
+    with torch.no_grad():
+        for ids, mask in padded:
+            engine.model(input_ids=ids, attention_mask=mask)
+    return time.perf_counter() - started
+
+
+def bare_train_seconds(config, epoch: int) -> float:
+    import torch
+
+    from kd.stages import datasets_io, loss as loss_lib, run as run_lib
+    from kd.stages.schemas import SCORED
+    from kd.stages.train import Collator, features, policy_model
+
+    source = run_lib.stage_dir(config, epoch, "scored")
+    examples = features(datasets_io.read_table(source, SCORED), config.train, source)
+    model = policy_model(config, run_lib.stage_dir(config, epoch - 1, "adapter")).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.learning_rate)
+    collate = Collator(model.config.pad_token_id or 0)
+    size = config.train.batch_size
+    batches = [collate(examples[i : i + size]) for i in range(0, len(examples), size)]
+    started = time.perf_counter()
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        mask = batch["shift_labels"] != -100
+        logprobs = loss_lib.token_logprobs(logits, batch["shift_labels"].clamp(min=0))
+        (-(logprobs * batch["advantages"])[mask].sum() / mask.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return time.perf_counter() - started
+
+
+def io_costs(config, epoch: int, stage_seconds: dict) -> list[dict]:
+    import pyarrow as pa
+
+    from kd.stages import datasets_io, run as run_lib
+    from kd.stages.schemas import ROLLOUTS, SCORED
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for stage, name, kind in (("generate", "rollouts", ROLLOUTS), ("score", "scored", SCORED)):
+            directory = run_lib.stage_dir(config, epoch, name)
+            read_seconds, table = timed(datasets_io.read_table, directory, kind)
+            out = Path(scratch) / name
+            write_seconds, _ = timed(datasets_io.write_dataset, out, kind, table, {}, [], {}, time.time())
+            plain = Path(scratch) / f"{name}.uncompressed.arrow"
+            with pa.OSFile(str(plain), "wb") as sink, pa.ipc.new_file(sink, kind.schema) as writer:
+                writer.write_table(table.cast(kind.schema))
+            zstd_bytes = sum(p.stat().st_size for p in out.glob("*.arrow"))
+            rows.append({
+                "dataset": name, "rows": table.num_rows, "write_seconds": write_seconds, "read_seconds": read_seconds,
+                "share_of_stage": (write_seconds + read_seconds) / stage_seconds[stage],
+                "zstd_bytes": zstd_bytes, "uncompressed_bytes": plain.stat().st_size,
+            })
+    return rows
+
+
+def main() -> None:
+    from importlib.metadata import version
+
+    from kd.stages import config as config_lib, export_lora, generate, run as run_lib, score, train
+    from kd.stages.session import Session
+
+    runs = Path(tempfile.mkdtemp(prefix="kd-bench-efficiency-"))
+    config = config_lib.load(ROOT / "configs" / "toy.yaml")
+    config = dataclasses.replace(config, run_id="efficiency", runs_dir=str(runs), epochs=2)
+    run_lib.prepare(config)
+    seconds: dict[str, float] = {}
+    with Session(config, progress=False) as session:
+        for epoch in (0, 1):
+            seconds["generate"], _ = timed(generate.run, config, epoch, session)
+            seconds["score"], _ = timed(score.run, config, epoch, session)
+            seconds["train"], _ = timed(train.run, config, epoch, progress=False)
+            export_lora.run(config, epoch)
+        from kd.stages import datasets_io
+        from kd.stages.schemas import SCORED
+
+        scored = datasets_io.read_table(run_lib.stage_dir(config, 1, "scored"), SCORED)
+        tokens = sum(len(c) for c in scored.column("completion_token_ids").to_pylist())
+        bare = {"score": bare_score_seconds(session, scored), "train": bare_train_seconds(config, 1)}
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, CPU only",
+        "versions": {name: version(name) for name in ("torch", "transformers", "peft", "pyarrow")},
+        "completion_tokens": tokens, "samples": scored.num_rows,
+        "stages": [
+            {"stage": stage, "stage_seconds": seconds[stage], "bare_seconds": bare.get(stage),
+             "stage_tokens_per_second": tokens / seconds[stage],
+             "ratio": bare[stage] / seconds[stage] if stage in bare else None}
+            for stage in ("generate", "score", "train")
+        ],
+        "io": io_costs(config, 1, seconds),
+    }
+    shutil.rmtree(runs, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "efficiency.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "efficiency.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Stage efficiency (toy world, hf engine, epoch 1 of a fresh run)",
+        "",
+        f"{result['date']}, {result['machine']}; {', '.join(f'{k} {v}' for k, v in result['versions'].items())}. "
+        f"{result['samples']} samples, {result['completion_tokens']} completion tokens. `python bench/efficiency.py`.",
+        "",
+        "| stage | stage s | tokens/s | bare model work s | bare / stage |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for s in result["stages"]:
+        bare = "" if s["bare_seconds"] is None else f"{s['bare_seconds']:.3f}"
+        ratio = "" if s["ratio"] is None else f"{s['ratio']:.2f}"
+        lines.append(f"| {s['stage']} | {s['stage_seconds']:.3f} | {s['stage_tokens_per_second']:.0f} | {bare} | {ratio} |")
+    lines += ["", "| dataset | rows | write s | read s | I/O share of its stage | zstd bytes | uncompressed bytes |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for io in result["io"]:
+        lines.append(f"| {io['dataset']} | {io['rows']} | {io['write_seconds']:.4f} | {io['read_seconds']:.4f} "
+                     f"| {io['share_of_stage']:.1%} | {io['zstd_bytes']} | {io['uncompressed_bytes']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

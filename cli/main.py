@@ -85,11 +85,14 @@ def generate(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, override
 
 @app.command()
 def score(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
-          run: Optional[str] = RunOpt):
-    """The teacher's logprob of every sampled token -> <epoch>/scored."""
+          run: Optional[str] = RunOpt,
+          top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help=(
+              "Also store the teacher's K most likely tokens per position, for train's top-k divergences "
+              "(same as --set score.top_k=K; part of the run's config)."))):
+    """The teacher's logprob of every sampled token (and optionally its top-k) -> <epoch>/scored."""
     from kd.stages import score as stage
 
-    run_stage(stage, epoch, config, overrides, run)
+    run_stage(stage, epoch, config, [*(overrides or []), *([f"score.top_k={top_k}"] if top_k is not None else [])], run)
 
 
 @app.command()

@@ -69,6 +69,16 @@ def test_config_change_on_existing_run_is_refused(config_file, tmp_path):
     assert datasets_io.is_complete(tmp_path / "runs" / "t" / "0000" / "scored")
     extended = kd("generate", "--config", str(config), "--epoch", "0", "--set", "epochs=7")
     assert extended.returncode == 0, extended.stderr  # more epochs is the same run, extended
+    top_k = kd("score", "--run", "t", "--epoch", "0", "--top-k", "4", cwd=tmp_path)
+    assert top_k.returncode == 2 and "score.top_k" in top_k.stderr  # K is part of the run's config
+
+
+def test_score_top_k_option_starts_a_top_k_run(config_file, tmp_path):
+    config = config_file(epochs=1, **{"eval.every": 5, "eval.num_prompts": 4})
+    assert kd("generate", "--config", str(config), "--run", "k", "--epoch", "0", "--set", "score.top_k=4").returncode == 0
+    scored = kd("score", "--run", "k", "--epoch", "0", "--top-k", "4", cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    assert datasets_io.read_manifest(tmp_path / "runs" / "k" / "0000" / "scored")["stats"]["top_k"] == 4
 
 
 def test_cli_help_lists_every_command():

@@ -33,7 +33,11 @@ bench-engines:
     python bench/engines.py
 
 # Every benchmark, one after another (results in bench/results/, summary in BENCHMARKS.md)
-bench: bench-engines bench-topk bench-efficiency
+bench: bench-engines bench-topk bench-efficiency bench-offpolicy
+
+# On-policy (sampled token, top-8) vs off-policy (SFT on teacher samples) per teacher token -> bench/results/offpolicy.md
+bench-offpolicy:
+    python bench/offpolicy.py
 
 # Score and train stage wall time vs the bare model work inside, dataset I/O share -> bench/results/efficiency.md
 bench-efficiency:

@@ -1,0 +1,172 @@
+"""On-policy vs off-policy distillation vs none, against the teacher tokens each one costs (toy world).
+
+    python bench/offpolicy.py [--epochs 40] [--eval-every 5]        (just bench-offpolicy)
+
+- on-policy: `kd loop` with configs/toy.yaml (sampled-token objective), and once more with the
+  teacher's top-8 reverse KL instead (`score.top_k=8`, `train.kl_coef=0`, `train.topk_reverse_kl=1`).
+  Teacher tokens: the completion tokens the teacher scores (one prefill each).
+- off-policy: the classic baseline. Each epoch the teacher samples completions for the same 64
+  prompts x 4 samples that kd's generate would choose (T = 1), and the student's LoRA (same rank,
+  alpha, learning rate, warm-up, batch 128, AdamW) is fine-tuned on them with cross-entropy.
+  Teacher tokens: the completion tokens the teacher generates.
+- none: the student as built.
+Every policy is evaluated by `kd.stages.eval.evaluate` (256 held-out prompts). Writes
+bench/results/offpolicy.json and bench/results/offpolicy.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+ON_POLICY = {
+    "on-policy (kd)": ("bench-offpolicy-onpolicy", []),
+    "on-policy, top-8 reverse KL (kd)": (
+        "bench-offpolicy-onpolicy-top8", ["score.top_k=8", "train.kl_coef=0", "train.topk_reverse_kl=1"],
+    ),
+}
+
+
+def run_on_policy(run_id: str, overrides: list[str], epochs: int, eval_every: int) -> list[dict]:
+    shutil.rmtree(ROOT / "runs" / run_id, ignore_errors=True)
+    command = ["kd", "loop", "--config", str(ROOT / "configs" / "toy.yaml"), "--run", run_id,
+               "--set", f"epochs={epochs}", "--set", f"eval.every={eval_every}"]
+    for override in overrides:
+        command += ["--set", override]
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    records = [json.loads(line) for line in (ROOT / "runs" / run_id / "metrics.jsonl").read_text().splitlines()]
+    curve = []
+    for record in sorted((r for r in records if r["stage"] == "eval"), key=lambda r: r["epoch"]):
+        before = [r for r in records if r["epoch"] < record["epoch"]]
+        curve.append({
+            "epoch": record["epoch"],
+            "teacher_tokens": sum(r["completion_tokens"] for r in before if r["stage"] == "score"),
+            "train_seconds": sum(r["wall_seconds"] for r in before if r["stage"] in ("generate", "score", "train", "export-lora")),
+            "heldout_reverse_kl": record["heldout_reverse_kl"], "accuracy": record["accuracy"],
+        })
+    return curve
+
+
+def run_off_policy(epochs: int, eval_every: int) -> list[dict]:
+    import torch
+
+    from kd.stages import config as config_lib, loss as loss_lib, prompts as prompts_lib
+    from kd.stages.engines import SamplingParams
+    from kd.stages.eval import evaluate
+    from kd.stages.generate import sample_rows
+    from kd.stages.session import Session
+    from kd.stages.train import Collator, lr_factor, policy_model
+
+    config = config_lib.load(ROOT / "configs" / "toy.yaml")
+    cfg, gen = config.train, config.generate
+    teacher_as_sampler = dataclasses.replace(config, student=config.teacher)
+    work = Path(tempfile.mkdtemp(prefix="kd-bench-offpolicy-"))
+    model = policy_model(config, None).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    collate = Collator(model.config.pad_token_id or 0)
+    curve, teacher_tokens, seconds, step = [], 0, 0.0, 0
+    with Session(config, progress=False) as judge, Session(teacher_as_sampler, progress=False) as teacher:
+        for epoch in range(epochs + 1):
+            if epoch % eval_every == 0 or epoch == epochs:
+                adapter = work / f"epoch-{epoch}"
+                model.save_pretrained(adapter)
+                _, stats = evaluate(judge, adapter, epoch)
+                curve.append({"epoch": epoch, "teacher_tokens": teacher_tokens, "train_seconds": seconds,
+                              "heldout_reverse_kl": stats["heldout_reverse_kl"], "accuracy": stats["accuracy"]})
+                print(f"   off-policy {curve[-1]}", flush=True)
+            if epoch == epochs:
+                break
+            started = time.perf_counter()
+            chosen = prompts_lib.choose(teacher.prompts(gen.prompts, gen.max_new_tokens), gen.prompts_per_epoch,
+                                        config.seed, epoch)
+            rows = sample_rows(teacher, chosen, gen.samples_per_prompt, SamplingParams(gen.max_new_tokens, gen.temperature),
+                               f"train-{epoch}", epoch, None, f"teacher samples, epoch {epoch}")
+            teacher_tokens += sum(len(r["completion_token_ids"]) for r in rows)
+            examples = [{"input_ids": r["prompt_token_ids"] + r["completion_token_ids"],
+                         "prompt_length": len(r["prompt_token_ids"]),
+                         **{name: [0.0] * len(r["completion_token_ids"])
+                            for name in ("sampler_logprobs", "teacher_logprobs", "advantages")}}
+                        for r in rows if r["completion_token_ids"]]
+            for start in range(0, len(examples), cfg.batch_size):
+                batch = collate(examples[start : start + cfg.batch_size])
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.learning_rate * lr_factor(step, cfg, epochs * 2)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                mask = batch["shift_labels"] != -100
+                logprobs = loss_lib.token_logprobs(logits, batch["shift_labels"].clamp(min=0))
+                (-logprobs[mask].mean()).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                step += 1
+            seconds += time.perf_counter() - started
+    shutil.rmtree(work, ignore_errors=True)
+    return curve
+
+
+def tokens_to_reach(curve: list[dict], kl: float) -> int | None:
+    return next((p["teacher_tokens"] for p in curve if p["heldout_reverse_kl"] <= kl), None)
+
+
+def markdown(result: dict) -> str:
+    off = result["curves"]["off-policy (SFT on teacher samples)"]
+    target = off[-1]["heldout_reverse_kl"]
+    lines = [
+        "# On-policy vs off-policy distillation (toy world)",
+        "",
+        f"{result['date']}, {result['machine']}. `python bench/offpolicy.py --epochs {result['epochs']} "
+        f"--eval-every {result['eval_every']}`; 64 prompts x 4 samples per epoch, LoRA rank 16, lr 1e-3 for both.",
+        "",
+        f"No distillation: held-out reverse KL {off[0]['heldout_reverse_kl']:.4f}, accuracy {off[0]['accuracy']:.1%}.",
+        "",
+        f"| run | final KL | final accuracy | teacher tokens | teacher tokens to reach off-policy's final KL ({target:.4f}) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, curve in result["curves"].items():
+        reach = tokens_to_reach(curve, target)
+        share = "not reached" if reach is None else f"{reach} ({reach / off[-1]['teacher_tokens']:.0%} of off-policy's)"
+        lines.append(f"| {name} | {curve[-1]['heldout_reverse_kl']:.4f} | {curve[-1]['accuracy']:.1%} "
+                     f"| {curve[-1]['teacher_tokens']} | {share} |")
+    lines += [
+        "",
+        "| run | epoch | teacher tokens | training s | held-out KL | accuracy |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, curve in result["curves"].items():
+        for p in curve:
+            lines.append(f"| {name} | {p['epoch']} | {p['teacher_tokens']} | {p['train_seconds']:.1f} "
+                         f"| {p['heldout_reverse_kl']:.4f} | {p['accuracy']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import os
+    import platform
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--eval-every", type=int, default=5)
+    options = parser.parse_args()
+    if not (ROOT / "runs" / "toy-world" / "toy.json").is_file():
+        subprocess.run(["kd", "toy"], cwd=ROOT, check=True)
+    curves = {name: run_on_policy(run_id, overrides, options.epochs, options.eval_every)
+              for name, (run_id, overrides) in ON_POLICY.items()}
+    curves["off-policy (SFT on teacher samples)"] = run_off_policy(options.epochs, options.eval_every)
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
+              "epochs": options.epochs, "eval_every": options.eval_every, "curves": curves}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "offpolicy.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "offpolicy.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

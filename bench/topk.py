@@ -137,8 +137,8 @@ def run_trl(budget_seconds: float, eval_every: int) -> list[dict]:
                                target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"),
         callbacks=[EvalAndBudget()],
     )
-    trainer.train()
-    session.close()
+    with session:  # closes the evaluation engines even when training fails
+        trainer.train()
     shutil.rmtree(work, ignore_errors=True)
     return curve
 

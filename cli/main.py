@@ -7,6 +7,7 @@ and writes one dataset directory there.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -32,6 +33,12 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: the
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config field, e.g. --set train.learning_rate=1e-4 (repeatable).")
 RunOpt = typer.Option(None, "--run", help="Run id (overrides run_id in the config).")
 EpochOpt = typer.Option(..., "--epoch", "-e", min=0, help="Epoch whose datasets the stage reads and writes.")
+ShardOpt = typer.Option(None, "--shard", min=0, help=(
+    "Which shard of the epoch's rows this process writes (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN "
+    "in an array job, else 0)."))
+NumShardsOpt = typer.Option(None, "--num-shards", min=1, help=(
+    "Split the stage over this many processes, each writing its own part (default: $SLURM_ARRAY_TASK_COUNT "
+    "in an array job, else 1). The dataset is complete when every shard is."))
 
 
 def resolve_config(config: Optional[Path], overrides: Optional[List[str]], run_id: Optional[str]):
@@ -49,13 +56,17 @@ def resolve_config(config: Optional[Path], overrides: Optional[List[str]], run_i
 
 
 def run_stage(stage, epoch: int, config, overrides, run_id, **options) -> None:
-    """Resolve the config, check it against the run's, and run one stage holding the run's lock."""
+    """Resolve the config, check it against the run's, and run one stage holding the run's lock
+    (shared by the shards of a sharded stage; only rank 0 of a multi-process `kd train` takes it)."""
     from kd.stages import run as run_lib
 
     resolved = resolve_config(config, overrides, run_id)
     with run_lib.new_run_removed_on_failure(resolved):
         run_lib.prepare(resolved)
-        with run_lib.locked(resolved.run_dir):
+        if int(os.environ.get("RANK", "0")) > 0:  # accelerate/torchrun rank > 0: rank 0 holds the lock and writes
+            stage.run(resolved, epoch, **options)
+            return
+        with run_lib.locked(resolved.run_dir, shared=options.get("num_shards", 1) > 1):
             typer.echo(stage.run(resolved, epoch, **options))
 
 
@@ -76,11 +87,12 @@ def toy(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = Set
 
 @app.command()
 def generate(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
-             run: Optional[str] = RunOpt):
+             run: Optional[str] = RunOpt, shard: Optional[int] = ShardOpt, num_shards: Optional[int] = NumShardsOpt):
     """The student (base + previous epoch's adapter) samples completions -> <epoch>/rollouts."""
-    from kd.stages import generate as stage
+    from kd.stages import generate as stage, shards
 
-    run_stage(stage, epoch, config, overrides, run)
+    shard, num_shards = shards.from_env(shard, num_shards)
+    run_stage(stage, epoch, config, overrides, run, shard=shard, num_shards=num_shards)
 
 
 @app.command()
@@ -88,11 +100,14 @@ def score(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: 
           run: Optional[str] = RunOpt,
           top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help=(
               "Also store the teacher's K most likely tokens per position, for train's top-k divergences "
-              "(same as --set score.top_k=K; part of the run's config)."))):
+              "(same as --set score.top_k=K; part of the run's config).")),
+          shard: Optional[int] = ShardOpt, num_shards: Optional[int] = NumShardsOpt):
     """The teacher's logprob of every sampled token (and optionally its top-k) -> <epoch>/scored."""
-    from kd.stages import score as stage
+    from kd.stages import score as stage, shards
 
-    run_stage(stage, epoch, config, [*(overrides or []), *([f"score.top_k={top_k}"] if top_k is not None else [])], run)
+    shard, num_shards = shards.from_env(shard, num_shards)
+    overrides = [*(overrides or []), *([f"score.top_k={top_k}"] if top_k is not None else [])]
+    run_stage(stage, epoch, config, overrides, run, shard=shard, num_shards=num_shards)
 
 
 @app.command()

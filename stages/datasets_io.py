@@ -44,7 +44,7 @@ def staging_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        if not _alive(int(stale.name.split("-")[-2])):  # staged by a writer that was killed
+        if not pid_alive(int(stale.name.split("-")[-2])):  # staged by a writer that was killed
             shutil.rmtree(stale, ignore_errors=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -63,7 +63,7 @@ def staging_dir(target: Path) -> Iterator[Path]:
 FAULT_POINTS = ("start", "files", "manifest", "staged")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -119,7 +119,9 @@ def write_dataset(
         if write_files is not None:
             write_files(tmp)
         rows = table.num_rows if table is not None else 0
-        return write_manifest(tmp, kind, rows, stage_config, stable_hash(stage_config), inputs, stats, started, out)
+        return write_manifest(
+            tmp, kind, rows, stage_config, stable_hash(stage_config), inputs, stats, time.time() - started, out
+        )
 
 
 def sha256_file(path: Path) -> str:
@@ -138,11 +140,12 @@ def write_manifest(
     config_hash: str,
     inputs: list[Path],
     stats: dict[str, Any],
-    started: float,
+    wall_seconds: float,
     target: Path | None = None,
 ) -> dict:
     """Describe every file already in `directory`; written last, it marks the dataset complete.
-    `target`: the final place of a staged `directory` (names its fault-injection point)."""
+    `target`: the final place of a staged `directory` (names its fault-injection point).
+    `wall_seconds`: the stage's time; for a sharded dataset the sum over its shards (worker seconds)."""
     from kd.stages import __version__
 
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -158,7 +161,7 @@ def write_manifest(
         "config_hash": config_hash,
         "inputs": [{"path": str(path), "manifest_sha256": manifest_hash(path)} for path in inputs],
         "kd_version": __version__,
-        "wall_seconds": round(time.time() - started, 3),
+        "wall_seconds": round(wall_seconds, 3),
         "stats": stats,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -193,7 +196,9 @@ def require(directory: Path, kind: DatasetKind, hint: str) -> dict:
     """The manifest of an input dataset, or a one-line error saying what to run first."""
     manifest = read_manifest(directory)
     if manifest is None:
-        raise KdError(f"{directory}: no complete {kind.name} dataset here; {hint}")
+        from kd.stages.shards import missing_message
+
+        raise KdError(missing_message(Path(directory), kind) or f"{directory}: no complete {kind.name} dataset here; {hint}")
     if manifest["kind"] != kind.name:
         raise KdError(f"{directory}: holds a {manifest['kind']} dataset, expected {kind.name}")
     if manifest["schema_version"] != kind.version:
@@ -215,7 +220,11 @@ def require(directory: Path, kind: DatasetKind, hint: str) -> dict:
 
 def read_table(directory: Path, kind: DatasetKind, hint: str = "run the stage that writes it first") -> pa.Table:
     manifest = require(directory, kind, hint)
-    parts = sorted(f["path"] for f in manifest["files"] if f["path"].endswith(".arrow"))
+    return read_parts(directory, kind, sorted(f["path"] for f in manifest["files"] if f["path"].endswith(".arrow")))
+
+
+def read_parts(directory: Path, kind: DatasetKind, parts: list[str]) -> pa.Table:
+    """The named Arrow parts of `directory`, concatenated in the given order, schema checked."""
     tables = []
     for part in parts:
         with pa.memory_map(str(Path(directory) / part)) as source:

@@ -10,12 +10,11 @@ logprob that the train stage's importance ratio divides by.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pyarrow as pa
 
-from kd.stages import datasets_io, prompts as prompts_lib, run as run_lib
+from kd.stages import datasets_io, prompts as prompts_lib, run as run_lib, shards
 from kd.stages.config import Config
 from kd.stages.engines import SamplingParams, sample_seed
 from kd.stages.progress import bar
@@ -59,32 +58,40 @@ def sample_rows(
     ]
 
 
-def run(config: Config, epoch: int, session: Session | None = None) -> Path:
+def rollout_stats(table: pa.Table, wall_seconds: float) -> dict:
+    completions = table.column("completion_token_ids").to_pylist()
+    tokens = sum(map(len, completions))
+    checked = [c for c in table.column("correct").to_pylist() if c is not None]
+    return {
+        "completion_tokens": tokens,
+        "tokens_per_second": tokens / max(wall_seconds, 1e-9),
+        "mean_sampler_logprob": sum(map(sum, table.column("sampler_logprobs").to_pylist())) / max(tokens, 1),
+        "truncated_fraction": sum(r == "length" for r in table.column("finish_reason").to_pylist()) / max(len(table), 1),
+        "accuracy": sum(checked) / len(checked) if checked else None,
+    }
+
+
+def run(config: Config, epoch: int, session: Session | None = None, shard: int = 0, num_shards: int = 1) -> Path:
+    """Write <epoch>/rollouts, or shard `shard` of `num_shards` of it (see kd.stages.shards)."""
     out = run_lib.stage_dir(config, epoch, "rollouts")
     if datasets_io.is_complete(out):
         return out
-    datasets_io.fault_point(out, "start")
-    with using(config, session) as session:
-        started = time.time()
-        cfg = config.generate
-        adapter = run_lib.policy_adapter(config, epoch)
-        inputs = [adapter] if adapter is not None else []
-        chosen = prompts_lib.choose(session.prompts(cfg.prompts, cfg.max_new_tokens), cfg.prompts_per_epoch, config.seed, epoch)
-        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
-        rows = sample_rows(
-            session, chosen, cfg.samples_per_prompt, params, f"train-{epoch}", epoch, adapter, f"generate epoch {epoch}"
-        )
-        table = pa.Table.from_pylist(rows, schema=ROLLOUTS.schema)
-        tokens = sum(len(r["completion_token_ids"]) for r in rows)
-        checked = [r["correct"] for r in rows if r["correct"] is not None]
-        stats = {
-            "completion_tokens": tokens,
-            "tokens_per_second": tokens / max(time.time() - started, 1e-9),
-            "mean_sampler_logprob": sum(sum(r["sampler_logprobs"]) for r in rows) / max(tokens, 1),
-            "truncated_fraction": sum(r["finish_reason"] == "length" for r in rows) / len(rows),
-            "accuracy": sum(checked) / len(checked) if checked else None,
-        }
-        stage_config = {"seed": config.seed, "student": config.student, "generate": config.to_dict()["generate"]}
-        datasets_io.write_dataset(out, ROLLOUTS, table, stage_config, inputs, stats, started)
-        run_lib.log_metrics(config, {"epoch": epoch, "stage": "generate", "wall_seconds": time.time() - started, **stats})
-        return out
+    cfg = config.generate
+    adapter = run_lib.policy_adapter(config, epoch)
+
+    def produce(select) -> pa.Table:
+        with using(config, session) as own:
+            chosen = prompts_lib.choose(own.prompts(cfg.prompts, cfg.max_new_tokens), cfg.prompts_per_epoch, config.seed, epoch)
+            chosen = chosen[select(len(chosen))]
+            params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+            where = f" shard {shard}/{num_shards}" if num_shards > 1 else ""
+            rows = sample_rows(own, chosen, cfg.samples_per_prompt, params, f"train-{epoch}", epoch, adapter,
+                               f"generate epoch {epoch}{where}")
+            return pa.Table.from_pylist(rows, schema=ROLLOUTS.schema)
+
+    stage_config = {"seed": config.seed, "student": config.student, "generate": config.to_dict()["generate"]}
+    manifest = shards.write(out, ROLLOUTS, shard, num_shards, stage_config, [adapter] if adapter else [], produce, rollout_stats)
+    if manifest is not None:
+        run_lib.log_metrics(config, {"epoch": epoch, "stage": "generate", "wall_seconds": manifest["wall_seconds"],
+                                     **manifest["stats"]})
+    return out

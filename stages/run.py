@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ def new_run_removed_on_failure(config: Config) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        finished_work = any(config.run_dir.glob("*/*/manifest.json"))
+        finished_work = any(config.run_dir.glob("*/*/manifest.json")) or any(config.run_dir.glob("*/*/_shards/*.json"))
         if created and config.run_dir.exists() and not finished_work:
             shutil.rmtree(config.run_dir, ignore_errors=True)
         raise
@@ -76,7 +77,7 @@ def prepare(config: Config, overwrite: bool = False) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     text = config_lib.to_yaml(config)
     if not saved.is_file() or saved.read_text() != text:  # new run, or a longer one (epochs grew)
-        tmp = run_dir / "config.yaml.tmp"
+        tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"  # array tasks may start a run together
         tmp.write_text(text)
         tmp.replace(saved)
     return run_dir
@@ -96,12 +97,16 @@ def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 @contextlib.contextmanager
-def locked(run_dir: Path) -> Iterator[None]:
-    """Serialise writers of one run; the kernel drops the lock when its holder dies."""
+def locked(run_dir: Path, shared: bool = False) -> Iterator[None]:
+    """Serialise writers of one run; the kernel drops the lock when its holder dies.
+
+    Shards of one stage (array tasks) run side by side: they hold the lock shared, and each its own
+    shard lock (kd.stages.shards), so an unsharded writer such as `kd loop` still excludes them all.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as handle:
+    with open(run_dir / ".lock", "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise KdError(f"{run_dir}: another kd process is writing this run; wait for it to finish") from None
         yield

@@ -11,13 +11,12 @@ text than the student wrote; that is checked before the teacher is loaded.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from kd.stages import datasets_io, run as run_lib
+from kd.stages import datasets_io, run as run_lib, shards
 from kd.stages.config import Config
 from kd.stages.engines import Scores
 from kd.stages.progress import bar
@@ -57,29 +56,37 @@ def with_top_k(table: pa.Table, scores: list[Scores]) -> pa.Table:
     return table.append_column("teacher_top_ids", ids).append_column("teacher_top_logprobs", logprobs)
 
 
-def top_k_mass(scores: list[Scores]) -> float | None:
-    """Mean teacher probability mass inside the top-K, over completion positions (None without top-k)."""
-    masses = [np.exp(s.top_logprobs.astype(np.float64)).sum(-1) for s in scores if s.top_logprobs.size]
-    return float(np.concatenate(masses).mean()) if masses else None
+def scored_stats(table: pa.Table, wall_seconds: float, top_k: int) -> dict:
+    teacher = [np.asarray(q) for q in table.column("teacher_logprobs").to_pylist()]
+    stats = kl_stats(table.column("sampler_logprobs").to_pylist(), teacher)
+    stats["tokens_per_second"] = stats["completion_tokens"] / max(wall_seconds, 1e-9)
+    stats["top_k"] = top_k
+    # Mean teacher probability mass inside the top-K, over completion positions (None without top-k).
+    top = table.column("teacher_top_logprobs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    stats["top_k_mass"] = float(np.exp(top.astype(np.float64)).sum() / stats["completion_tokens"]) if top_k and len(top) else None
+    return stats
 
 
-def run(config: Config, epoch: int, session: Session | None = None) -> Path:
+def run(config: Config, epoch: int, session: Session | None = None, shard: int = 0, num_shards: int = 1) -> Path:
+    """Write <epoch>/scored, or shard `shard` of `num_shards` of it (see kd.stages.shards)."""
     out = run_lib.stage_dir(config, epoch, "scored")
     if datasets_io.is_complete(out):
         return out
-    datasets_io.fault_point(out, "start")
-    with using(config, session) as session:
-        started = time.time()
-        source = run_lib.stage_dir(config, epoch, "rollouts")
+    source = run_lib.stage_dir(config, epoch, "rollouts")
+
+    def produce(select) -> pa.Table:
         rollouts = datasets_io.read_table(source, ROLLOUTS, f"run `kd generate --epoch {epoch}` first")
-        scores = teacher_scores(session, rollouts, f"score epoch {epoch}", config.score.top_k)
-        logprobs = [s.logprobs for s in scores]
-        stats = kl_stats(rollouts.column("sampler_logprobs").to_pylist(), logprobs)
-        stats["tokens_per_second"] = stats["completion_tokens"] / max(time.time() - started, 1e-9)
-        stats["top_k"] = config.score.top_k
-        stats["top_k_mass"] = top_k_mass(scores)
-        stage_config = {"teacher": config.teacher, "score": config.to_dict()["score"]}
-        table = with_top_k(with_teacher(rollouts, logprobs), scores)
-        datasets_io.write_dataset(out, SCORED, table, stage_config, [source], stats, started)
-        run_lib.log_metrics(config, {"epoch": epoch, "stage": "score", "wall_seconds": time.time() - started, **stats})
-        return out
+        rows = select(len(rollouts))
+        rollouts = rollouts.slice(rows.start, rows.stop - rows.start)
+        with using(config, session) as own:
+            where = f" shard {shard}/{num_shards}" if num_shards > 1 else ""
+            scores = teacher_scores(own, rollouts, f"score epoch {epoch}{where}", config.score.top_k)
+        return with_top_k(with_teacher(rollouts, [s.logprobs for s in scores]), scores)
+
+    stage_config = {"teacher": config.teacher, "score": config.to_dict()["score"]}
+    manifest = shards.write(out, SCORED, shard, num_shards, stage_config, [source], produce,
+                            lambda table, seconds: scored_stats(table, seconds, config.score.top_k))
+    if manifest is not None:
+        run_lib.log_metrics(config, {"epoch": epoch, "stage": "score", "wall_seconds": manifest["wall_seconds"],
+                                     **manifest["stats"]})
+    return out

@@ -1,0 +1,126 @@
+"""A real single-node Slurm for the tests and the Slurm benchmark: munged, slurmctld and slurmd from
+Debian's slurm-wlm, on this host, with state, logs and ports of their own (nothing in /etc/slurm).
+
+    with LocalSlurm(tmp_dir) as cluster:        # cluster.env: SLURM_CONF for sbatch, squeue, kd slurm
+        subprocess.run(["sbatch", ...], env={**os.environ, **cluster.env})
+
+No cgroups: ProctrackType=proctrack/linuxproc and TaskPlugin=task/none run in a container without
+systemd. Jobs run as the submitting user with its environment (sbatch's default --export=ALL).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+
+
+def missing_binaries() -> list[str]:
+    found = {name: shutil.which(name) or (Path("/usr/sbin") / name).is_file() for name in (*DAEMONS, "sbatch", "squeue")}
+    return [name for name, ok in found.items() if not ok]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def munge_running() -> bool:
+    try:
+        encoded = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
+        return encoded.returncode == 0 and subprocess.run(["unmunge"], input=encoded.stdout, capture_output=True,
+                                                          timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def start_munge() -> None:
+    """munged as the munge user (it refuses root), with the key the Debian package generated."""
+    if munge_running():
+        return
+    Path("/run/munge").mkdir(parents=True, exist_ok=True)
+    shutil.chown("/run/munge", "munge", "munge")
+    subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True, timeout=30)
+    for _ in range(50):
+        if munge_running():
+            return
+        time.sleep(0.1)
+    raise RuntimeError("munged did not start")
+
+
+class LocalSlurm:
+    def __init__(self, root: Path, cpus: int | None = None):
+        self.root = Path(root)
+        self.cpus = cpus or os.cpu_count() or 1
+        self.node = socket.gethostname().split(".")[0]
+        self.conf = self.root / "slurm.conf"
+        self.env = {"SLURM_CONF": str(self.conf)}
+        self.processes: list[subprocess.Popen] = []
+
+    def write_conf(self) -> None:
+        for folder in ("state", "spool", "log"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        memory_mb = int(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 * 0.8)
+        lines = {
+            "ClusterName": "kdtest", "SlurmctldHost": f"{self.node}(127.0.0.1)",
+            "SlurmctldPort": free_port(), "SlurmdPort": free_port(),
+            "SlurmUser": "root", "SlurmdUser": "root", "AuthType": "auth/munge",
+            "StateSaveLocation": self.root / "state", "SlurmdSpoolDir": self.root / "spool",
+            "SlurmctldPidFile": self.root / "slurmctld.pid", "SlurmdPidFile": self.root / "slurmd.pid",
+            "SlurmctldLogFile": self.root / "log" / "slurmctld.log", "SlurmdLogFile": self.root / "log" / "slurmd.log",
+            "ProctrackType": "proctrack/linuxproc", "TaskPlugin": "task/none", "MpiDefault": "none",
+            "JobAcctGatherType": "jobacct_gather/none", "AccountingStorageType": "accounting_storage/none",
+            "SelectType": "select/cons_tres", "SelectTypeParameters": "CR_CPU",
+            "SchedulerType": "sched/backfill", "ReturnToService": 2,
+            # Finished jobs stay visible to scontrol (start/end times for the overhead measurement).
+            "MinJobAge": 600, "SchedulerParameters": "sched_interval=1", "MessageTimeout": 30,
+            "PlugStackConfig": self.root / "plugstack.conf",
+        }
+        text = "".join(f"{key}={value}\n" for key, value in lines.items())
+        text += (f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={memory_mb} State=UNKNOWN\n"
+                 "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n")
+        (self.root / "plugstack.conf").write_text("")
+        self.conf.write_text(text)
+
+    def start(self) -> "LocalSlurm":
+        start_munge()
+        self.write_conf()
+        env = {**os.environ, **self.env}
+        for daemon in ("slurmctld", "slurmd"):
+            log = open(self.root / "log" / f"{daemon}.stderr", "w")
+            # -D: foreground, so the daemon is our child and dies with stop(); -i: ignore stale state.
+            args = [f"/usr/sbin/{daemon}", "-D", "-f", str(self.conf)] + (["-i"] if daemon == "slurmctld" else [])
+            self.processes.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
+            if state.returncode == 0 and state.stdout.strip() in ("idle", "mixed", "allocated"):
+                return self
+            if any(p.poll() is not None for p in self.processes):
+                break
+            time.sleep(0.5)
+        logs = " | ".join((self.root / "log" / f"{d}.stderr").read_text()[-500:] for d in ("slurmctld", "slurmd"))
+        self.stop()
+        raise RuntimeError(f"Slurm did not come up: {logs}")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.processes = []
+
+    def __enter__(self) -> "LocalSlurm":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

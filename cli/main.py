@@ -7,6 +7,7 @@ and writes one dataset directory there.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -56,17 +57,23 @@ def resolve_config(config: Optional[Path], overrides: Optional[List[str]], run_i
 
 
 def run_stage(stage, epoch: int, config, overrides, run_id, **options) -> None:
-    """Resolve the config, check it against the run's, and run one stage holding the run's lock
-    (shared by the shards of a sharded stage; only rank 0 of a multi-process `kd train` takes it)."""
-    from kd.stages import run as run_lib
+    """Resolve the config, check it against the run's, and run one stage holding the run's lock shared
+    (stages of one run may run side by side, as Slurm jobs do; `kd loop` holds it exclusively) and
+    the lock of what it writes (its shard's, taken by the stage itself, for generate and score).
+    Only rank 0 of a multi-process `kd train` takes locks: it is the one that writes."""
+    from contextlib import nullcontext
+
+    from kd.stages import run as run_lib, shards
 
     resolved = resolve_config(config, overrides, run_id)
     with run_lib.new_run_removed_on_failure(resolved):
         run_lib.prepare(resolved)
-        if int(os.environ.get("RANK", "0")) > 0:  # accelerate/torchrun rank > 0: rank 0 holds the lock and writes
+        if int(os.environ.get("RANK", "0")) > 0:
             stage.run(resolved, epoch, **options)
             return
-        with run_lib.locked(resolved.run_dir, shared=options.get("num_shards", 1) > 1):
+        name = stage.__name__.rsplit(".", 1)[1]
+        own_lock = nullcontext() if "num_shards" in options else shards.lock(resolved.run_dir, f"{epoch:04d}-{name}", blocking=False)
+        with run_lib.locked(resolved.run_dir, shared=True), own_lock:
             typer.echo(stage.run(resolved, epoch, **options))
 
 
@@ -147,6 +154,55 @@ def loop(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = Se
     resolved = resolve_config(config, overrides, run)
     with run_lib.new_run_removed_on_failure(resolved):
         stage.run(resolved, overwrite=overwrite)
+
+
+@app.command()
+def slurm(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, run: Optional[str] = RunOpt,
+          resources: Optional[Path] = typer.Option(None, "--resources", help=(
+              "YAML whose `slurm:` section replaces the config's (e.g. configs/slurm/cluster.yaml).")),
+          dry_run: bool = typer.Option(False, "--dry-run", help="Print the sbatch scripts and dependencies; submit nothing."),
+          wait: bool = typer.Option(False, "--wait", help="Block until the run's jobs leave the queue; exit 1 unless all finished.")):
+    """Submit the loop to Slurm: per epoch generate and score as array jobs, then train, export-lora
+    (and eval), chained with --dependency=afterok. Re-running submits only what is missing."""
+    import yaml
+
+    from kd.stages import run as run_lib, slurm as stage, status
+
+    if resources is not None:
+        try:
+            section = (yaml.safe_load(resources.read_text()) or {}).get("slurm")
+        except (OSError, yaml.YAMLError, AttributeError) as err:
+            raise KdError(f"{resources}: cannot read a `slurm:` section ({str(err).splitlines()[0]})") from None
+        if not isinstance(section, dict):
+            raise KdError(f"{resources}: no `slurm:` mapping in the file; see configs/slurm/cluster.yaml")
+        overrides = [*(overrides or []), f"slurm={json.dumps(section)}"]
+    resolved = resolve_config(config, overrides, run)
+    with run_lib.new_run_removed_on_failure(resolved):
+        if not dry_run:
+            run_lib.prepare(resolved)  # the jobs read this config.yaml
+        jobs = stage.plan(resolved)
+        if dry_run:
+            for job in jobs:
+                after = f" --dependency=afterok:{':'.join('<' + key + '>' for key in job.after)}" if job.after else ""
+                typer.echo(f"# <{job.key}>: sbatch --kill-on-invalid-dep=yes{after} {job.name}.sbatch\n{job.script}")
+            typer.echo(f"{len(jobs)} jobs (dry run: nothing submitted)")
+            return
+        ids = stage.submit(resolved, jobs)
+        typer.echo(f"submitted {len(ids)} jobs for {resolved.run_dir}: " + " ".join(f"{k}={v}" for k, v in ids.items()))
+    if wait and jobs:
+        stage.wait(resolved)
+        rows = status.run(resolved.run_dir)
+        if not all(value.startswith("done") for row in rows for value in row.values() if isinstance(value, str) and value):
+            raise KdError(f"{resolved.run_dir}: some jobs did not finish (logs in {resolved.run_dir / 'slurm' / 'logs'}); "
+                          "fix the cause and run `kd slurm` again to submit what is missing")
+
+
+@app.command()
+def status(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/toy.")):
+    """Per epoch and stage: done, shards done / being written, queued or running in Slurm, or missing."""
+    from kd.stages import status as stage
+
+    stage.run(run_dir)
 
 
 @app.command()

@@ -124,9 +124,11 @@ class TrainConfig:
     lora_rank, lora_alpha, lora_dropout, lora_target_modules: the PEFT LoRA adapter.
     learning_rate, lr_scheduler, warmup_steps, weight_decay: AdamW; the schedule runs over the
         optimiser steps of the whole run (epochs x steps per epoch), not restarted each epoch.
-    batch_size: sequences per device per micro-batch; grad_accum: micro-batches per optimiser step.
+    batch_size: sequences per micro-batch, over all processes (each of K processes of
+        `accelerate launch` takes batch_size / K); grad_accum: micro-batches per optimiser step. The
+        effective batch, batch_size x grad_accum, is the same whatever the number of processes.
     passes: passes over each epoch's scored samples (optimiser steps per epoch =
-        passes x ceil(samples / (batch_size x grad_accum x processes))).
+        passes x ceil(samples / (batch_size x grad_accum))).
     max_grad_norm: gradient clipping (0: off).
     kl_coef: advantage A_t = -kl_coef (s_t - q_t) (+ reward_coef x task reward, discounted by gamma):
         the sampled-token policy-gradient term (0 with reward_coef 0: off).
@@ -213,6 +215,57 @@ class EvalConfig:
 
 
 @dataclass
+class SlurmJob:
+    """Resources of one stage's Slurm job (see configs/slurm/).
+
+    tasks: array tasks (shards) for generate and score; processes (one per GPU) for train; 1 otherwise.
+    gpus: GPUs per task (--gres=gpu:N; 0: none); cpus: --cpus-per-task; mem: --mem (e.g. 16G);
+    time: --time limit (e.g. 02:00:00).
+    """
+
+    tasks: int = 1
+    gpus: int = 0
+    cpus: int = 1
+    mem: str = "4G"
+    time: str = "01:00:00"
+
+    def __post_init__(self) -> None:
+        _check(self.tasks > 0, "slurm.<stage>.tasks", "must be > 0")
+        _check(self.gpus >= 0, "slurm.<stage>.gpus", "must be >= 0")
+        _check(self.cpus > 0, "slurm.<stage>.cpus", "must be > 0")
+
+
+@dataclass
+class SlurmConfig:
+    """How `kd slurm` submits the epoch chain. None of it changes results, so it is not part of the
+    run's fingerprint: a run can move between clusters or resource shapes.
+
+    template: sbatch script template (string.Template; empty: the packaged configs/slurm/stage.sbatch).
+    partition, account: --partition / --account (empty: the cluster's default).
+    setup: shell lines run before kd in every job (module load, venv activation, ...).
+    accelerate_config: `accelerate launch --config_file` for train with tasks > 1 (e.g.
+        configs/accelerate/ddp.yaml, fsdp.yaml, deepspeed-zero2.yaml); empty: plain DDP, one process
+        per task (gloo on CPU).
+    generate, score, train, export_lora, eval: each stage's job resources.
+    """
+
+    template: str = ""
+    partition: str = ""
+    account: str = ""
+    setup: str = ""
+    accelerate_config: str = ""
+    generate: SlurmJob = field(default_factory=lambda: SlurmJob(tasks=2))
+    score: SlurmJob = field(default_factory=lambda: SlurmJob(tasks=2))
+    train: SlurmJob = field(default_factory=SlurmJob)
+    export_lora: SlurmJob = field(default_factory=SlurmJob)
+    eval: SlurmJob = field(default_factory=SlurmJob)
+
+
+# Fields that say where a run lives, how long it is, or where it runs, never what it computes.
+NOT_RESULTS = ("epochs", "run_id", "runs_dir", "slurm")
+
+
+@dataclass
 class Config:
     """A whole run.
 
@@ -235,6 +288,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
@@ -250,11 +304,12 @@ class Config:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results. Left out: `epochs`, so a run can be extended, and
-        where the run lives (`run_id`, `runs_dir`), so a copied or moved run is the same run."""
+        """Hash of everything that changes results. Left out (NOT_RESULTS): `epochs`, so a run can be
+        extended; where the run lives (`run_id`, `runs_dir`), so a copied or moved run is the same run;
+        and the Slurm resources it is submitted with."""
         data = self.to_dict()
-        for where_or_how_long in ("epochs", "run_id", "runs_dir"):
-            data.pop(where_or_how_long)
+        for name in NOT_RESULTS:
+            data.pop(name)
         return stable_hash(data)
 
 

@@ -198,7 +198,7 @@ def require(directory: Path, kind: DatasetKind, hint: str) -> dict:
     if manifest is None:
         from kd.stages.shards import missing_message
 
-        raise KdError(missing_message(Path(directory), kind) or f"{directory}: no complete {kind.name} dataset here; {hint}")
+        raise KdError(missing_message(Path(directory), kind.name) or f"{directory}: no complete {kind.name} dataset here; {hint}")
     if manifest["kind"] != kind.name:
         raise KdError(f"{directory}: holds a {manifest['kind']} dataset, expected {kind.name}")
     if manifest["schema_version"] != kind.version:

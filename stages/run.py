@@ -86,7 +86,7 @@ def prepare(config: Config, overwrite: bool = False) -> Path:
 def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
-        if key in ("epochs", "run_id", "runs_dir") and not prefix:
+        if key in config_lib.NOT_RESULTS and not prefix:
             continue
         x, y = a.get(key), b.get(key)
         if isinstance(x, dict) and isinstance(y, dict):

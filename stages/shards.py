@@ -93,7 +93,10 @@ def lock(run_dir: Path, name: str, blocking: bool = True) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise KdError(f"{run_dir}: {name} is being written by another process; wait for it to finish") from None
+            raise KdError(
+                f"{run_dir}: another kd process is writing {name} of this run (it holds {folder / name}.lock); "
+                "wait for it to finish"
+            ) from None
         yield
 
 
@@ -123,12 +126,13 @@ def write(out: Path, kind: DatasetKind, shard: int, num_shards: int, stage_confi
     items (prompts, rollout rows) that this shard owns. `stats_of(table, wall_seconds)`: the
     manifest's stats, computed over the whole dataset.
     """
-    if num_shards == 1:
-        datasets_io.fault_point(out, "start")
-        started = time.time()
-        table = produce(lambda count: slice(0, count))
-        return datasets_io.write_dataset(out, kind, table, stage_config, inputs, stats_of(table, time.time() - started), started)
     with lock(out.parent.parent, shard_lock_name(out, shard, num_shards), blocking=False):
+        if num_shards == 1:
+            datasets_io.fault_point(out, "start")
+            started = time.time()
+            table = produce(lambda count: slice(0, count))
+            stats = stats_of(table, time.time() - started)
+            return datasets_io.write_dataset(out, kind, table, stage_config, inputs, stats, started)
         if shard not in read_markers(out, num_shards):  # else: a re-run of a finished array task
             datasets_io.fault_point(out, "start")
             started = time.time()
@@ -143,7 +147,7 @@ def write_part(out: Path, kind: DatasetKind, table: pa.Table, shard: int, num_sh
     remove_dead_writers_files(out)
     name = datasets_io.part_name(shard, num_shards)
     tmp = out / f".{name}.tmp-{os.getpid()}"
-    datasets_io.write_table(tmp, kind, table)
+    datasets_io.write_table(tmp, table, kind)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     datasets_io.fault_point(out, f"shard-{shard}:files")
@@ -194,12 +198,12 @@ def complete(out: Path, kind: DatasetKind, num_shards: int, stage_config: dict, 
         )
 
 
-def missing_message(out: Path, kind: DatasetKind) -> str | None:
+def missing_message(out: Path, kind_name: str) -> str | None:
     """Why a directory of shards is not a dataset yet, with the command that finishes it (None: no shards)."""
-    counts = layouts(out) if kind.name in COMMANDS and out.is_dir() else []
+    counts = layouts(out) if kind_name in COMMANDS and out.is_dir() else []
     if not counts:
         return None
-    command = f"{COMMANDS[kind.name]} --run {out.parent.parent.name} --epoch {int(out.parent.name)}"
+    command = f"{COMMANDS[kind_name]} --run {out.parent.parent.name} --epoch {int(out.parent.name)}"
     num_shards = counts[-1]
     missing = [s for s in range(num_shards) if s not in read_markers(out, num_shards)]
     if not missing:

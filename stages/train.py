@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -127,10 +128,25 @@ def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return 1.0 - progress if cfg.lr_scheduler == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def steps_per_epoch(config: Config, world_size: int) -> int:
+def steps_per_epoch(config: Config) -> int:
     samples = config.generate.prompts_per_epoch * config.generate.samples_per_prompt
-    per_step = config.train.batch_size * config.train.grad_accum * world_size
-    return config.train.passes * math.ceil(samples / per_step)
+    return config.train.passes * math.ceil(samples / (config.train.batch_size * config.train.grad_accum))
+
+
+def world_size() -> int:
+    """Processes of this training (accelerate launch / torchrun set WORLD_SIZE), known before Trainer starts them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def per_process_batch(cfg: TrainConfig, processes: int) -> int:
+    """Each process's share of a micro-batch: the effective batch (batch_size x grad_accum) does not
+    change with the number of processes, so neither do the results nor the learning-rate schedule."""
+    if cfg.batch_size % processes:
+        raise KdError(
+            f"config field train.batch_size: {cfg.batch_size} sequences do not split over {processes} processes; "
+            f"use a multiple of {processes}"
+        )
+    return cfg.batch_size // processes
 
 
 def policy_model(config: Config, previous_adapter: Path | None):
@@ -158,14 +174,14 @@ def make_trainer(config: Config, model, examples: list[dict], output_dir: Path, 
         cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     )
     args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size,
+        output_dir=str(output_dir), per_device_train_batch_size=per_process_batch(cfg, world_size()),
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.passes,
         max_grad_norm=cfg.max_grad_norm, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=config.seed + epoch,
         remove_unused_columns=False, bf16=use_bf16, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, disable_tqdm=not progress, average_tokens_across_devices=True,
     )
-    total_steps = config.epochs * steps_per_epoch(config, args.world_size)
+    total_steps = config.epochs * steps_per_epoch(config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if optimizer_state is not None:
@@ -185,19 +201,25 @@ def make_trainer(config: Config, model, examples: list[dict], output_dir: Path, 
 
 
 class StepRecorder(TrainerCallback):
-    """Collects one metrics row per optimiser step from the loss stats and Trainer's own logs."""
+    """Collects one metrics row per optimiser step from the loss stats and Trainer's own logs.
+
+    Under several processes each sees only its micro-batches: the sums are all-reduced at each log,
+    so the row describes the whole effective batch (rank 0 writes it).
+    """
+
+    SUMS = ("tokens", "kl", "entropy", "loss", "mismatch", "ratio", "clipped")
 
     def __init__(self, global_step: int):
         self.global_step = global_step
-        self.pending: list[loss_lib.PolicyLossStats] = []
-        self.kl_sum = self.entropy_sum = self.loss_sum = 0.0
+        self.sums = dict.fromkeys(self.SUMS, 0.0)
+        self.ratio_max = 0.0
         self.rows: list[dict] = []
 
     def add(self, stats: loss_lib.PolicyLossStats, kl_sum: float, entropy_sum: float, loss: float) -> None:
-        self.pending.append(stats)
-        self.kl_sum += kl_sum
-        self.entropy_sum += entropy_sum
-        self.loss_sum += loss
+        for name, value in zip(self.SUMS, (stats.tokens, kl_sum, entropy_sum, loss, stats.mismatch_sum,
+                                           stats.ratio_sum, stats.clipped)):
+            self.sums[name] += value
+        self.ratio_max = max(self.ratio_max, stats.ratio_max)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         for name, parameter in model.named_parameters():
@@ -208,20 +230,25 @@ class StepRecorder(TrainerCallback):
                 )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self.pending or logs is None or "learning_rate" not in logs:
+        if not self.sums["tokens"] or logs is None or "learning_rate" not in logs:
             return
-        tokens = max(sum(s.tokens for s in self.pending), 1)
+        sums = torch.tensor([self.sums[name] for name in self.SUMS], dtype=torch.float64)
+        ratio_max = torch.tensor([self.ratio_max], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(ratio_max, op=torch.distributed.ReduceOp.MAX)
+        total = dict(zip(self.SUMS, sums.tolist()))
+        tokens = max(total["tokens"], 1)
         self.rows.append({
             "step": state.global_step, "global_step": self.global_step + state.global_step,
-            "loss": self.loss_sum, "grad_norm": logs.get("grad_norm"), "learning_rate": logs.get("learning_rate"),
-            "tokens": tokens, "teacher_kl": self.kl_sum / tokens,
-            "mismatch": sum(s.mismatch_sum for s in self.pending) / tokens,
-            "entropy": self.entropy_sum / tokens,
-            "ratio_mean": sum(s.ratio_sum for s in self.pending) / tokens,
-            "ratio_max": max(s.ratio_max for s in self.pending),
-            "clip_fraction": sum(s.clipped for s in self.pending) / tokens,
+            "loss": total["loss"], "grad_norm": logs.get("grad_norm"), "learning_rate": logs.get("learning_rate"),
+            "tokens": int(total["tokens"]), "teacher_kl": total["kl"] / tokens, "mismatch": total["mismatch"] / tokens,
+            "entropy": total["entropy"] / tokens, "ratio_mean": total["ratio"] / tokens,
+            "ratio_max": float(ratio_max), "clip_fraction": total["clipped"] / tokens,
         })
-        self.pending, self.kl_sum, self.entropy_sum, self.loss_sum = [], 0.0, 0.0, 0.0
+        self.sums = dict.fromkeys(self.SUMS, 0.0)
+        self.ratio_max = 0.0
+
 
 class DistillTrainer(Trainer):
     """Trainer whose loss is the importance-sampled policy gradient of `kd.stages.loss`."""
@@ -264,6 +291,7 @@ class DistillTrainer(Trainer):
             )
         kl_sum = float((inputs["sampler_logprobs"] - inputs["teacher_logprobs"])[mask_B_T].sum())
         entropy = loss_lib.entropy_sum(logits_B_T_V.detach(), mask_B_T)
+        # The loss each process adds up to the whole batch's loss: its tokens over all processes' tokens.
         self.recorder.add(stats, kl_sum, entropy, float(loss.detach()))
         # DDP averages gradients over processes; the normaliser already counts all of their tokens.
         return loss * self.accelerator.num_processes

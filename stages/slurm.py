@@ -1,0 +1,188 @@
+"""slurm: the on-policy loop as a chain of Slurm jobs, epoch after epoch.
+
+    kd slurm --run toy                        # submit every epoch of the run's config
+    kd slurm --run toy --dry-run              # print the sbatch scripts instead
+    kd slurm --run toy --resources configs/slurm/cluster.yaml --wait
+
+Per epoch e: generate (an array job, one task per shard) -> score (an array job) -> train (one job;
+with slurm.train.tasks > 1, that many processes under `accelerate launch`) -> export-lora, each
+`--dependency=afterok` on the job before it; generate of e waits for export-lora of e-1, and eval
+runs at the loop's eval epochs once the adapter it evaluates exists. Jobs are submitted with
+`--kill-on-invalid-dep=yes`: when one fails, the jobs waiting on it are removed rather than left
+pending forever.
+
+Submitting is idempotent: a stage whose dataset is complete is not submitted, and an array is
+submitted for its missing shards only, so after a failure or an `scancel`, running `kd slurm`
+again finishes the run. Scripts are rendered from configs/slurm/stage.sbatch (slurm.template)
+with the run's slurm.* resources, written to runs/<id>/slurm/, their logs to runs/<id>/slurm/logs/.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from kd.stages import datasets_io, run as run_lib, shards
+from kd.stages.config import Config, SlurmJob
+from kd.stages.errors import KdError
+
+# kd stage command -> the dataset directory it writes.
+OUTPUTS = {"generate": "rollouts", "score": "scored", "train": "train", "export-lora": "adapter", "eval": "eval"}
+
+
+@dataclass
+class Job:
+    key: str  # "<epoch>-<command>", unique within a run
+    name: str  # the Slurm job name: kd-<run id>-<epoch>-<command>
+    script: str
+    after: list[str] = field(default_factory=list)  # keys of the jobs this one waits for
+    array: str = ""  # --array indices (shards), empty for a plain job
+
+
+def job_name(config: Config, epoch: int, command: str) -> str:
+    return f"kd-{config.run_id}-{epoch:04d}-{command}"
+
+
+def packaged(relative: str) -> Path:
+    return Path(str(resources.files("kd.configs") / relative))
+
+
+def resources_of(config: Config, command: str) -> SlurmJob:
+    return getattr(config.slurm, command.replace("-", "_"))
+
+
+def stage_command(config: Config, command: str, epoch: int, python: str) -> str:
+    """The shell line a job runs: kd itself, under accelerate for a multi-process train."""
+    config_file = (config.run_dir / "config.yaml").resolve()
+    kd_args = f"-m kd.cli.main {command} --config {shlex.quote(str(config_file))} --epoch {epoch}"
+    job = resources_of(config, command)
+    if command in ("generate", "score") and job.tasks > 1:
+        # The array index is the shard, explicitly: a resubmission of missing shards only
+        # (--array=1,3) must not renumber them.
+        kd_args += f" --shard $SLURM_ARRAY_TASK_ID --num-shards {job.tasks}"
+    if command == "train" and job.tasks > 1:
+        accelerate_config = config.slurm.accelerate_config or str(
+            packaged("accelerate/ddp.yaml" if job.gpus else "accelerate/cpu-ddp.yaml")
+        )
+        # A port per job: two trainings on one node must not share torchrun's rendezvous port.
+        return (f"{python} -m accelerate.commands.launch --config_file {shlex.quote(accelerate_config)} "
+                f"--num_processes {job.tasks} --num_cpu_threads_per_process {max(1, job.cpus // job.tasks)} "
+                f"--main_process_port $((20000 + SLURM_JOB_ID % 20000)) {kd_args}")
+    return f"{python} {kd_args}"
+
+
+def render(config: Config, epoch: int, command: str, python: str, workdir: Path, array: str) -> str:
+    job = resources_of(config, command)
+    directives = [f"#SBATCH --array={array}"] if array else []
+    directives += [f"#SBATCH --gres=gpu:{job.gpus}"] if job.gpus else []
+    directives += [f"#SBATCH --partition={config.slurm.partition}"] if config.slurm.partition else []
+    directives += [f"#SBATCH --account={config.slurm.account}"] if config.slurm.account else []
+    template_path = Path(config.slurm.template) if config.slurm.template else packaged("slurm/stage.sbatch")
+    try:
+        template = Template(template_path.read_text())
+    except OSError:
+        raise KdError(f"{template_path}: sbatch template not found; fix slurm.template or leave it empty") from None
+    name = job_name(config, epoch, command)
+    values = {
+        "description": f"run {config.run_id}, epoch {epoch}: kd {command}",
+        "job_name": name, "log_dir": (config.run_dir / "slurm" / "logs").resolve(),
+        "log_name": f"{name}-%A_%a.out" if array else f"{name}-%j.out",
+        "cpus": job.cpus, "mem": job.mem, "time": job.time, "directives": "\n".join(directives),
+        "workdir": shlex.quote(str(workdir)), "setup": config.slurm.setup.strip(),
+        "command": stage_command(config, command, epoch, python),
+    }
+    try:
+        return template.substitute(values)
+    except (KeyError, ValueError) as err:
+        raise KdError(
+            f"{template_path}: bad placeholder ({err}); the template may use ${{{'}, ${'.join(values)}}} and $$ for a $"
+        ) from None
+
+
+def missing_shards(out: Path, tasks: int) -> list[int]:
+    return [s for s in range(tasks) if s not in shards.read_markers(out, tasks)]
+
+
+def plan(config: Config, python: str = sys.executable, workdir: Path | None = None) -> list[Job]:
+    """The jobs that are still needed, in submission order, each with the jobs it waits for."""
+    from kd.stages.loop import eval_epochs
+
+    workdir = (workdir or Path.cwd()).resolve()
+    evals = set(eval_epochs(config))
+    jobs: list[Job] = []
+    previous: str | None = None  # the last submitted job of the chain so far
+    adapter_job: dict[int, str | None] = {-1: None}  # epoch -> the job that exports its adapter
+
+    def add(epoch: int, command: str, after: list[str | None]) -> str | None:
+        out = run_lib.stage_dir(config, epoch, OUTPUTS[command])
+        if datasets_io.is_complete(out):
+            return None
+        tasks = resources_of(config, command).tasks if command in ("generate", "score") else 1
+        array = ",".join(map(str, missing_shards(out, tasks))) if tasks > 1 else ""
+        key = f"{epoch}-{command}"
+        script = render(config, epoch, command, python, workdir, array)
+        jobs.append(Job(key, job_name(config, epoch, command), script, [a for a in after if a], array))
+        return key
+
+    for epoch in range(config.epochs + 1):
+        if epoch in evals:
+            add(epoch, "eval", [adapter_job[epoch - 1]])
+        if epoch == config.epochs:
+            break
+        for command in ("generate", "score", "train", "export-lora"):
+            previous = add(epoch, command, [previous]) or previous
+        adapter_job[epoch] = previous if previous == f"{epoch}-export-lora" else None
+    return jobs
+
+
+def sbatch(script: Path, dependencies: list[str]) -> str:
+    args = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes"]
+    if dependencies:
+        args.append("--dependency=afterok:" + ":".join(dependencies))
+    try:
+        done = subprocess.run([*args, str(script)], capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise KdError("sbatch not found: run `kd slurm` on a Slurm login node (or use --dry-run)") from None
+    if done.returncode != 0:
+        raise KdError(f"{script}: sbatch refused it ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode})")
+    return done.stdout.strip().split(";")[0]
+
+
+def submit(config: Config, jobs: list[Job]) -> dict[str, str]:
+    """Write each job's script under runs/<id>/slurm/ and sbatch it; {job key: Slurm job id}."""
+    folder = config.run_dir / "slurm"
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    ids: dict[str, str] = {}
+    for job in jobs:
+        script = folder / f"{job.name}.sbatch"
+        script.write_text(job.script)
+        ids[job.key] = sbatch(script, [ids[key] for key in job.after])
+    return ids
+
+
+def queued(config: Config) -> dict[str, str]:
+    """{job name: state} of this run's jobs that Slurm still lists (pending, running, ...); {} without Slurm."""
+    try:
+        listed = subprocess.run(["squeue", "-h", "-o", "%j|%T"], capture_output=True, text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return {}
+    prefix = f"kd-{config.run_id}-"
+    states: dict[str, str] = {}
+    for line in listed.stdout.splitlines():
+        name, _, state = line.partition("|")
+        if name.startswith(prefix):
+            # An array lists a line per task: running wins over pending for the summary.
+            states[name] = state.lower() if states.get(name) != "running" else "running"
+    return states
+
+
+def wait(config: Config, poll_seconds: float = 2.0) -> None:
+    """Block until Slurm lists none of this run's jobs."""
+    while queued(config):
+        time.sleep(poll_seconds)

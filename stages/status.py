@@ -1,0 +1,81 @@
+"""status: per epoch and stage, what is done, being written, queued in Slurm, or missing.
+
+    kd status runs/toy
+
+A dataset is done when its manifest exists; a sharded one shows how many of its shards are done
+and how many are being written (their shard locks are held); a stage being written by a live
+process on this host shows "writing"; a stage with a job of `kd slurm` still in the queue shows
+its Slurm state (pending, running, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from kd.stages import config as config_lib, datasets_io, shards, slurm
+from kd.stages.config import Config
+from kd.stages.errors import KdError
+
+COLUMNS = ("eval", "generate", "score", "train", "export-lora")
+
+
+def load_run_config(run_dir: Path) -> Config:
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise KdError(f"{run_dir}: not a kd run (no config.yaml)")
+    data = yaml.safe_load(saved.read_text())
+    data["runs_dir"], data["run_id"] = str(Path(run_dir).parent), Path(run_dir).name
+    return config_lib.build(Config, data, where="")
+
+
+def being_written(out: Path) -> bool:
+    """A live process on this host stages this directory (staging_dir names carry the writer's pid)."""
+    return any(datasets_io.pid_alive(int(p.name.split("-")[-2])) for p in out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def stage_state(config: Config, epoch: int, command: str, queue: dict[str, str]) -> str:
+    out = config.run_dir / f"{epoch:04d}" / slurm.OUTPUTS[command]
+    manifest = datasets_io.read_manifest(out)
+    if manifest is not None:
+        count = manifest["stats"].get("shards", 1) if isinstance(manifest.get("stats"), dict) else 1
+        return "done" if count == 1 else f"done ({count} shards)"
+    state = queue.get(slurm.job_name(config, epoch, command))
+    counts = shards.layouts(out) if out.is_dir() else []
+    if counts:
+        num_shards = counts[-1]
+        done = len(shards.read_markers(out, num_shards))
+        writing = sum(shards.is_locked(config.run_dir, shards.shard_lock_name(out, s, num_shards)) for s in range(num_shards))
+        text = f"{done}/{num_shards} shards" + (f", {writing} writing" if writing else "")
+        return f"{text}, {state}" if state else text
+    own_lock = shards.shard_lock_name(out, 0, 1) if command in ("generate", "score") else f"{epoch:04d}-{command.replace('-', '_')}"
+    if being_written(out) or shards.is_locked(config.run_dir, own_lock):
+        return "writing"
+    return state or "missing"
+
+
+def run(run_dir: Path) -> list[dict]:
+    from kd.stages.loop import eval_epochs
+
+    config = load_run_config(run_dir)
+    queue = slurm.queued(config)
+    evals = set(eval_epochs(config))
+    rows = []
+    for epoch in range(config.epochs + 1):
+        row = {"epoch": epoch}
+        for command in COLUMNS:
+            if command == "eval" and epoch not in evals or command != "eval" and epoch == config.epochs:
+                row[command] = ""
+            else:
+                row[command] = stage_state(config, epoch, command, queue)
+        rows.append(row)
+    table = Table(title=f"{run_dir}: {config.epochs} epochs")
+    for column in ("epoch", *COLUMNS):
+        table.add_column(column, justify="right" if column == "epoch" else "left")
+    for row in rows:
+        table.add_row(*(str(row[column]) for column in ("epoch", *COLUMNS)))
+    Console(width=120).print(table)  # stdout: the table is the command's output, not a log line
+    return rows

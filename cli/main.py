@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -242,6 +243,9 @@ def verify(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
 
 
 def main() -> None:
+    # Slurm's scancel and time limits send SIGTERM first: exit through the normal unwinding, so the
+    # staged files of the interrupted stage are removed and engines shut down (128 + 15, as a shell reports).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         app()
     except KdError as err:

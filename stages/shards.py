@@ -147,11 +147,14 @@ def write_part(out: Path, kind: DatasetKind, table: pa.Table, shard: int, num_sh
     remove_dead_writers_files(out)
     name = datasets_io.part_name(shard, num_shards)
     tmp = out / f".{name}.tmp-{os.getpid()}"
-    datasets_io.write_table(tmp, table, kind)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    datasets_io.fault_point(out, f"shard-{shard}:files")
-    os.rename(tmp, out / name)
+    try:
+        datasets_io.write_table(tmp, table, kind)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        datasets_io.fault_point(out, f"shard-{shard}:files")
+        os.rename(tmp, out / name)
+    finally:
+        tmp.unlink(missing_ok=True)
     marker = {
         "part": name, "rows": table.num_rows, "bytes": (out / name).stat().st_size,
         "sha256": datasets_io.sha256_file(out / name), "wall_seconds": round(wall_seconds, 3),

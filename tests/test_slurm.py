@@ -1,0 +1,115 @@
+"""`kd slurm` on a real single-node Slurm (munged, slurmctld, slurmd started here; .ci/run installs
+Debian's slurm-wlm and munge): a 2-epoch toy run as array jobs equals `kd loop`'s, and an array
+task cancelled mid-run leaves no part and is finished by resubmitting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pyarrow as pa
+import pytest
+
+from kd.stages import datasets_io, shards, verify
+from kd.stages.schemas import ROLLOUTS, SCORED
+from tests.slurm_cluster import LocalSlurm, missing_binaries
+from tests.test_loop import heldout_kl, kd
+
+pytestmark = pytest.mark.skipif(
+    bool(missing_binaries()),
+    reason=f"Slurm not installed ({', '.join(missing_binaries())} missing); `.ci/run` installs slurm-wlm and munge",
+)
+
+# Big enough for held-out KL to fall in 2 epochs, small enough for a few minutes on 2 cores.
+SETTINGS = {
+    "epochs": 2, "generate.prompts_per_epoch": 64, "train.batch_size": 64, "train.warmup_steps": 0,
+    "eval.every": 1, "eval.num_prompts": 64,
+    "slurm.generate.tasks": 2, "slurm.score.tasks": 2, "slurm.train.tasks": 2, "slurm.train.cpus": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as running:
+        yield running
+
+
+def slurm_env(cluster) -> dict:
+    return {**cluster.env, "OMP_NUM_THREADS": "1"}
+
+
+def keys_and_tokens(directory, kind) -> tuple[list, list]:
+    table: pa.Table = datasets_io.read_table(directory, kind)
+    keys = list(zip(table.column("prompt_id").to_pylist(), table.column("sample_index").to_pylist()))
+    return keys, table.column("completion_token_ids").to_pylist()
+
+
+def test_kd_slurm_two_epochs_cover_kd_loops_samples_and_lower_kl(cluster, toy_config_file, tmp_path):
+    config = str(toy_config_file(**SETTINGS))
+    runs = tmp_path / "runs"
+    reference = kd("loop", "--config", config, "--run", "loop")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    submitted = kd("slurm", "--config", config, "--run", "arrays", "--wait", env=slurm_env(cluster), cwd=os.getcwd())
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+    assert "submitted 11 jobs" in submitted.stdout
+
+    for epoch in ("0000", "0001"):
+        for stage, kind in (("rollouts", ROLLOUTS), ("scored", SCORED)):
+            ours = runs / "arrays" / epoch / stage
+            assert datasets_io.read_manifest(ours)["stats"]["shards"] == 2  # written by a 2-task array job
+            keys, tokens = keys_and_tokens(ours, kind)
+            their_keys, their_tokens = keys_and_tokens(runs / "loop" / epoch / stage, kind)
+            assert keys == their_keys and len(set(keys)) == 256
+            same = sum(a == b for a, b in zip(tokens, their_tokens)) / len(tokens)
+            # Epoch 0 samples the base model: identical. Epoch 1 samples an adapter trained by 2
+            # processes vs 1, equal to float tolerance, so a rare sample may branch differently.
+            assert same == 1.0 if epoch == "0000" else same > 0.95, (epoch, stage, same)
+    logs = sorted(p.name for p in (runs / "arrays" / "slurm" / "logs").glob("kd-arrays-0000-generate-*"))
+    assert len(logs) == 2 and logs[0].endswith("_0.out") and logs[1].endswith("_1.out")
+
+    kl, their_kl = heldout_kl(runs / "arrays"), heldout_kl(runs / "loop")
+    assert set(kl) == set(their_kl) == {0, 1, 2}
+    assert kl[2] < 0.9 * kl[0] and their_kl[2] < 0.9 * their_kl[0], (kl, their_kl)
+    assert all(abs(kl[e] - their_kl[e]) < 0.02 for e in kl), (kl, their_kl)
+    report = verify.run(runs / "arrays")
+    assert len(report["datasets"]) == 11 and not any(report["datasets"].values()), report
+
+
+def squeue(cluster, *args) -> str:
+    return subprocess.run(["squeue", "-h", *args], capture_output=True, text=True, env={**os.environ, **cluster.env}).stdout
+
+
+def test_cancelled_array_task_leaves_no_part_and_resubmitting_finishes(cluster, toy_config_file, tmp_path):
+    # 1024 samples per epoch: generation lasts long enough to cancel a task in the middle of it.
+    config = str(toy_config_file(**{**SETTINGS, "epochs": 1, "generate.prompts_per_epoch": 256, "eval.every": 5}))
+    run_dir = tmp_path / "runs" / "cancel"
+    rollouts = run_dir / "0000" / "rollouts"
+    first = kd("slurm", "--config", config, "--run", "cancel", env=slurm_env(cluster))
+    assert first.returncode == 0, first.stderr[-2000:]
+    array_id = dict(item.split("=") for item in first.stdout.split(": ")[1].split())["0-generate"]
+
+    lock = shards.shard_lock_name(rollouts, 1, 2)
+    deadline = time.time() + 300
+    while not shards.is_locked(run_dir, lock):  # task 1 is inside its work (the shard lock is held)
+        assert time.time() < deadline, squeue(cluster)
+        time.sleep(0.2)
+    assert subprocess.run(["scancel", f"{array_id}_1"], env={**os.environ, **cluster.env}).returncode == 0
+    while squeue(cluster, "-n", ",".join(f"kd-cancel-0000-{c}" for c in ("generate", "score", "train", "export-lora"))):
+        assert time.time() < deadline, squeue(cluster)
+        time.sleep(0.5)  # the cancelled task's dependents are removed (--kill-on-invalid-dep)
+
+    assert not (rollouts / datasets_io.MANIFEST).exists()
+    assert not (rollouts / datasets_io.part_name(1, 2)).exists() and not list(rollouts.glob(".*.tmp-*"))
+    assert 1 not in shards.read_markers(rollouts, 2)
+    status = kd("status", str(run_dir), env=cluster.env)
+    assert "1/2 shards" in status.stdout or "0/2 shards" in status.stdout, status.stdout
+
+    finished_first = 0 in shards.read_markers(rollouts, 2)
+    again = kd("slurm", "--config", config, "--run", "cancel", "--wait", env=slurm_env(cluster))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    script = (run_dir / "slurm" / "kd-cancel-0000-generate.sbatch").read_text()
+    assert ("#SBATCH --array=1\n" in script) == finished_first  # only the missing shard was resubmitted
+    assert datasets_io.read_manifest(rollouts)["rows"] == 1024
+    report = verify.run(run_dir)
+    assert not any(report["datasets"].values()), report

@@ -33,7 +33,24 @@ bench-engines:
     python bench/engines.py
 
 # Every benchmark, one after another (results in bench/results/, summary in BENCHMARKS.md)
-bench: bench-engines bench-topk bench-efficiency bench-offpolicy
+bench: bench-engines bench-topk bench-efficiency bench-offpolicy bench-slurm
+
+# One toy epoch as Slurm jobs: 1 vs 2 array tasks, 1 vs 2 training processes, Slurm's overhead -> bench/results/slurm.md
+bench-slurm: install-slurm toy
+    python bench/slurm.py
+
+# Debian's slurm-wlm and munge, for a single-node Slurm on this machine (tests and bench-slurm start the daemons).
+install-slurm:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v slurmctld >/dev/null && command -v munged >/dev/null && exit 0
+    sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q slurm-wlm munge || { $sudo apt-get update -q && $sudo apt-get install -y -q slurm-wlm munge; }
+
+# Submit the toy loop to Slurm (generate/score as array jobs, chained train and export-lora); e.g. `just slurm --dry-run`.
+slurm *args: toy
+    kd slurm {{args}}
 
 # On-policy (sampled token, top-8) vs off-policy (SFT on teacher samples) per teacher token -> bench/results/offpolicy.md
 bench-offpolicy:

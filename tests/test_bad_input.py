@@ -146,6 +146,21 @@ def held_lock(tmp: Path):
     return ["export-lora", "--run", "busy", "--epoch", "0"]
 
 
+def missing_shard(tmp: Path):
+    """Rollouts as an array job left them with one of its two tasks never run."""
+    from kd.stages import shards
+    from kd.stages.schemas import ROLLOUTS
+
+    run = copy_run(tmp, "halfdone")
+    rollouts = run / "0000" / "rollouts"
+    table = datasets_io.read_table(rollouts, ROLLOUTS)
+    for stage in ("rollouts", "scored", "train", "adapter"):
+        shutil.rmtree(run / "0000" / stage)
+    rollouts.mkdir()
+    shards.write_part(rollouts, ROLLOUTS, table.slice(0, 2), 0, 2, wall_seconds=1.0)
+    return ["score", "--run", "halfdone", "--epoch", "0"]
+
+
 def disk_full(tmp: Path):
     run = copy_run(tmp, "full")
     shutil.rmtree(run / "0000" / "adapter")
@@ -208,6 +223,13 @@ CASES = [
     ("run id with a slash", lambda tmp: fresh("generate", "--run", "a/b"), "run_id: must be a non-empty name"),
     ("another kd process writes the run", held_lock, "another kd process is writing this run"),
     ("disk full while writing", disk_full, "File too large"),
+    ("next stage while an array task is missing", missing_shard, "1 of 2 shards missing (1); run them"),
+    ("shard outside the array", lambda tmp: ["generate", "--run", "base", "--epoch", "1", "--shard", "2", "--num-shards", "2"],
+     "--shard 2: must be in 0..1"),
+    ("Slurm resources file without a slurm section",
+     lambda tmp: ["slurm", "--run", "base", "--dry-run", "--resources", str(write(tmp / "res.yaml", "partition: gpu\n"))],
+     "no `slurm:` mapping"),
+    ("status of a directory that is not a run", lambda tmp: ["status", str(tmp)], "not a kd run (no config.yaml)"),
     ("read-only run directory", read_only_run, "Read-only file system"),
 ]
 
@@ -231,10 +253,10 @@ def base_run(tiny_world, tmp_path_factory) -> Path:
 
 
 def tree(root: Path) -> dict:
-    """Every path under root, files with their mtime; the run lock file is not data."""
+    """Every path under root, files with their mtime; lock files (the run's, its stages') are not data."""
     return {
         str(p.relative_to(root)): p.stat().st_mtime_ns if p.is_file() else "dir"
-        for p in sorted(root.rglob("*")) if p.name != ".lock"
+        for p in sorted(root.rglob("*")) if p.name != ".lock" and ".locks" not in p.parts
     }
 
 

@@ -56,6 +56,12 @@ slurm *args: toy
 bench-offpolicy:
     python bench/offpolicy.py
 
+# TRL's experimental MiniLLM (only in TRL 0.2x) added to bench/results/topk.md, from a venv with TRL 0.29.1 over this install
+bench-minillm:
+    test -x .venv-trl029/bin/python || python -m venv --system-site-packages .venv-trl029
+    .venv-trl029/bin/python -m pip install -q --no-deps trl==0.29.1
+    .venv-trl029/bin/python bench/topk.py --minillm
+
 # Score and train stage wall time vs the bare model work inside, dataset I/O share -> bench/results/efficiency.md
 bench-efficiency:
     python bench/efficiency.py

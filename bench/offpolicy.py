@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from curves import write as write_curves  # bench/curves.py: run as `python bench/...`, bench/ is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 ON_POLICY = {
@@ -165,6 +167,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "offpolicy.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "offpolicy.md").write_text(markdown(result))
+    write_curves(RESULTS / "offpolicy.json")
     print(markdown(result))
 
 

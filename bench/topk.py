@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from curves import write as write_curves  # bench/curves.py: run as `python bench/...`, bench/ is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 TRAINING_STAGES = {"generate", "score", "train", "export-lora"}
@@ -71,12 +73,19 @@ def run_kd(name: str, overrides: list[str], epochs: int, eval_every: int) -> lis
     return sorted(curve, key=lambda point: point["epoch"])
 
 
-def run_trl(budget_seconds: float, eval_every: int) -> list[dict]:
-    """trl.DistillationTrainer (beta 1) with kd's toy hyper-parameters, stopped after `budget_seconds` of training."""
+TRL_DISTILLATION = "trl DistillationTrainer (beta=1)"
+TRL_MINILLM = "trl experimental MiniLLMTrainer (Tinker-like: per-token reverse KL advantage)"
+
+
+def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DISTILLATION) -> list[dict]:
+    """A TRL distiller with kd's toy hyper-parameters, stopped after `budget_seconds` of training:
+    `trl.DistillationTrainer` (beta 1), or `trl.experimental.minillm.MiniLLMTrainer` (TRL 0.2x only:
+    TRL 1.x has no MiniLLM) set up as the Tinker objective: advantage = per-token reverse KL to the
+    teacher, no single-step decomposition, no discount, no task reward, 64 completions per step
+    (16 prompts x 4, as kd samples)."""
     import datasets
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DistillationConfig, DistillationTrainer
 
     from kd.stages import config as config_lib
     from kd.stages.datasets_io import read_prompt_rows
@@ -122,14 +131,24 @@ def run_trl(budget_seconds: float, eval_every: int) -> list[dict]:
             if spent >= budget_seconds:
                 control.should_training_stop = True
 
-    args = DistillationConfig(
-        output_dir=str(work / "trainer"), beta=1.0, learning_rate=cfg.learning_rate, lr_scheduler_type="constant_with_warmup",
+    common = dict(
+        output_dir=str(work / "trainer"), learning_rate=cfg.learning_rate, lr_scheduler_type="constant_with_warmup",
         warmup_steps=cfg.warmup_steps, per_device_train_batch_size=config.generate.prompts_per_epoch,
         max_completion_length=config.generate.max_new_tokens, temperature=config.generate.temperature,
         max_grad_norm=cfg.max_grad_norm, max_steps=100000, logging_steps=10, save_strategy="no", report_to=[],
         use_cpu=True, seed=config.seed, bf16=False, disable_tqdm=True,
     )
-    trainer = DistillationTrainer(
+    if trainer_name == TRL_MINILLM:
+        from trl.experimental.minillm import MiniLLMConfig as TrainerConfig, MiniLLMTrainer as Trainer
+
+        args = TrainerConfig(**common, num_generations=config.generate.samples_per_prompt, beta=0.0,
+                             rkl_advantage=True, single_step_decomposition=False, gamma=0.0,
+                             length_normalization=False, kd_temperature=1.0)
+    else:
+        from trl import DistillationConfig as TrainerConfig, DistillationTrainer as Trainer
+
+        args = TrainerConfig(**common, beta=1.0)
+    trainer = Trainer(
         model=AutoModelForCausalLM.from_pretrained(config.student, dtype="float32"),
         teacher_model=AutoModelForCausalLM.from_pretrained(config.teacher, dtype="float32"),
         args=args, train_dataset=train_set, processing_class=tokenizer,
@@ -160,7 +179,7 @@ def versions() -> dict:
 
 def markdown(result: dict) -> str:
     common = result["common_seconds"]
-    trl_final = result["curves"]["trl DistillationTrainer (beta=1)"][-1]["heldout_reverse_kl"]
+    trl_final = result["curves"][TRL_DISTILLATION][-1]["heldout_reverse_kl"]
     lines = [
         "# Top-k distillation vs sampled-token vs TRL (toy world)",
         "",
@@ -192,24 +211,36 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--trl-eval-every", type=int, default=10, help="TRL optimiser steps between evaluations")
+    parser.add_argument("--minillm", action="store_true", help=(
+        "Only run TRL's experimental MiniLLMTrainer and add it to the existing bench/results/topk.json "
+        "(needs TRL 0.2x, which has it: `just bench-minillm` makes that environment)"))
     options = parser.parse_args()
     if not (ROOT / "runs" / "toy-world" / "toy.json").is_file():
         subprocess.run(["kd", "toy"], cwd=ROOT, check=True)
-    vocabulary = json.loads((ROOT / "runs" / "toy-world" / "toy.json").read_text())["vocab_size"]
-    curves = {name: run_kd(name, overrides, options.epochs, options.eval_every)
-              for name, overrides in kd_variants(vocabulary).items()}
-    budget = max(curve[-1]["train_seconds"] for curve in curves.values())
-    print(f"== trl DistillationTrainer, {budget:.0f} s of training", flush=True)
-    curves["trl DistillationTrainer (beta=1)"] = run_trl(budget, options.trl_eval_every)
-    result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{__import__('os').cpu_count()} cores, CPU only", "versions": versions(), "epochs": options.epochs,
-        "eval_every": options.eval_every, "common_seconds": min(curve[-1]["train_seconds"] for curve in curves.values()),
-        "curves": curves,
-    }
+    if options.minillm:
+        result = json.loads((RESULTS / "topk.json").read_text())
+        curves = result["curves"]
+        budget = max(curve[-1]["train_seconds"] for name, curve in curves.items() if name.startswith("kd "))
+        print(f"== {TRL_MINILLM}, {budget:.0f} s of training", flush=True)
+        curves[TRL_MINILLM] = run_trl(budget, options.trl_eval_every, TRL_MINILLM)
+        result["versions"]["trl (MiniLLM run)"] = versions()["trl"]
+    else:
+        vocabulary = json.loads((ROOT / "runs" / "toy-world" / "toy.json").read_text())["vocab_size"]
+        curves = {name: run_kd(name, overrides, options.epochs, options.eval_every)
+                  for name, overrides in kd_variants(vocabulary).items()}
+        budget = max(curve[-1]["train_seconds"] for curve in curves.values())
+        print(f"== trl DistillationTrainer, {budget:.0f} s of training", flush=True)
+        curves[TRL_DISTILLATION] = run_trl(budget, options.trl_eval_every)
+        result = {
+            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+            f"{__import__('os').cpu_count()} cores, CPU only", "versions": versions(), "epochs": options.epochs,
+            "eval_every": options.eval_every, "curves": curves,
+        }
+    result["common_seconds"] = min(curve[-1]["train_seconds"] for curve in curves.values())
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "topk.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "topk.md").write_text(markdown(result))
+    write_curves(RESULTS / "topk.json")
     print(markdown(result))
 
 

@@ -31,7 +31,7 @@ def series(records: list[dict], stage: str, field: str, x: str = "epoch") -> tup
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _plot(path: Path, title: str, xlabel: str, lines: list[tuple[str, tuple[list, list], str]],
+def line_plot(path: Path, title: str, xlabel: str, lines: list[tuple[str, tuple[list, list], str]],
           log_scale: bool = False) -> None:
     import matplotlib
 
@@ -87,22 +87,22 @@ def run(run_dir: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        _plot(staging / "kl.png", "reverse KL per token", "epoch", [
+        line_plot(staging / "kl.png", "reverse KL per token", "epoch", [
             ("teacher KL of the epoch's samples (score)", series(records, "score", "teacher_kl"), "-"),
             ("held-out reverse KL (eval)", series(records, "eval", "heldout_reverse_kl"), "o-"),
         ])
-        _plot(staging / "accuracy.png", "task accuracy", "epoch", [
+        line_plot(staging / "accuracy.png", "task accuracy", "epoch", [
             ("held-out, greedy (eval)", series(records, "eval", "accuracy"), "o-"),
             ("training samples (generate)", series(records, "generate", "accuracy"), "-"),
         ])
-        _plot(staging / "ratios.png", "importance ratio pi_theta / sampler", "optimiser step", [
+        line_plot(staging / "ratios.png", "importance ratio pi_theta / sampler", "optimiser step", [
             ("mean", series(records, "train_step", "ratio_mean", "global_step"), "-"),
             ("max", series(records, "train_step", "ratio_max", "global_step"), "-"),
         ], log_scale=True)  # one large ratio would flatten the rest
-        _plot(staging / "mismatch.png", "mean sampler - trainer logprob per token", "optimiser step", [
+        line_plot(staging / "mismatch.png", "mean sampler - trainer logprob per token", "optimiser step", [
             ("mismatch", series(records, "train_step", "mismatch", "global_step"), "-"),
         ])
-        _plot(staging / "throughput.png", "tokens per second", "epoch", [
+        line_plot(staging / "throughput.png", "tokens per second", "epoch", [
             (stage, series(records, stage, "tokens_per_second"), "-") for stage in ("generate", "score", "train")
         ])
         (staging / "report.md").write_text(summary_markdown(run_dir, records))

@@ -1,0 +1,46 @@
+"""PNG curves of the quality benchmarks: held-out reverse KL and accuracy against each x axis the
+benchmark recorded (teacher tokens, training wall seconds).
+
+    python bench/curves.py                     # every bench/results/*.json that has curves
+    python bench/curves.py bench/results/offpolicy.json
+
+bench/offpolicy.py and bench/topk.py call `write` after saving their JSON; the PNGs go beside it,
+named <bench>-<metric>-vs-<axis>.png.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from kd.stages.report import line_plot
+
+AXES = {"teacher_tokens": "teacher tokens", "train_seconds": "training wall seconds"}
+METRICS = {"heldout_reverse_kl": "held-out reverse KL / token", "accuracy": "held-out greedy accuracy"}
+STYLES = ("o-", "s-", "^-", "D-", "v-", "x-", "*-")
+
+
+def write(result_file: Path) -> list[Path]:
+    result_file = Path(result_file)
+    curves: dict[str, list[dict]] = json.loads(result_file.read_text()).get("curves", {})
+    written = []
+    for axis, axis_label in AXES.items():
+        if not any(points and axis in points[0] for points in curves.values()):
+            continue
+        for metric, metric_label in METRICS.items():
+            lines = [
+                (name, ([p[axis] for p in points], [p[metric] for p in points]), STYLES[i % len(STYLES)])
+                for i, (name, points) in enumerate(curves.items()) if points and axis in points[0]
+            ]
+            path = result_file.with_name(f"{result_file.stem}-{metric.replace('heldout_reverse_kl', 'kl')}-vs-{axis}.png")
+            line_plot(path, f"{result_file.stem}: {metric_label}", axis_label, lines)
+            written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    files = sys.argv[1:] or sorted(Path(__file__).resolve().parent.joinpath("results").glob("*.json"))
+    for file in files:
+        for path in write(Path(file)):
+            print(path)

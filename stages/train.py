@@ -17,6 +17,7 @@ and processes (`num_items_in_batch`), so the result does not depend on how the b
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -327,7 +328,15 @@ def run(config: Config, epoch: int, progress: bool = True) -> Path:
             config, model, examples, Path(work), epoch, global_step, optimizer_state, progress,
             top_k if config.train.uses_top_k else 0,
         )
-        trainer.train()
+        # Trainer.train() begins with accelerate's free_memory(): a full gc.collect(), which scans every
+        # object of the process (torch, transformers, a long loop's state) and took as long as two
+        # optimiser steps of the toy. Objects that exist before training are not this epoch's garbage:
+        # frozen, the collection scans only what training makes.
+        gc.freeze()
+        try:
+            trainer.train()
+        finally:
+            gc.unfreeze()
     steps = trainer.recorder.rows
     final_step = global_step + trainer.state.global_step
 

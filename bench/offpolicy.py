@@ -3,7 +3,8 @@
     python bench/offpolicy.py [--epochs 40] [--eval-every 5]        (just bench-offpolicy)
 
 - on-policy: `kd loop` with configs/toy.yaml (sampled-token objective), and once more with the
-  teacher's top-8 reverse KL instead (`score.top_k=8`, `train.kl_coef=0`, `train.topk_reverse_kl=1`).
+  teacher's top-8 reverse KL instead (`score.top_k=8`, `train.kl_coef=0`, `train.topk_reverse_kl=1`),
+  and top-8 once more with the same samples per epoch spread over 256 prompts x 1 sample.
   Teacher tokens: the completion tokens the teacher scores (one prefill each).
 - off-policy: the classic baseline. Each epoch the teacher samples completions for the same 64
   prompts x 4 samples that kd's generate would choose (T = 1), and the student's LoRA (same rank,
@@ -33,6 +34,12 @@ ON_POLICY = {
     "on-policy (kd)": ("bench-offpolicy-onpolicy", []),
     "on-policy, top-8 reverse KL (kd)": (
         "bench-offpolicy-onpolicy-top8", ["score.top_k=8", "train.kl_coef=0", "train.topk_reverse_kl=1"],
+    ),
+    # The same teacher tokens per epoch spread over 4x the prompts (more diversity per step helped
+    # most in bench/topk.py).
+    "on-policy, top-8 reverse KL, 256 prompts x 1 sample (kd)": (
+        "bench-offpolicy-onpolicy-top8-wide", ["score.top_k=8", "train.kl_coef=0", "train.topk_reverse_kl=1",
+                                               "generate.prompts_per_epoch=256", "generate.samples_per_prompt=1"],
     ),
 }
 

@@ -20,9 +20,15 @@ from pathlib import Path
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
 
-def missing_binaries() -> list[str]:
+def cannot_start() -> str | None:
+    """Why a local Slurm cannot be started here (None: it can)."""
     found = {name: shutil.which(name) or (Path("/usr/sbin") / name).is_file() for name in (*DAEMONS, "sbatch", "squeue")}
-    return [name for name, ok in found.items() if not ok]
+    missing = [name for name, ok in found.items() if not ok]
+    if missing:
+        return f"Slurm not installed ({', '.join(missing)} missing); `just install-slurm` (run by .ci/run) installs it"
+    if os.geteuid() != 0:
+        return "starting munged and slurmd as daemons of this test needs root"
+    return None
 
 
 def free_port() -> int:

@@ -13,13 +13,10 @@ import pytest
 
 from kd.stages import datasets_io, shards, verify
 from kd.stages.schemas import ROLLOUTS, SCORED
-from tests.slurm_cluster import LocalSlurm, missing_binaries
+from tests.slurm_cluster import LocalSlurm, cannot_start
 from tests.test_loop import heldout_kl, kd
 
-pytestmark = pytest.mark.skipif(
-    bool(missing_binaries()),
-    reason=f"Slurm not installed ({', '.join(missing_binaries())} missing); `.ci/run` installs slurm-wlm and munge",
-)
+pytestmark = pytest.mark.skipif(cannot_start() is not None, reason=cannot_start() or "")
 
 # Big enough for held-out KL to fall in 2 epochs, small enough for a few minutes on 2 cores.
 SETTINGS = {

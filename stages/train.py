@@ -1,7 +1,7 @@
 """train: one epoch of importance-sampled policy gradient on the student's LoRA adapter.
 
     kd train --run toy --epoch 3
-    accelerate launch --num_processes 2 -m kd.cli.main train --run toy --epoch 3
+    accelerate launch --config_file configs/accelerate/cpu-ddp.yaml --num_processes 2 -m kd.cli.main train --run toy --epoch 3
 
 Reads the epoch's scored samples, the adapter of the previous epoch and its optimiser state, and
 writes train/: per-step metrics (Arrow), the updated adapter, and the optimiser state and global
@@ -12,7 +12,9 @@ Built on transformers' Trainer (a custom `compute_loss` over our dataset), so ac
 ecosystem. The learning-rate schedule spans the whole run: each epoch's Trainer gets a scheduler
 offset by the global step, so warmup and decay do not restart every epoch. The loss normaliser is
 the completion-token count of the whole effective batch, counted by Trainer across micro-batches
-and processes (`num_items_in_batch`), so the result does not depend on how the batch is split.
+and processes (`num_items_in_batch`), so the result does not depend on how the batch is split;
+`train.batch_size` is split over the processes, so the effective batch and the number of optimiser
+steps do not depend on how many there are either.
 """
 
 from __future__ import annotations

@@ -72,8 +72,8 @@ def run_stage(stage, epoch: int, config, overrides, run_id, **options) -> None:
         if int(os.environ.get("RANK", "0")) > 0:
             stage.run(resolved, epoch, **options)
             return
-        name = stage.__name__.rsplit(".", 1)[1]
-        own_lock = nullcontext() if "num_shards" in options else shards.lock(resolved.run_dir, f"{epoch:04d}-{name}", blocking=False)
+        name = shards.stage_lock_name(epoch, stage.__name__.rsplit(".", 1)[1])
+        own_lock = nullcontext() if "num_shards" in options else shards.lock(resolved.run_dir, name, blocking=False)
         with run_lib.locked(resolved.run_dir, shared=True), own_lock:
             typer.echo(stage.run(resolved, epoch, **options))
 

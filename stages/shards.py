@@ -114,6 +114,11 @@ def is_locked(run_dir: Path, name: str) -> bool:
         return False
 
 
+def stage_lock_name(epoch: int, stage: str) -> str:
+    """The lock a stage command that writes one whole dataset holds (train, export-lora, eval)."""
+    return f"{epoch:04d}-{stage.replace('-', '_')}"
+
+
 def shard_lock_name(out: Path, shard: int, num_shards: int) -> str:
     return f"{out.parent.name}-{out.name}-{shard:05d}-of-{num_shards:05d}"
 

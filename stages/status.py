@@ -51,7 +51,7 @@ def stage_state(config: Config, epoch: int, command: str, queue: dict[str, str])
         writing = sum(shards.is_locked(config.run_dir, shards.shard_lock_name(out, s, num_shards)) for s in range(num_shards))
         text = f"{done}/{num_shards} shards" + (f", {writing} writing" if writing else "")
         return f"{text}, {state}" if state else text
-    own_lock = shards.shard_lock_name(out, 0, 1) if command in ("generate", "score") else f"{epoch:04d}-{command.replace('-', '_')}"
+    own_lock = shards.shard_lock_name(out, 0, 1) if command in ("generate", "score") else shards.stage_lock_name(epoch, command)
     if being_written(out) or shards.is_locked(config.run_dir, own_lock):
         return "writing"
     return state or "missing"

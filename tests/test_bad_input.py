@@ -146,6 +146,18 @@ def held_lock(tmp: Path):
     return ["export-lora", "--run", "busy", "--epoch", "0"]
 
 
+def held_stage_lock(tmp: Path):
+    import fcntl
+
+    run = copy_run(tmp, "twice")
+    (run / ".locks").mkdir(exist_ok=True)
+    handle = open(run / ".locks" / "0000-export_lora.lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    held_stage_lock.handle = handle  # another export-lora of epoch 0, until the case is over
+    shutil.rmtree(run / "0000" / "adapter")
+    return ["export-lora", "--run", "twice", "--epoch", "0"]
+
+
 def missing_shard(tmp: Path):
     """Rollouts as an array job left them with one of its two tasks never run."""
     from kd.stages import shards
@@ -223,6 +235,7 @@ CASES = [
     ("run id with a slash", lambda tmp: fresh("generate", "--run", "a/b"), "run_id: must be a non-empty name"),
     ("another kd process writes the run", held_lock, "another kd process is writing this run"),
     ("disk full while writing", disk_full, "File too large"),
+    ("the same stage started twice at once", held_stage_lock, "another kd process is writing 0000-export_lora"),
     ("next stage while an array task is missing", missing_shard, "1 of 2 shards missing (1); run them"),
     ("shard outside the array", lambda tmp: ["generate", "--run", "base", "--epoch", "1", "--shard", "2", "--num-shards", "2"],
      "--shard 2: must be in 0..1"),

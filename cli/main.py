@@ -162,7 +162,7 @@ def slurm(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = S
           resources: Optional[Path] = typer.Option(None, "--resources", help=(
               "YAML whose `slurm:` section replaces the config's (e.g. configs/slurm/cluster.yaml).")),
           dry_run: bool = typer.Option(False, "--dry-run", help="Print the sbatch scripts and dependencies; submit nothing."),
-          wait: bool = typer.Option(False, "--wait", help="Block until the run's jobs leave the queue; exit 1 unless all finished.")):
+          wait: bool = typer.Option(False, "--wait", help="Block until the run's jobs leave the queue; fail (exit 2) unless every stage finished.")):
     """Submit the loop to Slurm: per epoch generate and score as array jobs, then train, export-lora
     (and eval), chained with --dependency=afterok. Re-running submits only what is missing."""
     import yaml

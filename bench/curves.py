@@ -4,7 +4,7 @@ benchmark recorded (teacher tokens, training wall seconds).
     python bench/curves.py                     # every bench/results/*.json that has curves
     python bench/curves.py bench/results/offpolicy.json
 
-bench/offpolicy.py and bench/topk.py call `write` after saving their JSON; the PNGs go beside it,
+bench/offpolicy.py and bench/topk.py save their results with `save`; the PNGs go beside the JSON,
 named <bench>-<metric>-vs-<axis>.png.
 """
 
@@ -19,6 +19,15 @@ from kd.stages.report import line_plot
 AXES = {"teacher_tokens": "teacher tokens", "train_seconds": "training wall seconds"}
 METRICS = {"heldout_reverse_kl": "held-out reverse KL / token", "accuracy": "held-out greedy accuracy"}
 STYLES = ("o-", "s-", "^-", "D-", "v-", "x-", "*-")
+
+
+def save(results: Path, name: str, result: dict, markdown: str) -> None:
+    """A benchmark's results: <name>.json, <name>.md and the curves' PNGs in `results`; the table printed."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (results / f"{name}.md").write_text(markdown)
+    write(results / f"{name}.json")
+    print(markdown)
 
 
 def write(result_file: Path) -> list[Path]:

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from curves import write as write_curves  # bench/curves.py: run as `python bench/...`, bench/ is on sys.path
+from curves import save as save_results  # bench/curves.py: run as `python bench/...`, bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -171,11 +171,7 @@ def main() -> None:
     curves["off-policy (SFT on teacher samples)"] = run_off_policy(options.epochs, options.eval_every)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
               "epochs": options.epochs, "eval_every": options.eval_every, "curves": curves}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "offpolicy.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "offpolicy.md").write_text(markdown(result))
-    write_curves(RESULTS / "offpolicy.json")
-    print(markdown(result))
+    save_results(RESULTS, "offpolicy", result, markdown(result))
 
 
 if __name__ == "__main__":

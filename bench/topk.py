@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from curves import write as write_curves  # bench/curves.py: run as `python bench/...`, bench/ is on sys.path
+from curves import save as save_results  # bench/curves.py: run as `python bench/...`, bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -237,11 +237,7 @@ def main() -> None:
             "eval_every": options.eval_every, "curves": curves,
         }
     result["common_seconds"] = min(curve[-1]["train_seconds"] for curve in curves.values())
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "topk.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "topk.md").write_text(markdown(result))
-    write_curves(RESULTS / "topk.json")
-    print(markdown(result))
+    save_results(RESULTS, "topk", result, markdown(result))
 
 
 if __name__ == "__main__":

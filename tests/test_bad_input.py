@@ -135,27 +135,20 @@ def changed_config(tmp: Path):
     return ["generate", "--run", "changed", "--epoch", "0", "--set", "train.learning_rate=0.5"]
 
 
-def held_lock(tmp: Path):
-    import fcntl
+def export_lora_while_held(run_name: str, lock_file: str):
+    """`kd export-lora` on a copy of the base run while this test process holds `lock_file` of it
+    (as another kd process would), until the case is over."""
+    def case(tmp: Path):
+        import fcntl
 
-    run = copy_run(tmp, "busy")
-    handle = open(run / ".lock", "w")
-    fcntl.flock(handle, fcntl.LOCK_EX)
-    held_lock.handle = handle  # held by this test process until the case is over
-    shutil.rmtree(run / "0000" / "adapter")
-    return ["export-lora", "--run", "busy", "--epoch", "0"]
+        run = copy_run(tmp, run_name)
+        (run / lock_file).parent.mkdir(exist_ok=True)
+        case.handle = open(run / lock_file, "w")
+        fcntl.flock(case.handle, fcntl.LOCK_EX)
+        shutil.rmtree(run / "0000" / "adapter")
+        return ["export-lora", "--run", run_name, "--epoch", "0"]
 
-
-def held_stage_lock(tmp: Path):
-    import fcntl
-
-    run = copy_run(tmp, "twice")
-    (run / ".locks").mkdir(exist_ok=True)
-    handle = open(run / ".locks" / "0000-export_lora.lock", "w")
-    fcntl.flock(handle, fcntl.LOCK_EX)
-    held_stage_lock.handle = handle  # another export-lora of epoch 0, until the case is over
-    shutil.rmtree(run / "0000" / "adapter")
-    return ["export-lora", "--run", "twice", "--epoch", "0"]
+    return case
 
 
 def missing_shard(tmp: Path):
@@ -233,9 +226,9 @@ CASES = [
     ("run made with another config", changed_config, "made with another config (differs in train.learning_rate)"),
     ("stage run out of order", lambda tmp: ["score", "--run", "base", "--epoch", "1"], "run `kd generate --epoch 1` first"),
     ("run id with a slash", lambda tmp: fresh("generate", "--run", "a/b"), "run_id: must be a non-empty name"),
-    ("another kd process writes the run", held_lock, "another kd process is writing this run"),
+    ("another kd process writes the run", export_lora_while_held("busy", ".lock"), "another kd process is writing this run"),
     ("disk full while writing", disk_full, "File too large"),
-    ("the same stage started twice at once", held_stage_lock, "another kd process is writing 0000-export_lora"),
+    ("the same stage started twice at once", export_lora_while_held("twice", ".locks/0000-export_lora.lock"), "another kd process is writing 0000-export_lora"),
     ("next stage while an array task is missing", missing_shard, "1 of 2 shards missing (1); run them"),
     ("shard outside the array", lambda tmp: ["generate", "--run", "base", "--epoch", "1", "--shard", "2", "--num-shards", "2"],
      "--shard 2: must be in 0..1"),

@@ -39,7 +39,7 @@ def run(config: Config, overwrite: bool = False) -> list[dict]:
             t0 = time.time()
             generate.run(config, epoch, session)
             scored = score.run(config, epoch, session)
-            trained = train.run(config, epoch, progress=False)
+            trained = train.run(config, epoch, session, progress=False)
             export_lora.run(config, epoch)
             report_epoch(config, epoch, scored, trained, time.time() - t0)
     rows = summary(config)

@@ -89,6 +89,7 @@ class Session:
             quiet_transformers()
         self._engines: dict[tuple, object] = {}
         self._prompts: dict[tuple, list] = {}
+        self._policy = None
 
     @cached_property
     def tokenizer(self):
@@ -115,6 +116,14 @@ class Session:
                     engine, self.config.teacher, self.tokenizer, seed=self.config.seed, max_logprobs=self.config.score.top_k
                 )
         return self._engines[key]
+
+    def policy(self, adapter: Path | None):
+        """The student with a trainable LoRA holding `adapter`'s weights (fresh at None), for the train stage."""
+        if self._policy is None:
+            from kd.stages.train import Policy
+
+            self._policy = Policy(self.config)
+        return self._policy.load(adapter)
 
     def close(self) -> None:
         """Stop in-process engines now: vLLM's engine-core processes, left to interpreter exit, can abort it."""

@@ -19,6 +19,7 @@ steps do not depend on how many there are either.
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -36,41 +37,54 @@ from kd.stages import datasets_io, loss as loss_lib, run as run_lib
 from kd.stages.config import Config, TrainConfig
 from kd.stages.errors import KdError
 from kd.stages.schemas import SCORED, TRAIN_STEPS
+from kd.stages.session import Session, using
 
 IGNORE = -100
 STATE = "state.json"
 OPTIMIZER = "optimizer.pt"
 
 
+def ragged(table: pa.Table, name: str) -> list[np.ndarray]:
+    """Each row of a list column as a numpy view of one flat buffer: no Python object per token,
+    which for the top-k columns (T x K values a row) cost as much as the optimiser steps."""
+    column = table.column(name).combine_chunks()
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False, writable=True)[offsets[0] : offsets[-1]]
+    return np.split(values, offsets[1:-1] - offsets[0])
+
+
 def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0) -> list[dict]:
     """One training example per sample: token ids plus per-target-position logprobs and advantages
     (and the teacher's top-k ids and logprobs, [T, K], when the top-k divergences are on)."""
+    columns = ["prompt_token_ids", "completion_token_ids", "sampler_logprobs", "teacher_logprobs"]
+    if cfg.uses_top_k:
+        columns += ["teacher_top_ids", "teacher_top_logprobs"]
+    values = {name: ragged(table, name) for name in columns}
     rows = []
-    for index, row in enumerate(table.to_pylist()):
-        prompt, completion = row["prompt_token_ids"], row["completion_token_ids"]
-        sampler, teacher = np.asarray(row["sampler_logprobs"]), np.asarray(row["teacher_logprobs"])
+    for index, correct in enumerate(table.column("correct").to_pylist()):
+        prompt, completion = values["prompt_token_ids"][index], values["completion_token_ids"][index]
+        sampler, teacher = values["sampler_logprobs"][index], values["teacher_logprobs"][index]
         if not (len(completion) == len(sampler) == len(teacher)):
             raise KdError(f"{source}: row {index}: completion, sampler and teacher logprob lengths differ; regenerate it")
         if not (np.isfinite(sampler).all() and np.isfinite(teacher).all()):
             raise KdError(f"{source}: row {index}: non-finite logprob; the sampler or teacher diverged, regenerate it")
-        if not completion:
+        if not len(completion):
             continue
-        reward = None if row["correct"] is None else float(row["correct"])
+        reward = None if correct is None else float(correct)
         adv = loss_lib.advantages(sampler, teacher, cfg.kl_coef, cfg.gamma, reward, cfg.reward_coef)
         example = {
-            "input_ids": prompt + completion, "prompt_length": len(prompt),
-            "sampler_logprobs": sampler.astype(np.float32), "teacher_logprobs": teacher.astype(np.float32),
-            "advantages": adv,
+            "input_ids": np.concatenate([prompt, completion]), "prompt_length": len(prompt),
+            "sampler_logprobs": sampler, "teacher_logprobs": teacher, "advantages": adv,
         }
         if cfg.uses_top_k:
-            top_ids, top_logprobs = np.asarray(row["teacher_top_ids"]), np.asarray(row["teacher_top_logprobs"])
+            top_ids, top_logprobs = values["teacher_top_ids"][index], values["teacher_top_logprobs"][index]
             if not (len(top_ids) == len(top_logprobs) == top_k * len(completion)):
                 raise KdError(
                     f"{source}: row {index}: teacher_top_ids / teacher_top_logprobs do not hold top_k = {top_k} "
                     "entries per completion token; re-run `kd score`"
                 )
             example["teacher_top_ids"] = top_ids.reshape(len(completion), top_k)
-            example["teacher_top_logprobs"] = top_logprobs.astype(np.float32).reshape(len(completion), top_k)
+            example["teacher_top_logprobs"] = top_logprobs.reshape(len(completion), top_k)
         rows.append(example)
     return rows
 
@@ -111,9 +125,9 @@ class Collator:
             batch["teacher_top_logprobs"] = torch.zeros((rows, longest - 1, self.top_k), dtype=torch.float32)
         for r, e in enumerate(examples):
             ids, start = e["input_ids"], e["prompt_length"]
-            batch["input_ids"][r, : len(ids)] = torch.tensor(ids)
+            batch["input_ids"][r, : len(ids)] = torch.as_tensor(ids)
             batch["attention_mask"][r, : len(ids)] = 1
-            batch["labels"][r, start : len(ids)] = torch.tensor(ids[start:])
+            batch["labels"][r, start : len(ids)] = torch.as_tensor(ids[start:])
             for name in ("sampler_logprobs", "teacher_logprobs", "advantages", "teacher_top_ids", "teacher_top_logprobs"):
                 if name in batch:
                     batch[name][r, start - 1 : len(ids) - 1] = torch.from_numpy(np.asarray(e[name]))
@@ -152,22 +166,52 @@ def per_process_batch(cfg: TrainConfig, processes: int) -> int:
     return cfg.batch_size // processes
 
 
+class Policy:
+    """The student with a trainable LoRA, built once per process: each epoch loads its adapter's
+    weights into the same model, so `kd loop` does not reload the (frozen) base weights for every
+    train stage. Epoch 0 gets the seeded fresh LoRA (equal to the base) that `get_peft_model` drew."""
+
+    def __init__(self, config: Config):
+        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+        from kd.stages.engines import load_causal_lm
+
+        cfg = config.train
+        base = load_causal_lm(config.student, dtype="float32", device="cpu")
+        torch.manual_seed(config.seed)  # LoRA A is random: same seed, same initial adapter
+        lora = LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(base, lora)
+        self.fresh = {name: tensor.clone() for name, tensor in get_peft_model_state_dict(self.model).items()}
+
+    def load(self, adapter: Path | None):
+        """The model holding `adapter`'s weights (the fresh LoRA at None); one line if it does not fit."""
+        from accelerate.utils import extract_model_from_parallel
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        # Under bf16, the previous epoch's Trainer wrapped forward in autocast in place: unwrap it, or
+        # the wrappers would pile up epoch after epoch.
+        extract_model_from_parallel(self.model, keep_fp32_wrapper=False)
+        try:
+            weights = self.fresh if adapter is None else load_peft_weights(str(adapter), device="cpu")
+            result = set_peft_model_state_dict(self.model, weights)
+            if result.unexpected_keys:
+                raise ValueError(f"unexpected weights {result.unexpected_keys[:3]}")
+        except (RuntimeError, ValueError, KeyError, OSError) as err:
+            raise KdError(
+                f"{adapter}: this LoRA adapter does not fit the student ({str(err).strip().splitlines()[0][:200]}); "
+                "use an adapter exported from a run of this student"
+            ) from None
+        self.model.zero_grad(set_to_none=True)
+        return self.model
+
+
 def policy_model(config: Config, previous_adapter: Path | None):
     """The student with a trainable LoRA: the previous epoch's adapter, or a fresh one (equal to the base)."""
-    from peft import LoraConfig, get_peft_model
-
-    from kd.stages.engines import load_adapter, load_causal_lm
-
-    cfg = config.train
-    base = load_causal_lm(config.student, dtype="float32", device="cpu")
-    if previous_adapter is not None:
-        return load_adapter(base, previous_adapter, is_trainable=True)
-    torch.manual_seed(config.seed)  # LoRA A is random: same seed, same initial adapter
-    lora = LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
-    )
-    return get_peft_model(base, lora)
+    return Policy(config).load(previous_adapter)
 
 
 def make_trainer(config: Config, model, examples: list[dict], output_dir: Path, epoch: int, global_step: int,
@@ -224,8 +268,12 @@ class StepRecorder(TrainerCallback):
             self.sums[name] += value
         self.ratio_max = max(self.ratio_max, stats.ratio_max)
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        for name, parameter in model.named_parameters():
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # Only the LoRA weights get gradients; walking the whole module tree at every step cost more than the check.
+        self.trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for name, parameter in self.trainable:
             if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
                 raise KdError(
                     f"train: non-finite gradient of {name} at optimiser step {state.global_step + 1}; "
@@ -300,6 +348,21 @@ class DistillTrainer(Trainer):
         return loss * self.accelerator.num_processes
 
 
+def save_adapter(model, directory: Path) -> None:
+    """The PEFT adapter files (adapter_config.json, adapter_model.safetensors) as `save_pretrained`
+    writes them, without its model card: rendering that Jinja template took 7% of a toy train stage,
+    and nothing reads it."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    weights = {name: tensor.contiguous() for name, tensor in get_peft_model_state_dict(model).items()}
+    save_file(weights, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    lora = copy.copy(model.peft_config["default"])
+    lora.inference_mode = True  # as save_pretrained records it: a loaded adapter is frozen unless asked otherwise
+    lora.save_pretrained(str(directory))
+
+
 def previous_state(config: Config, epoch: int) -> tuple[Path | None, dict | None, int]:
     """(adapter, optimiser state, global step) left by the previous epoch's train stage."""
     if epoch == 0:
@@ -311,7 +374,7 @@ def previous_state(config: Config, epoch: int) -> tuple[Path | None, dict | None
     return previous / "adapter", optimizer, state["global_step"]
 
 
-def run(config: Config, epoch: int, progress: bool = True) -> Path:
+def run(config: Config, epoch: int, session: Session | None = None, progress: bool = True) -> Path:
     out = run_lib.stage_dir(config, epoch, "train")
     if datasets_io.is_complete(out):
         return out
@@ -324,7 +387,8 @@ def run(config: Config, epoch: int, progress: bool = True) -> Path:
     if not examples:
         raise KdError(f"{source}: no sample has a completion token; check generate.max_new_tokens and the prompts")
     adapter, optimizer_state, global_step = previous_state(config, epoch)
-    model = policy_model(config, adapter)
+    with using(config, session) as own:
+        model = own.policy(adapter)
     with tempfile.TemporaryDirectory(prefix="kd-trainer-") as work:
         trainer = make_trainer(
             config, model, examples, Path(work), epoch, global_step, optimizer_state, progress,
@@ -344,7 +408,7 @@ def run(config: Config, epoch: int, progress: bool = True) -> Path:
 
     def write_files(tmp: Path) -> None:
         if trainer.is_world_process_zero():
-            trainer.model.save_pretrained(tmp / "adapter")
+            save_adapter(trainer.model, tmp / "adapter")
             datasets_io.fault_point(out, "checkpoint")
             torch.save(trainer.optimizer.state_dict(), tmp / OPTIMIZER)
             (tmp / STATE).write_text(json.dumps({"global_step": final_step, "epoch": epoch}))

@@ -122,15 +122,19 @@ def load_adapter(base, adapter: Path, adapter_name: str = "default", is_trainabl
     """PeftModel over `base` from an adapter directory; one line if the adapter was made for another model."""
     from peft import PeftModel
 
-    from kd.stages.errors import KdError
-
     try:
         return PeftModel.from_pretrained(base, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as err:
-        raise KdError(
-            f"{adapter}: this LoRA adapter does not fit the student ({str(err).strip().splitlines()[0][:200]}); "
-            "use an adapter exported from a run of this student"
-        ) from None
+        raise adapter_misfit(adapter, err) from None
+
+
+def adapter_misfit(adapter: Path | None, err: Exception) -> "KdError":
+    from kd.stages.errors import KdError
+
+    return KdError(
+        f"{adapter}: this LoRA adapter does not fit the student ({str(err).strip().splitlines()[0][:200]}); "
+        "use an adapter exported from a run of this student"
+    )
 
 
 class HFEngine:

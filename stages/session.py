@@ -1,7 +1,8 @@
-"""What one process keeps loaded across stages and epochs: tokenizers and engines.
+"""What one process keeps loaded across stages and epochs: tokenizers, engines and the student
+being trained.
 
-`kd loop` holds one Session for the whole run, so the teacher and the student's base weights load
-once; a standalone stage command builds its own. Either way every stage reads its inputs from disk
+`kd loop` holds one Session for the whole run, so the teacher, the student's base weights and the
+trainable student load once; a standalone stage command builds its own. Either way every stage reads its inputs from disk
 and writes its outputs to disk, so both paths produce the same datasets.
 """
 

@@ -5,7 +5,9 @@
 
 Reads the epoch's scored samples, the adapter of the previous epoch and its optimiser state, and
 writes train/: per-step metrics (Arrow), the updated adapter, and the optimiser state and global
-step the next epoch resumes from. The objective is in `kd.stages.loss`.
+step the next epoch resumes from. The objective is in `kd.stages.loss`. Under `kd loop` the
+student with its LoRA stays loaded across epochs (`Session.policy`); each epoch loads its adapter
+into it, so the standalone command and the loop train the same weights.
 
 Built on transformers' Trainer (a custom `compute_loss` over our dataset), so accelerate
 (DDP/FSDP/DeepSpeed), bf16, gradient accumulation, gradient clipping and logging come from the
@@ -35,6 +37,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from kd.stages import datasets_io, loss as loss_lib, run as run_lib
 from kd.stages.config import Config, TrainConfig
+from kd.stages.engines import adapter_misfit, load_causal_lm
 from kd.stages.errors import KdError
 from kd.stages.schemas import SCORED, TRAIN_STEPS
 from kd.stages.session import Session, using
@@ -45,8 +48,8 @@ OPTIMIZER = "optimizer.pt"
 
 
 def ragged(table: pa.Table, name: str) -> list[np.ndarray]:
-    """Each row of a list column as a numpy view of one flat buffer: no Python object per token,
-    which for the top-k columns (T x K values a row) cost as much as the optimiser steps."""
+    """Each row of a list column as a numpy view of one flat buffer: no Python object per value
+    (at K = 272, making one per top-k value took 0.26 s of a 0.95 s toy train stage)."""
     column = table.column(name).combine_chunks()
     offsets = column.offsets.to_numpy()
     values = column.values.to_numpy(zero_copy_only=False, writable=True)[offsets[0] : offsets[-1]]
@@ -174,8 +177,6 @@ class Policy:
     def __init__(self, config: Config):
         from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-        from kd.stages.engines import load_causal_lm
-
         cfg = config.train
         base = load_causal_lm(config.student, dtype="float32", device="cpu")
         torch.manual_seed(config.seed)  # LoRA A is random: same seed, same initial adapter
@@ -201,10 +202,7 @@ class Policy:
             if result.unexpected_keys:
                 raise ValueError(f"unexpected weights {result.unexpected_keys[:3]}")
         except (RuntimeError, ValueError, KeyError, OSError) as err:
-            raise KdError(
-                f"{adapter}: this LoRA adapter does not fit the student ({str(err).strip().splitlines()[0][:200]}); "
-                "use an adapter exported from a run of this student"
-            ) from None
+            raise adapter_misfit(adapter, err) from None
         self.model.zero_grad(set_to_none=True)
         return self.model
 

@@ -105,6 +105,43 @@ def test_training_changes_the_adapter_and_resumes_optimizer(make_config):
     assert all(int(state["step"]) == 2 for state in optimizer["state"].values())  # Adam state carried over
 
 
+def test_loop_session_trains_what_standalone_train_stages_train(make_config):
+    """`kd loop` keeps the trainable student loaded and loads each epoch's adapter into it; the adapters
+    must be the ones that a fresh process per train stage makes, bit for bit, and the fresh LoRA of
+    epoch 0 must come back after training."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from kd.stages.train import Policy
+
+    kept, fresh = make_config(run_id="kept"), make_config(run_id="fresh")
+    with Session(kept, progress=False) as kept_session, Session(fresh, progress=False) as fresh_session:
+        for epoch in (0, 1):
+            for config, session, train_session in ((kept, kept_session, kept_session), (fresh, fresh_session, None)):
+                run_lib.prepare(config)
+                generate.run(config, epoch, session)
+                score.run(config, epoch, session)
+                train.run(config, epoch, train_session, progress=False)
+                export_lora.run(config, epoch)
+        for epoch in (0, 1):
+            names = [run_lib.stage_dir(config, epoch, "adapter") / "adapter_model.safetensors" for config in (kept, fresh)]
+            assert names[0].read_bytes() == names[1].read_bytes(), epoch
+        trained = load_file(str(names[0]))
+        restored = get_peft_model_state_dict(kept_session.policy(None))
+    initial = get_peft_model_state_dict(Policy(fresh).model)
+    assert restored.keys() == initial.keys() == trained.keys()
+    assert all(torch.equal(restored[name], initial[name]) for name in initial)
+    assert any(not torch.equal(restored[name], trained[name]) for name in restored)
+
+
+def test_adapter_of_another_rank_is_refused_by_the_train_stage(make_config, tmp_path):
+    from kd.stages.train import Policy
+
+    Policy(make_config(**{"train.lora_rank": 4})).model.save_pretrained(tmp_path / "rank4")
+    with pytest.raises(KdError, match="does not fit the student"):
+        Policy(make_config(**{"train.lora_rank": 8})).load(tmp_path / "rank4")
+
+
 def test_teacher_equal_to_student_gives_zero_kl(make_config):
     config = make_config(teacher=make_config().student)
     session = Session(config, progress=False)

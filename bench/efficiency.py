@@ -4,7 +4,8 @@
 
 Runs epochs 0 and 1 of the toy config (hf engine) through the stage functions in one process, as
 `kd loop` does, then re-runs each stage of epoch 1 (its output removed first) and its bare model
-work; every time is the best of REPEATS (engines warm, sub-second timings on a shared machine):
+work, alternately, REPEATS times (engines warm): on a shared machine sub-second timings drift by
+more than the gap measured, so each ratio is the median of stage/bare pairs timed back to back:
 - score: stage wall vs the teacher's batched forward over the same sequences, in the same
   length-sorted batches (no log-softmax, no gather, no I/O);
 - train: stage wall vs a bare forward + backward + AdamW step of the LoRA student over the same
@@ -21,6 +22,7 @@ import dataclasses
 import json
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +48,8 @@ def best_of(fn, output: Path | None = None) -> float:
     return best
 
 
-def bare_score_seconds(session, table) -> float:
+def bare_score(session, table):
+    """The teacher's batched forward over the scored sequences, in the stage's length-sorted batches."""
     import torch
 
     from kd.stages.engines import length_batches, right_pad
@@ -62,10 +65,11 @@ def bare_score_seconds(session, table) -> float:
         for ids, mask in padded:
             engine.model(input_ids=ids, attention_mask=mask)
 
-    return best_of(forward)
+    return forward
 
 
-def bare_train_seconds(config, epoch: int) -> float:
+def bare_train(config, epoch: int):
+    """Forward + backward + AdamW of the LoRA student over the train stage's batches (model loaded once)."""
     import torch
 
     from kd.stages import datasets_io, loss as loss_lib, run as run_lib
@@ -89,7 +93,18 @@ def bare_train_seconds(config, epoch: int) -> float:
             optimizer.step()
             optimizer.zero_grad()
 
-    return best_of(steps)
+    return steps
+
+
+def paired(stage, output: Path, bare) -> dict:
+    """The stage and its bare work timed alternately REPEATS times, so that both see the same state of
+    a shared machine; the ratio is the median of the pairs' ratios, the times the least of each."""
+    pairs = []
+    for _ in range(REPEATS):
+        shutil.rmtree(output, ignore_errors=True)
+        pairs.append((timed(stage)[0], timed(bare)[0]))
+    return {"stage_seconds": min(s for s, _ in pairs), "bare_seconds": min(b for _, b in pairs),
+            "ratio": statistics.median(b / s for s, b in pairs), "pairs": pairs}
 
 
 def io_costs(config, epoch: int, stage_seconds: dict) -> list[dict]:
@@ -135,25 +150,28 @@ def main() -> None:
             train.run(config, epoch, session, progress=False)
             export_lora.run(config, epoch)
         # In stage order: a re-run rewrites its output, so the next stage reads (and records) the new one.
-        seconds = {
-            "generate": best_of(lambda: generate.run(config, 1, session), run_lib.stage_dir(config, 1, "rollouts")),
-            "score": best_of(lambda: score.run(config, 1, session), run_lib.stage_dir(config, 1, "scored")),
-            "train": best_of(lambda: train.run(config, 1, session, progress=False), run_lib.stage_dir(config, 1, "train")),
-        }
+        generate_seconds = best_of(lambda: generate.run(config, 1, session), run_lib.stage_dir(config, 1, "rollouts"))
         from kd.stages import datasets_io
         from kd.stages.schemas import SCORED
 
+        shutil.rmtree(run_lib.stage_dir(config, 1, "scored"))
+        score.run(config, 1, session)
         scored = datasets_io.read_table(run_lib.stage_dir(config, 1, "scored"), SCORED)
         tokens = sum(len(c) for c in scored.column("completion_token_ids").to_pylist())
-        bare = {"score": bare_score_seconds(session, scored), "train": bare_train_seconds(config, 1)}
+        measured = {
+            "score": paired(lambda: score.run(config, 1, session), run_lib.stage_dir(config, 1, "scored"),
+                            bare_score(session, scored)),
+            "train": paired(lambda: train.run(config, 1, session, progress=False), run_lib.stage_dir(config, 1, "train"),
+                            bare_train(config, 1)),
+        }
+        seconds = {"generate": generate_seconds, **{stage: m["stage_seconds"] for stage, m in measured.items()}}
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, CPU only",
         "versions": {name: version(name) for name in ("torch", "transformers", "peft", "pyarrow")},
-        "completion_tokens": tokens, "samples": scored.num_rows,
+        "completion_tokens": tokens, "samples": scored.num_rows, "repeats": REPEATS,
         "stages": [
-            {"stage": stage, "stage_seconds": seconds[stage], "bare_seconds": bare.get(stage),
-             "stage_tokens_per_second": tokens / seconds[stage],
-             "ratio": bare[stage] / seconds[stage] if stage in bare else None}
+            {"stage": stage, "stage_seconds": seconds[stage], "stage_tokens_per_second": tokens / seconds[stage],
+             **{key: measured.get(stage, {}).get(key) for key in ("bare_seconds", "ratio", "pairs")}}
             for stage in ("generate", "score", "train")
         ],
         "io": io_costs(config, 1, seconds),
@@ -170,9 +188,10 @@ def markdown(result: dict) -> str:
         "# Stage efficiency (toy world, hf engine, epoch 1 of a fresh run)",
         "",
         f"{result['date']}, {result['machine']}; {', '.join(f'{k} {v}' for k, v in result['versions'].items())}. "
-        f"{result['samples']} samples, {result['completion_tokens']} completion tokens. `python bench/efficiency.py`.",
+        f"{result['samples']} samples, {result['completion_tokens']} completion tokens; stage and bare work timed "
+        f"alternately {result['repeats']} times. `python bench/efficiency.py`.",
         "",
-        "| stage | stage s | tokens/s | bare model work s | bare / stage |",
+        "| stage | stage s (least) | tokens/s | bare model work s (least) | bare / stage (median of pairs) |",
         "|---|---:|---:|---:|---:|",
     ]
     for s in result["stages"]:

@@ -1,6 +1,6 @@
 """On-policy vs off-policy distillation vs none, against the teacher tokens each one costs (toy world).
 
-    python bench/offpolicy.py [--epochs 40] [--eval-every 2]        (just bench-offpolicy)
+    python bench/offpolicy.py [--epochs 40] [--eval-every 2] [--seeds 0 1]        (just bench-offpolicy)
 
 - on-policy: `kd loop` with configs/toy.yaml (sampled-token objective), and once more with the
   teacher's top-8 reverse KL instead (`score.top_k=8`, `train.kl_coef=0`, `train.topk_reverse_kl=1`),
@@ -55,10 +55,11 @@ ON_POLICY = {
 }
 
 
-def run_on_policy(run_id: str, overrides: list[str], epochs: int, eval_every: int) -> list[dict]:
+def run_on_policy(run_id: str, overrides: list[str], epochs: int, eval_every: int, seed: int) -> list[dict]:
+    run_id = f"{run_id}-seed{seed}"
     shutil.rmtree(ROOT / "runs" / run_id, ignore_errors=True)
     vocabulary = json.loads((ROOT / "runs" / "toy-world" / "toy.json").read_text())["vocab_size"]
-    command = ["kd", "loop", "--config", str(ROOT / "configs" / "toy.yaml"), "--run", run_id,
+    command = ["kd", "loop", "--config", str(ROOT / "configs" / "toy.yaml"), "--run", run_id, "--set", f"seed={seed}",
                "--set", f"epochs={epochs}", "--set", f"eval.every={eval_every}", "--set", f"train.batch_size={BATCH}"]
     for override in overrides:
         command += ["--set", override.replace("vocabulary", str(vocabulary))]
@@ -76,7 +77,7 @@ def run_on_policy(run_id: str, overrides: list[str], epochs: int, eval_every: in
     return curve
 
 
-def run_off_policy(epochs: int, eval_every: int) -> list[dict]:
+def run_off_policy(epochs: int, eval_every: int, seed: int) -> list[dict]:
     import torch
 
     from kd.stages import config as config_lib, loss as loss_lib, prompts as prompts_lib
@@ -86,7 +87,7 @@ def run_off_policy(epochs: int, eval_every: int) -> list[dict]:
     from kd.stages.session import Session
     from kd.stages.train import Collator, lr_factor, policy_model
 
-    config = config_lib.load(ROOT / "configs" / "toy.yaml")
+    config = config_lib.load(ROOT / "configs" / "toy.yaml", [f"seed={seed}"])
     cfg, gen = config.train, config.generate
     teacher_as_sampler = dataclasses.replace(config, student=config.teacher)
     work = Path(tempfile.mkdtemp(prefix="kd-bench-offpolicy-"))
@@ -133,6 +134,11 @@ def run_off_policy(epochs: int, eval_every: int) -> list[dict]:
     return curve
 
 
+def mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """The seeds' curves averaged point by point (they evaluate at the same epochs)."""
+    return [{key: sum(point[key] for point in points) / len(points) for key in points[0]} for points in zip(*curves)]
+
+
 def tokens_to_reach(curve: list[dict], kl: float) -> int | None:
     return next((p["teacher_tokens"] for p in curve if p["heldout_reverse_kl"] <= kl), None)
 
@@ -144,19 +150,22 @@ def markdown(result: dict) -> str:
         "# On-policy vs off-policy distillation (toy world)",
         "",
         f"{result['date']}, {result['machine']}. `python bench/offpolicy.py --epochs {result['epochs']} "
-        f"--eval-every {result['eval_every']}`; 256 samples per epoch, optimiser batch {result['batch']}, LoRA rank 16, "
-        "lr 1e-3 for every method.",
+        f"--eval-every {result['eval_every']} --seeds {' '.join(map(str, result['seeds']))}`; 256 samples per epoch, "
+        f"optimiser batch {result['batch']}, LoRA rank 16, lr 1e-3 for every method. Every number is the mean over the "
+        f"{len(result['seeds'])} seeds, evaluation by evaluation.",
         "",
         f"No distillation: held-out reverse KL {off[0]['heldout_reverse_kl']:.4f}, accuracy {off[0]['accuracy']:.1%}.",
         "",
-        f"| run | final KL | final accuracy | teacher tokens | teacher tokens to reach off-policy's final KL ({target:.4f}) |",
-        "|---|---:|---:|---:|---|",
+        f"| run | final KL | final KL of each seed | final accuracy | teacher tokens "
+        f"| teacher tokens to reach off-policy's final KL ({target:.4f}) |",
+        "|---|---:|---|---:|---:|---|",
     ]
     for name, curve in result["curves"].items():
         reach = tokens_to_reach(curve, target)
-        share = "not reached" if reach is None else f"{reach} ({reach / off[-1]['teacher_tokens']:.0%} of off-policy's)"
-        lines.append(f"| {name} | {curve[-1]['heldout_reverse_kl']:.4f} | {curve[-1]['accuracy']:.1%} "
-                     f"| {curve[-1]['teacher_tokens']} | {share} |")
+        share = "not reached" if reach is None else f"{reach:.0f} ({reach / off[-1]['teacher_tokens']:.0%} of off-policy's)"
+        each = ", ".join(f"{seed[-1]['heldout_reverse_kl']:.4f}" for seed in result["seed_curves"][name])
+        lines.append(f"| {name} | {curve[-1]['heldout_reverse_kl']:.4f} | {each} | {curve[-1]['accuracy']:.1%} "
+                     f"| {curve[-1]['teacher_tokens']:.0f} | {share} |")
     lines += [
         "",
         "| run | epoch | teacher tokens | training s | held-out KL | accuracy |",
@@ -164,7 +173,7 @@ def markdown(result: dict) -> str:
     ]
     for name, curve in result["curves"].items():
         for p in curve:
-            lines.append(f"| {name} | {p['epoch']} | {p['teacher_tokens']} | {p['train_seconds']:.1f} "
+            lines.append(f"| {name} | {p['epoch']:.0f} | {p['teacher_tokens']:.0f} | {p['train_seconds']:.1f} "
                          f"| {p['heldout_reverse_kl']:.4f} | {p['accuracy']:.1%} |")
     return "\n".join(lines) + "\n"
 
@@ -176,14 +185,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help=(
+        "run seeds (prompt choice, samples, LoRA init); the curves reported are their means: one held-out "
+        "evaluation moves by a few hundredths of KL from one to the next"))
     options = parser.parse_args()
     if not (ROOT / "runs" / "toy-world" / "toy.json").is_file():
         subprocess.run(["kd", "toy"], cwd=ROOT, check=True)
-    curves = {name: run_on_policy(run_id, overrides, options.epochs, options.eval_every)
-              for name, (run_id, overrides) in ON_POLICY.items()}
-    curves["off-policy (SFT on teacher samples)"] = run_off_policy(options.epochs, options.eval_every)
+    seed_curves = {name: [run_on_policy(run_id, overrides, options.epochs, options.eval_every, seed)
+                          for seed in options.seeds]
+                   for name, (run_id, overrides) in ON_POLICY.items()}
+    seed_curves["off-policy (SFT on teacher samples)"] = [run_off_policy(options.epochs, options.eval_every, seed)
+                                                          for seed in options.seeds]
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
-              "epochs": options.epochs, "eval_every": options.eval_every, "batch": BATCH, "curves": curves}
+              "epochs": options.epochs, "eval_every": options.eval_every, "batch": BATCH, "seeds": options.seeds,
+              "curves": {name: mean_curve(curves) for name, curves in seed_curves.items()}, "seed_curves": seed_curves}
     save_results(RESULTS, "offpolicy", result, markdown(result))
 
 

@@ -280,20 +280,30 @@ class HFEngine:
         lengths = [len(s) for s in sequences]
         for batch in length_batches(lengths, self.max_batch_tokens, self.max_batch_rows):
             ids_B_L, mask_B_L = right_pad([sequences[i] for i in batch], self.pad_token_id)
-            logits_B_L_V = self.model(input_ids=ids_B_L.to(self.device), attention_mask=mask_B_L.to(self.device)).logits
-            for row, i in enumerate(batch):
-                start, end = prompt_lengths[i], lengths[i]
+            ids_B_L = ids_B_L.to(self.device)
+            logits_B_L_V = self.model(input_ids=ids_B_L, attention_mask=mask_B_L.to(self.device)).logits
+            # Log-softmax over as many rows at once as fit in SCORE_CHUNK_VALUES floats: one call per
+            # chunk instead of several per row (the toy's whole batch), one row at a time for real vocabularies.
+            _, longest, vocabulary = logits_B_L_V.shape
+            rows_at_once = max(1, SCORE_CHUNK_VALUES // (longest * vocabulary))
+            for first in range(0, len(batch), rows_at_once):
                 # logits at position t predict token t+1: completion tokens [start, end) need logits [start-1, end-1)
-                logprobs_T_V = torch.log_softmax(logits_B_L_V[row, start - 1 : end - 1].float(), -1)
-                targets_T = ids_B_L[row, start:end].to(self.device)
-                top_T_K = logprobs_T_V.topk(top_k, dim=-1)  # sorted, most likely first
-                results[i] = Scores(
-                    logprobs_T_V.gather(-1, targets_T[:, None])[:, 0].cpu().numpy().astype(np.float32),
-                    top_T_K.indices.cpu().numpy().astype(np.int32), top_T_K.values.cpu().numpy().astype(np.float32),
-                )
+                logprobs_C_L_V = torch.log_softmax(logits_B_L_V[first : first + rows_at_once, :-1].float(), -1)
+                token_C_L = logprobs_C_L_V.gather(-1, ids_B_L[first : first + rows_at_once, 1:, None])[..., 0].cpu().numpy()
+                top_C_L_K = logprobs_C_L_V.topk(top_k, dim=-1)  # sorted, most likely first
+                top_ids_C_L_K = top_C_L_K.indices.cpu().numpy().astype(np.int32)
+                top_logprobs_C_L_K = top_C_L_K.values.cpu().numpy()
+                for row, i in enumerate(batch[first : first + rows_at_once]):
+                    positions = slice(prompt_lengths[i] - 1, lengths[i] - 1)
+                    results[i] = Scores(token_C_L[row, positions], top_ids_C_L_K[row, positions],
+                                        top_logprobs_C_L_K[row, positions])
             if progress is not None:
                 progress(len(batch))
         return results  # type: ignore[return-value]
+
+
+# float32 log-probabilities the hf scorer materialises at once (64 MiB), beside the model's own logits.
+SCORE_CHUNK_VALUES = 1 << 24
 
 
 def behaviour_logprobs(logits_B_V: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

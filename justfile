@@ -33,7 +33,7 @@ bench-engines:
     python bench/engines.py
 
 # Every benchmark, one after another (results in bench/results/, summary in BENCHMARKS.md)
-bench: bench-engines bench-topk bench-efficiency bench-offpolicy bench-slurm
+bench: bench-engines bench-topk bench-vs-trl bench-efficiency bench-offpolicy bench-slurm
 
 # One toy epoch as Slurm jobs: 1 vs 2 array tasks, 1 vs 2 training processes, Slurm's overhead -> bench/results/slurm.md
 bench-slurm: install-slurm toy
@@ -61,6 +61,10 @@ bench-minillm:
     test -x .venv-trl029/bin/python || python -m venv --system-site-packages .venv-trl029
     .venv-trl029/bin/python -m pip install -q --no-deps trl==0.29.1
     .venv-trl029/bin/python bench/topk.py --minillm
+
+# kd (full-vocabulary reverse KL) vs TRL's DistillationTrainer, 2 seeds, wall time to each held-out KL -> bench/results/vs_trl.md
+bench-vs-trl:
+    python bench/vs_trl.py
 
 # Score and train stage wall time vs the bare model work inside, dataset I/O share -> bench/results/efficiency.md
 bench-efficiency:

@@ -21,6 +21,11 @@ METRICS = {"heldout_reverse_kl": "held-out reverse KL / token", "accuracy": "hel
 STYLES = ("o-", "s-", "^-", "D-", "v-", "x-", "*-")
 
 
+def mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """Several seeds' curves averaged point by point (they evaluate at the same epochs or steps)."""
+    return [{key: sum(point[key] for point in points) / len(points) for key in points[0]} for points in zip(*curves)]
+
+
 def save(results: Path, name: str, result: dict, markdown: str) -> None:
     """A benchmark's results: <name>.json, <name>.md and the curves' PNGs in `results`; the table printed."""
     results.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from curves import save as save_results  # bench/curves.py: run as `python bench/...`, bench/ is on sys.path
+from curves import mean_curve, save as save_results  # bench/curves.py: run as `python bench/...`, bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -132,11 +132,6 @@ def run_off_policy(epochs: int, eval_every: int, seed: int) -> list[dict]:
             seconds += time.perf_counter() - started
     shutil.rmtree(work, ignore_errors=True)
     return curve
-
-
-def mean_curve(curves: list[list[dict]]) -> list[dict]:
-    """The seeds' curves averaged point by point (they evaluate at the same epochs)."""
-    return [{key: sum(point[key] for point in points) / len(points) for key in points[0]} for points in zip(*curves)]
 
 
 def tokens_to_reach(curve: list[dict], kl: float) -> int | None:

@@ -59,9 +59,9 @@ def kd_variants(vocabulary: int) -> dict[str, list[str]]:
     }
 
 
-def run_kd(name: str, overrides: list[str], epochs: int, eval_every: int) -> list[dict]:
+def run_kd(name: str, overrides: list[str], epochs: int, eval_every: int, prefix: str = "bench-topk-") -> list[dict]:
     """`kd loop` as a user runs it; the curve: held-out KL and accuracy against cumulative training seconds."""
-    run_id = "bench-topk-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    run_id = prefix + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     shutil.rmtree(ROOT / "runs" / run_id, ignore_errors=True)  # a fresh run: `kd loop` would resume an old one
     command = ["kd", "loop", "--config", str(ROOT / "configs" / "toy.yaml"), "--run", run_id,
                "--set", f"epochs={epochs}", "--set", f"eval.every={eval_every}"]
@@ -84,7 +84,7 @@ TRL_DISTILLATION = "trl DistillationTrainer (beta=1)"
 TRL_MINILLM = "trl experimental MiniLLMTrainer (Tinker-like: per-token reverse KL advantage)"
 
 
-def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DISTILLATION) -> list[dict]:
+def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DISTILLATION, seed: int = 0) -> list[dict]:
     """A TRL distiller with kd's toy hyper-parameters, stopped after `budget_seconds` of training:
     `trl.DistillationTrainer` (beta 1), or `trl.experimental.minillm.MiniLLMTrainer` (TRL 0.2x only:
     TRL 1.x has no MiniLLM) set up as the Tinker objective: advantage = per-token reverse KL to the
@@ -99,7 +99,7 @@ def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DIST
     from kd.stages.eval import evaluate
     from kd.stages.session import Session
 
-    config = config_lib.load(ROOT / "configs" / "toy.yaml")
+    config = config_lib.load(ROOT / "configs" / "toy.yaml", [f"seed={seed}"])
     config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, num_prompts=0))
     cfg = config.train
     session = Session(config, progress=False)

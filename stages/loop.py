@@ -3,10 +3,10 @@
     kd loop                      # the toy world on CPU (configs/toy.yaml)
     kd loop --config configs/qwen3-4b-from-32b.yaml --set epochs=50
 
-Stages run in this one process and share a Session, so the teacher and the student's base weights
-load once; each stage still reads and writes its datasets on disk exactly as its standalone
-command does. Re-running the same command resumes: complete stages are skipped, an incomplete one
-is redone from scratch. Eval runs at epochs 0, k, 2k, ... and at the end (policy after training);
+Stages run in this one process and share a Session, so the teacher, the student's base weights and
+the student being trained load once; each stage still reads and writes its datasets on disk exactly
+as its standalone command does. Re-running the same command resumes: complete stages are skipped,
+an incomplete one is redone from scratch. Eval runs at epochs 0, k, 2k, ... and at the end (policy after training);
 then `kd report` writes the run's plots and summary into runs/<id>/report/.
 """
 

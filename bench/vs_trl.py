@@ -1,0 +1,106 @@
+"""kd against TRL's on-policy distiller, head to head on the toy world: the same objective, several
+seeds, and the wall time each needs to reach a series of held-out reverse KLs.
+
+    python bench/vs_trl.py [--epochs 80] [--seeds 0 1]        (just bench-vs-trl)
+
+- kd: `kd loop` with the teacher's whole next-token distribution (score.top_k = the vocabulary,
+  train.topk_reverse_kl 1, train.kl_coef 0), one sample for each of 256 prompts per epoch, 64
+  samples per optimiser step (4 steps per epoch): the best toy setting of bench/topk.py.
+- TRL: `trl.DistillationTrainer` with beta = 1 (reverse KL over the whole vocabulary), one
+  completion for each of 64 prompts per step, same student, teacher, LoRA, learning rate and
+  warm-up, for the mean training seconds of the kd runs (bench/topk.py's `run_trl`).
+Training seconds exclude evaluation; every policy is evaluated by `kd.stages.eval.evaluate` on the
+256 held-out prompts, every 20 optimiser steps for both. One evaluation moves by a few hundredths of
+KL from one to the next, so the curves are averaged over the seeds before anything is read off them.
+Writes bench/results/vs_trl.json, vs_trl.md and the curves' PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from curves import mean_curve, save as save_results  # bench/ is on sys.path: run as `python bench/vs_trl.py`
+from topk import TRL_DISTILLATION, at_time, first_reaching, run_kd, run_trl, versions
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+KD = "kd, full-vocabulary reverse KL, 1 sample x 256 prompts per epoch"
+THRESHOLDS = (0.2, 0.15, 0.1, 0.07, 0.05)
+STEPS_PER_EVAL = 20
+
+
+def kd_overrides(vocabulary: int, seed: int) -> list[str]:
+    return [f"seed={seed}", f"score.top_k={vocabulary}", "train.kl_coef=0", "train.topk_reverse_kl=1",
+            "train.batch_size=64", "generate.prompts_per_epoch=256", "generate.samples_per_prompt=1"]
+
+
+def markdown(result: dict) -> str:
+    curves = result["curves"]
+    seeds = " ".join(map(str, result["seeds"]))
+    lines = [
+        "# kd vs TRL DistillationTrainer, head to head (toy world)",
+        "",
+        f"{result['date']}, {result['machine']}; {', '.join(f'{k} {v}' for k, v in result['versions'].items())}. "
+        f"`python bench/vs_trl.py --epochs {result['epochs']} --seeds {seeds}`. Curves are means over the seeds; "
+        "training seconds exclude evaluation.",
+        "",
+        "| run | training s | optimiser steps | final held-out KL (each seed) | final accuracy |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for name, curve in curves.items():
+        each = ", ".join(f"{c[-1]['heldout_reverse_kl']:.4f}" for c in result["seed_curves"][name])
+        lines.append(f"| {name} | {curve[-1]['train_seconds']:.1f} | {curve[-1]['steps']:.0f} "
+                     f"| {curve[-1]['heldout_reverse_kl']:.4f} ({each}) | {curve[-1]['accuracy']:.1%} |")
+    lines += ["", "Training seconds until the mean curve first reaches a held-out reverse KL:", "",
+              "| held-out KL <= | " + " | ".join(curves) + " |", "|---:|" + "---:|" * len(curves)]
+    for threshold in THRESHOLDS:
+        cells = [first_reaching(curve, threshold) for curve in curves.values()]
+        lines.append(f"| {threshold} | " + " | ".join("not reached" if c is None else f"{c:.1f}" for c in cells) + " |")
+    lines += ["", "Held-out KL / accuracy of the mean curve at equal training time (last evaluation before it):", "",
+              "| training s | " + " | ".join(curves) + " |", "|---:|" + "---|" * len(curves)]
+    common = min(curve[-1]["train_seconds"] for curve in curves.values())
+    for seconds in [s for s in (15, 30, 45, 60, 75, 90, 105) if s < common] + [common]:
+        points = [at_time(curve, seconds) for curve in curves.values()]
+        lines.append(f"| {seconds:.0f} | " + " | ".join(f"{p['heldout_reverse_kl']:.3f} / {p['accuracy']:.0%}" for p in points) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=80)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    options = parser.parse_args()
+    if not (ROOT / "runs" / "toy-world" / "toy.json").is_file():
+        subprocess.run(["kd", "toy"], cwd=ROOT, check=True)
+    vocabulary = json.loads((ROOT / "runs" / "toy-world" / "toy.json").read_text())["vocab_size"]
+    steps_per_epoch = 256 // 64
+    kd_runs = [
+        [{**point, "steps": point["epoch"] * steps_per_epoch}
+         for point in run_kd(f"{KD} seed {seed}", kd_overrides(vocabulary, seed), options.epochs,
+                             STEPS_PER_EVAL // steps_per_epoch, prefix="bench-vs-trl-")]
+        for seed in options.seeds
+    ]
+    budget = sum(run[-1]["train_seconds"] for run in kd_runs) / len(kd_runs)
+    print(f"== {TRL_DISTILLATION}, {budget:.0f} s of training per seed", flush=True)
+    trl_runs = [[{("steps" if key == "step" else key): value for key, value in point.items()}
+                 for point in run_trl(budget, STEPS_PER_EVAL, seed=seed)]
+                for seed in options.seeds]
+    # A TRL run stops on the clock: its last evaluation can fall at a different step in each seed, so
+    # only the evaluations every seed has are averaged (the kd runs evaluate at the same epochs).
+    shortest = min(len(run) for run in trl_runs)
+    seed_curves = {KD: kd_runs, TRL_DISTILLATION: [run[:shortest] for run in trl_runs]}
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, CPU only",
+        "versions": versions(), "epochs": options.epochs, "seeds": options.seeds,
+        "curves": {name: mean_curve(runs) for name, runs in seed_curves.items()}, "seed_curves": seed_curves,
+    }
+    save_results(RESULTS, "vs_trl", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

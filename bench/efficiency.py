@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-REPEATS = 5  # sub-second timings on a shared 2-core machine: best of 3 still moved the score ratio by 0.3
+REPEATS = 11  # sub-second timings on a shared 2-core machine: best of 3 moved the score ratio by 0.3
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:

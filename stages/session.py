@@ -118,13 +118,13 @@ class Session:
                 )
         return self._engines[key]
 
-    def policy(self, adapter: Path | None):
-        """The student with a trainable LoRA holding `adapter`'s weights (fresh at None), for the train stage."""
+    def policy(self):
+        """The student with a trainable LoRA, for the train stage (`kd.stages.train.Policy`)."""
         if self._policy is None:
             from kd.stages.train import Policy
 
             self._policy = Policy(self.config)
-        return self._policy.load(adapter)
+        return self._policy
 
     def close(self) -> None:
         """Stop in-process engines now: vLLM's engine-core processes, left to interpreter exit, can abort it."""

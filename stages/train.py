@@ -6,8 +6,9 @@
 Reads the epoch's scored samples, the adapter of the previous epoch and its optimiser state, and
 writes train/: per-step metrics (Arrow), the updated adapter, and the optimiser state and global
 step the next epoch resumes from. The objective is in `kd.stages.loss`. Under `kd loop` the
-student with its LoRA stays loaded across epochs (`Session.policy`); each epoch loads its adapter
-into it, so the standalone command and the loop train the same weights.
+student with its LoRA stays loaded across epochs (`Session.policy`): each epoch resumes the previous
+epoch's adapter and optimiser state in it, from memory when this process wrote them, so the
+standalone command and the loop train the same weights (tested bit for bit).
 
 Built on transformers' Trainer (a custom `compute_loss` over our dataset), so accelerate
 (DDP/FSDP/DeepSpeed), bf16, gradient accumulation, gradient clipping and logging come from the
@@ -170,9 +171,11 @@ def per_process_batch(cfg: TrainConfig, processes: int) -> int:
 
 
 class Policy:
-    """The student with a trainable LoRA, built once per process: each epoch loads its adapter's
-    weights into the same model, so `kd loop` does not reload the (frozen) base weights for every
-    train stage. Epoch 0 gets the seeded fresh LoRA (equal to the base) that `get_peft_model` drew."""
+    """The student with a trainable LoRA, built once per process: each epoch puts the previous epoch's
+    adapter into the same model, so `kd loop` does not reload the (frozen) base weights for every
+    train stage. Epoch 0 gets the seeded fresh LoRA (equal to the base) that `get_peft_model` drew.
+    After a train stage has written its output, the model and the optimiser state it saved are that
+    output: the next epoch of the same process resumes from memory instead of reading them back."""
 
     def __init__(self, config: Config):
         from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
@@ -186,6 +189,8 @@ class Policy:
         )
         self.model = get_peft_model(base, lora)
         self.fresh = {name: tensor.clone() for name, tensor in get_peft_model_state_dict(self.model).items()}
+        self.holds: Path | None = None  # the train/ directory whose adapter the model holds now
+        self.optimizer_state: dict | None = None  # and whose optimiser state this is
 
     def load(self, adapter: Path | None):
         """The model holding `adapter`'s weights (the fresh LoRA at None); one line if it does not fit."""
@@ -196,6 +201,9 @@ class Policy:
         # Under bf16, the previous epoch's Trainer wrapped forward in autocast in place: unwrap it, or
         # the wrappers would pile up epoch after epoch.
         extract_model_from_parallel(self.model, keep_fp32_wrapper=False)
+        self.model.zero_grad(set_to_none=True)
+        if adapter is not None and adapter.parent == self.holds:
+            return self.model
         try:
             weights = self.fresh if adapter is None else load_peft_weights(str(adapter), device="cpu")
             result = set_peft_model_state_dict(self.model, weights)
@@ -203,8 +211,23 @@ class Policy:
                 raise ValueError(f"unexpected weights {result.unexpected_keys[:3]}")
         except (RuntimeError, ValueError, KeyError, OSError) as err:
             raise adapter_misfit(adapter, err) from None
-        self.model.zero_grad(set_to_none=True)
+        self.holds = None
         return self.model
+
+    def resume(self, previous: Path | None) -> tuple[object, dict | None]:
+        """The model and optimiser state that the complete train/ directory `previous` holds (a fresh
+        LoRA and no state at None). Training changes both: until `trained` they hold no directory."""
+        model = self.load(None if previous is None else previous / "adapter")
+        if previous is None:
+            self.optimizer_state = None
+        elif previous != self.holds:
+            self.optimizer_state = torch.load(previous / OPTIMIZER, map_location="cpu", weights_only=True)
+        self.holds = None
+        return model, self.optimizer_state
+
+    def trained(self, out: Path, optimizer_state: dict) -> None:
+        """`out`, now complete on disk, holds the model's adapter and this optimiser state."""
+        self.holds, self.optimizer_state = out, optimizer_state
 
 
 def policy_model(config: Config, previous_adapter: Path | None):
@@ -361,15 +384,13 @@ def save_adapter(model, directory: Path) -> None:
     lora.save_pretrained(str(directory))
 
 
-def previous_state(config: Config, epoch: int) -> tuple[Path | None, dict | None, int]:
-    """(adapter, optimiser state, global step) left by the previous epoch's train stage."""
+def previous_state(config: Config, epoch: int) -> tuple[Path | None, int]:
+    """The previous epoch's complete train/ directory (None at epoch 0) and the global step it reached."""
     if epoch == 0:
-        return None, None, 0
+        return None, 0
     previous = run_lib.stage_dir(config, epoch - 1, "train")
     datasets_io.require(previous, TRAIN_STEPS, f"run `kd train --epoch {epoch - 1}` first")
-    state = json.loads((previous / STATE).read_text())
-    optimizer = torch.load(previous / OPTIMIZER, map_location="cpu", weights_only=True)
-    return previous / "adapter", optimizer, state["global_step"]
+    return previous, json.loads((previous / STATE).read_text())["global_step"]
 
 
 def run(config: Config, epoch: int, session: Session | None = None, progress: bool = True) -> Path:
@@ -384,9 +405,10 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
     examples = features(table, config.train, source, top_k)
     if not examples:
         raise KdError(f"{source}: no sample has a completion token; check generate.max_new_tokens and the prompts")
-    adapter, optimizer_state, global_step = previous_state(config, epoch)
+    previous, global_step = previous_state(config, epoch)
     with using(config, session) as own:
-        model = own.policy(adapter)
+        policy = own.policy()
+    model, optimizer_state = policy.resume(previous)
     with tempfile.TemporaryDirectory(prefix="kd-trainer-") as work:
         trainer = make_trainer(
             config, model, examples, Path(work), epoch, global_step, optimizer_state, progress,
@@ -403,12 +425,13 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
             gc.unfreeze()
     steps = trainer.recorder.rows
     final_step = global_step + trainer.state.global_step
+    final_optimizer_state = trainer.optimizer.state_dict()
 
     def write_files(tmp: Path) -> None:
         if trainer.is_world_process_zero():
             save_adapter(trainer.model, tmp / "adapter")
             datasets_io.fault_point(out, "checkpoint")
-            torch.save(trainer.optimizer.state_dict(), tmp / OPTIMIZER)
+            torch.save(final_optimizer_state, tmp / OPTIMIZER)
             (tmp / STATE).write_text(json.dumps({"global_step": final_step, "epoch": epoch}))
 
     stats = {
@@ -423,7 +446,7 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
         "learning_rate": steps[-1]["learning_rate"],
     }
     stats["tokens_per_second"] = stats["tokens"] * config.train.passes / max(time.time() - started, 1e-9)
-    inputs = [source] + ([adapter.parent] if adapter is not None else [])
+    inputs = [source] + ([previous] if previous is not None else [])
     stage_config = {"seed": config.seed, "student": config.student, "epochs": config.epochs, "train": config.to_dict()["train"]}
     if trainer.is_world_process_zero():
         table = pa.Table.from_pylist(steps, schema=TRAIN_STEPS.schema)
@@ -432,4 +455,5 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
         for row in steps:
             run_lib.log_metrics(config, {"epoch": epoch, "stage": "train_step", **row})
     trainer.accelerator.wait_for_everyone()
+    policy.trained(out, final_optimizer_state)
     return out

@@ -127,7 +127,7 @@ def test_loop_session_trains_what_standalone_train_stages_train(make_config):
             names = [run_lib.stage_dir(config, epoch, "adapter") / "adapter_model.safetensors" for config in (kept, fresh)]
             assert names[0].read_bytes() == names[1].read_bytes(), epoch
         trained = load_file(str(names[0]))
-        restored = get_peft_model_state_dict(kept_session.policy(None))
+        restored = get_peft_model_state_dict(kept_session.policy().load(None))
     initial = get_peft_model_state_dict(Policy(fresh).model)
     assert restored.keys() == initial.keys() == trained.keys()
     assert all(torch.equal(restored[name], initial[name]) for name in initial)

@@ -2,17 +2,17 @@
 
     python bench/efficiency.py            (just bench-efficiency)
 
-Runs epochs 0 and 1 of the toy config (hf engine) through the stage functions in one process, as
-`kd loop` does, then re-runs each stage of epoch 1 (its output removed first) and its bare model
-work, alternately, REPEATS times (engines warm): on a shared machine sub-second timings drift by
-more than the gap measured, so each ratio is the median of stage/bare pairs timed back to back:
+Runs EPOCHS epochs of the toy config (hf engine) through the stage functions in one process, as
+`kd loop` does, and after each epoch but the first (which loads the models) times the bare model
+work over that epoch's data; on a shared machine sub-second timings drift by more than the gap
+measured, so each ratio is the median of the epochs' bare/stage ratios, each pair timed back to back:
 - score: stage wall vs the teacher's batched forward over the same sequences, in the same
   length-sorted batches (no log-softmax, no gather, no I/O);
 - train: stage wall vs a bare forward + backward + AdamW step of the LoRA student over the same
   collated batches (model already loaded; no Trainer, no checkpoint, no I/O);
 - generate: tokens/s (engines compared in bench/results/engines.md);
-- dataset I/O: writing and reading each epoch-1 dataset as a share of its stage's wall time, and
-  bytes on disk with zstd against uncompressed Arrow.
+- dataset I/O: writing and reading the last epoch's datasets as a share of its stage's median wall
+  time, and bytes on disk with zstd against uncompressed Arrow.
 Writes bench/results/efficiency.json and bench/results/efficiency.md.
 """
 
@@ -29,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-REPEATS = 11  # sub-second timings on a shared 2-core machine: best of 3 moved the score ratio by 0.3
+EPOCHS = 12  # epoch 0 loads the models; the other 11 are measured
+REPEATS = 5  # dataset writes and reads: the least of 5
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
@@ -96,17 +97,6 @@ def bare_train(config, epoch: int):
     return steps
 
 
-def paired(stage, output: Path, bare) -> dict:
-    """The stage and its bare work timed alternately REPEATS times, so that both see the same state of
-    a shared machine; the ratio is the median of the pairs' ratios, the times the least of each."""
-    pairs = []
-    for _ in range(REPEATS):
-        shutil.rmtree(output, ignore_errors=True)
-        pairs.append((timed(stage)[0], timed(bare)[0]))
-    return {"stage_seconds": min(s for s, _ in pairs), "bare_seconds": min(b for _, b in pairs),
-            "ratio": statistics.median(b / s for s, b in pairs), "pairs": pairs}
-
-
 def io_costs(config, epoch: int, stage_seconds: dict) -> list[dict]:
     import pyarrow as pa
 
@@ -136,45 +126,48 @@ def io_costs(config, epoch: int, stage_seconds: dict) -> list[dict]:
 def main() -> None:
     from importlib.metadata import version
 
-    from kd.stages import config as config_lib, export_lora, generate, run as run_lib, score, train
+    from kd.stages import config as config_lib, datasets_io, export_lora, generate, run as run_lib, score, train
+    from kd.stages.schemas import SCORED
     from kd.stages.session import Session
 
     runs = Path(tempfile.mkdtemp(prefix="kd-bench-efficiency-"))
     config = config_lib.load(ROOT / "configs" / "toy.yaml")
-    config = dataclasses.replace(config, run_id="efficiency", runs_dir=str(runs), epochs=2)
+    config = dataclasses.replace(config, run_id="efficiency", runs_dir=str(runs), epochs=EPOCHS)
     run_lib.prepare(config)
+    seconds: dict[str, list[float]] = {"generate": [], "score": [], "train": []}
+    bare: dict[str, list[float]] = {"score": [], "train": []}
+    tokens = samples = 0
     with Session(config, progress=False) as session:
-        for epoch in (0, 1):
-            generate.run(config, epoch, session)
-            score.run(config, epoch, session)
-            train.run(config, epoch, session, progress=False)
+        for epoch in range(EPOCHS):
+            stage_seconds = {
+                "generate": timed(generate.run, config, epoch, session)[0],
+                "score": timed(score.run, config, epoch, session)[0],
+                "train": timed(train.run, config, epoch, session, progress=False)[0],
+            }
             export_lora.run(config, epoch)
-        # In stage order: a re-run rewrites its output, so the next stage reads (and records) the new one.
-        generate_seconds = best_of(lambda: generate.run(config, 1, session), run_lib.stage_dir(config, 1, "rollouts"))
-        from kd.stages import datasets_io
-        from kd.stages.schemas import SCORED
-
-        shutil.rmtree(run_lib.stage_dir(config, 1, "scored"))
-        score.run(config, 1, session)
-        scored = datasets_io.read_table(run_lib.stage_dir(config, 1, "scored"), SCORED)
-        tokens = sum(len(c) for c in scored.column("completion_token_ids").to_pylist())
-        measured = {
-            "score": paired(lambda: score.run(config, 1, session), run_lib.stage_dir(config, 1, "scored"),
-                            bare_score(session, scored)),
-            "train": paired(lambda: train.run(config, 1, session, progress=False), run_lib.stage_dir(config, 1, "train"),
-                            bare_train(config, 1)),
-        }
-        seconds = {"generate": generate_seconds, **{stage: m["stage_seconds"] for stage, m in measured.items()}}
+            if epoch == 0:
+                continue  # the first calls also load the engines and the student
+            scored = datasets_io.read_table(run_lib.stage_dir(config, epoch, "scored"), SCORED)
+            tokens += sum(len(c) for c in scored.column("completion_token_ids").to_pylist())
+            samples += scored.num_rows
+            for stage, value in stage_seconds.items():
+                seconds[stage].append(value)
+            bare["score"].append(timed(bare_score(session, scored))[0])
+            bare["train"].append(timed(bare_train(config, epoch))[0])
+    epochs = EPOCHS - 1
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, CPU only",
         "versions": {name: version(name) for name in ("torch", "transformers", "peft", "pyarrow")},
-        "completion_tokens": tokens, "samples": scored.num_rows, "repeats": REPEATS,
+        "epochs": epochs, "completion_tokens": tokens / epochs, "samples": samples / epochs,
         "stages": [
-            {"stage": stage, "stage_seconds": seconds[stage], "stage_tokens_per_second": tokens / seconds[stage],
-             **{key: measured.get(stage, {}).get(key) for key in ("bare_seconds", "ratio", "pairs")}}
-            for stage in ("generate", "score", "train")
+            {"stage": stage, "stage_seconds": statistics.median(seconds[stage]),
+             "stage_tokens_per_second": tokens / sum(seconds[stage]),
+             "bare_seconds": statistics.median(bare[stage]) if stage in bare else None,
+             "ratio": statistics.median(b / s for s, b in zip(seconds[stage], bare[stage])) if stage in bare else None,
+             "seconds": seconds[stage], "bare": bare.get(stage)}
+            for stage in seconds
         ],
-        "io": io_costs(config, 1, seconds),
+        "io": io_costs(config, EPOCHS - 1, {stage: statistics.median(values) for stage, values in seconds.items()}),
     }
     shutil.rmtree(runs, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -185,13 +178,14 @@ def main() -> None:
 
 def markdown(result: dict) -> str:
     lines = [
-        "# Stage efficiency (toy world, hf engine, epoch 1 of a fresh run)",
+        "# Stage efficiency (toy world, hf engine, the stages as `kd loop` runs them)",
         "",
         f"{result['date']}, {result['machine']}; {', '.join(f'{k} {v}' for k, v in result['versions'].items())}. "
-        f"{result['samples']} samples, {result['completion_tokens']} completion tokens; stage and bare work timed "
-        f"alternately {result['repeats']} times. `python bench/efficiency.py`.",
+        f"Epochs 1-{result['epochs']} of a fresh run, {result['samples']:.0f} samples and "
+        f"{result['completion_tokens']:.0f} completion tokens an epoch; each epoch's bare work timed right after "
+        "its stage. `python bench/efficiency.py`.",
         "",
-        "| stage | stage s (least) | tokens/s | bare model work s (least) | bare / stage (median of pairs) |",
+        "| stage | stage s (median) | tokens/s | bare model work s (median) | bare / stage (median of the epochs) |",
         "|---|---:|---:|---:|---:|",
     ]
     for s in result["stages"]:

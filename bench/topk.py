@@ -36,7 +36,7 @@ RESULTS = ROOT / "bench" / "results"
 TRAINING_STAGES = {"generate", "score", "train", "export-lora"}
 
 
-def kd_variants(vocabulary: int) -> dict[str, list[str]]:
+def kd_variants(vocabulary: int, epochs: int) -> dict[str, list[str]]:
     """Batch 64 samples per optimiser step, as TRL's 64 prompts per step; one line with toy.yaml's 128."""
     top_k = ["train.kl_coef=0", "train.topk_reverse_kl=1"]
     batch = ["train.batch_size=64"]
@@ -54,7 +54,7 @@ def kd_variants(vocabulary: int) -> dict[str, list[str]]:
         # costs (stage starts, checkpoints); a sample is at most 7 steps stale instead of 3.
         f"kd K={vocabulary} reverse KL, 1 sample x 512 prompts, 8 steps per epoch": [
             f"score.top_k={vocabulary}", *top_k, *batch, "generate.prompts_per_epoch=512", "generate.samples_per_prompt=1",
-            "epochs=half",
+            f"epochs={epochs // 2}",
         ],
     }
 
@@ -66,7 +66,7 @@ def run_kd(name: str, overrides: list[str], epochs: int, eval_every: int, prefix
     command = ["kd", "loop", "--config", str(ROOT / "configs" / "toy.yaml"), "--run", run_id,
                "--set", f"epochs={epochs}", "--set", f"eval.every={eval_every}"]
     for override in overrides:
-        command += ["--set", override.replace("epochs=half", f"epochs={epochs // 2}")]
+        command += ["--set", override]
     print(f"== {name}: {' '.join(command)}", flush=True)
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in (ROOT / "runs" / run_id / "metrics.jsonl").read_text().splitlines()]
@@ -234,7 +234,7 @@ def main() -> None:
     else:
         vocabulary = json.loads((ROOT / "runs" / "toy-world" / "toy.json").read_text())["vocab_size"]
         curves = {name: run_kd(name, overrides, options.epochs, options.eval_every)
-                  for name, overrides in kd_variants(vocabulary).items()}
+                  for name, overrides in kd_variants(vocabulary, options.epochs).items()}
         budget = max(curve[-1]["train_seconds"] for curve in curves.values())
         print(f"== trl DistillationTrainer, {budget:.0f} s of training", flush=True)
         curves[TRL_DISTILLATION] = run_trl(budget, options.trl_eval_every)

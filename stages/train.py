@@ -194,16 +194,9 @@ class Policy:
 
     def load(self, adapter: Path | None):
         """The model holding `adapter`'s weights (the fresh LoRA at None); one line if it does not fit."""
-        from accelerate.utils import extract_model_from_parallel
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
 
-        # Under bf16, the previous epoch's Trainer wrapped forward in autocast in place: unwrap it, or
-        # the wrappers would pile up epoch after epoch.
-        extract_model_from_parallel(self.model, keep_fp32_wrapper=False)
-        self.model.zero_grad(set_to_none=True)
-        if adapter is not None and adapter.parent == self.holds:
-            return self.model
         try:
             weights = self.fresh if adapter is None else load_peft_weights(str(adapter), device="cpu")
             result = set_peft_model_state_dict(self.model, weights)
@@ -212,18 +205,30 @@ class Policy:
         except (RuntimeError, ValueError, KeyError, OSError) as err:
             raise adapter_misfit(adapter, err) from None
         self.holds = None
-        return self.model
+        return self.ready()
 
     def resume(self, previous: Path | None) -> tuple[object, dict | None]:
         """The model and optimiser state that the complete train/ directory `previous` holds (a fresh
         LoRA and no state at None). Training changes both: until `trained` they hold no directory."""
-        model = self.load(None if previous is None else previous / "adapter")
-        if previous is None:
-            self.optimizer_state = None
-        elif previous != self.holds:
-            self.optimizer_state = torch.load(previous / OPTIMIZER, map_location="cpu", weights_only=True)
+        if previous is not None and previous == self.holds:
+            model = self.ready()
+        else:
+            model = self.load(None if previous is None else previous / "adapter")
+            self.optimizer_state = None if previous is None else torch.load(
+                previous / OPTIMIZER, map_location="cpu", weights_only=True
+            )
         self.holds = None
         return model, self.optimizer_state
+
+    def ready(self):
+        """The model, cleared of what the previous epoch's Trainer left on it."""
+        from accelerate.utils import extract_model_from_parallel
+
+        # Under bf16 that Trainer wrapped forward in autocast in place: unwrapped, the wrappers do not
+        # pile up epoch after epoch.
+        extract_model_from_parallel(self.model, keep_fp32_wrapper=False)
+        self.model.zero_grad(set_to_none=True)
+        return self.model
 
     def trained(self, out: Path, optimizer_state: dict) -> None:
         """`out`, now complete on disk, holds the model's adapter and this optimiser state."""

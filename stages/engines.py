@@ -283,20 +283,23 @@ class HFEngine:
             ids_B_L = ids_B_L.to(self.device)
             logits_B_L_V = self.model(input_ids=ids_B_L, attention_mask=mask_B_L.to(self.device)).logits
             # Log-softmax over as many rows at once as fit in SCORE_CHUNK_VALUES floats: one call per
-            # chunk instead of several per row (the toy's whole batch), one row at a time for real vocabularies.
-            _, longest, vocabulary = logits_B_L_V.shape
-            rows_at_once = max(1, SCORE_CHUNK_VALUES // (longest * vocabulary))
+            # chunk instead of several per row (the toy's whole batch); for real vocabularies one row at a
+            # time, over its completion positions only, as before.
+            rows_at_once = max(1, SCORE_CHUNK_VALUES // (ids_B_L.shape[1] * vocabulary))
             for first in range(0, len(batch), rows_at_once):
+                chunk = batch[first : first + rows_at_once]
                 # logits at position t predict token t+1: completion tokens [start, end) need logits [start-1, end-1)
-                logprobs_C_L_V = torch.log_softmax(logits_B_L_V[first : first + rows_at_once, :-1].float(), -1)
-                token_C_L = logprobs_C_L_V.gather(-1, ids_B_L[first : first + rows_at_once, 1:, None])[..., 0].cpu().numpy()
-                top_C_L_K = logprobs_C_L_V.topk(top_k, dim=-1)  # sorted, most likely first
-                top_ids_C_L_K = top_C_L_K.indices.cpu().numpy().astype(np.int32)
-                top_logprobs_C_L_K = top_C_L_K.values.cpu().numpy()
-                for row, i in enumerate(batch[first : first + rows_at_once]):
-                    positions = slice(prompt_lengths[i] - 1, lengths[i] - 1)
-                    results[i] = Scores(token_C_L[row, positions], top_ids_C_L_K[row, positions],
-                                        top_logprobs_C_L_K[row, positions])
+                low, high = min(prompt_lengths[i] for i in chunk) - 1, max(lengths[i] for i in chunk) - 1
+                rows = slice(first, first + len(chunk))
+                logprobs_C_T_V = torch.log_softmax(logits_B_L_V[rows, low:high].float(), -1)
+                token_C_T = logprobs_C_T_V.gather(-1, ids_B_L[rows, low + 1 : high + 1, None])[..., 0].cpu().numpy()
+                top_C_T_K = logprobs_C_T_V.topk(top_k, dim=-1)  # sorted, most likely first
+                top_ids_C_T_K = top_C_T_K.indices.cpu().numpy().astype(np.int32)
+                top_logprobs_C_T_K = top_C_T_K.values.cpu().numpy()
+                for row, i in enumerate(chunk):
+                    positions = slice(prompt_lengths[i] - 1 - low, lengths[i] - 1 - low)
+                    results[i] = Scores(token_C_T[row, positions], top_ids_C_T_K[row, positions],
+                                        top_logprobs_C_T_K[row, positions])
             if progress is not None:
                 progress(len(batch))
         return results  # type: ignore[return-value]

@@ -117,24 +117,26 @@ class Collator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         rows, longest = len(examples), max(len(e["input_ids"]) for e in examples)
+        # Filled as numpy arrays and handed to torch at the end: a torch slice assignment per row and
+        # field cost more than the arrays' contents.
         batch = {
-            "input_ids": torch.full((rows, longest), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((rows, longest), dtype=torch.long),
-            "labels": torch.full((rows, longest), IGNORE, dtype=torch.long),
+            "input_ids": np.full((rows, longest), self.pad_token_id, dtype=np.int64),
+            "attention_mask": np.zeros((rows, longest), dtype=np.int64),
+            "labels": np.full((rows, longest), IGNORE, dtype=np.int64),
         }
-        for name in ("sampler_logprobs", "teacher_logprobs", "advantages"):
-            batch[name] = torch.zeros((rows, longest - 1), dtype=torch.float32)
+        per_token = {name: np.zeros((rows, longest - 1), dtype=np.float32)
+                     for name in ("sampler_logprobs", "teacher_logprobs", "advantages")}
         if self.top_k:
-            batch["teacher_top_ids"] = torch.zeros((rows, longest - 1, self.top_k), dtype=torch.long)
-            batch["teacher_top_logprobs"] = torch.zeros((rows, longest - 1, self.top_k), dtype=torch.float32)
+            per_token["teacher_top_ids"] = np.zeros((rows, longest - 1, self.top_k), dtype=np.int64)
+            per_token["teacher_top_logprobs"] = np.zeros((rows, longest - 1, self.top_k), dtype=np.float32)
         for r, e in enumerate(examples):
             ids, start = e["input_ids"], e["prompt_length"]
-            batch["input_ids"][r, : len(ids)] = torch.as_tensor(ids)
+            batch["input_ids"][r, : len(ids)] = ids
             batch["attention_mask"][r, : len(ids)] = 1
-            batch["labels"][r, start : len(ids)] = torch.as_tensor(ids[start:])
-            for name in ("sampler_logprobs", "teacher_logprobs", "advantages", "teacher_top_ids", "teacher_top_logprobs"):
-                if name in batch:
-                    batch[name][r, start - 1 : len(ids) - 1] = torch.from_numpy(np.asarray(e[name]))
+            batch["labels"][r, start : len(ids)] = ids[start:]
+            for name, values in per_token.items():
+                values[r, start - 1 : len(ids) - 1] = e[name]
+        batch = {name: torch.from_numpy(values) for name, values in {**batch, **per_token}.items()}
         batch["shift_labels"] = batch["labels"][:, 1:].contiguous()
         return batch
 
@@ -178,7 +180,7 @@ class Policy:
     output: the next epoch of the same process resumes from memory instead of reading them back."""
 
     def __init__(self, config: Config):
-        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+        from peft import LoraConfig, get_peft_model
 
         cfg = config.train
         base = load_causal_lm(config.student, dtype="float32", device="cpu")
@@ -188,7 +190,7 @@ class Policy:
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
         )
         self.model = get_peft_model(base, lora)
-        self.fresh = {name: tensor.clone() for name, tensor in get_peft_model_state_dict(self.model).items()}
+        self.fresh = {name: tensor.clone() for name, tensor in adapter_weights(self.model).items()}
         self.holds: Path | None = None  # the train/ directory whose adapter the model holds now
         self.optimizer_state: dict | None = None  # and whose optimiser state this is
 
@@ -336,6 +338,11 @@ class DistillTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
 
+    def floating_point_ops(self, inputs) -> int:
+        # Trainer's FLO estimate walks every parameter of the model at every step (1% of a toy train
+        # stage) for a `total_flos` that kd neither saves nor reports: throughput is in tokens/s.
+        return 0
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg: TrainConfig = self.train_config
         logits_B_T_V = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
@@ -374,15 +381,26 @@ class DistillTrainer(Trainer):
         return loss * self.accelerator.num_processes
 
 
+def adapter_weights(model) -> dict[str, torch.Tensor]:
+    """The LoRA weights under the names of PEFT's adapter files.
+
+    Taken from the trainable parameters, not the whole model's state dict, and without PEFT's "auto"
+    embedding check: kd never resizes the vocabulary, and that check reads the base model's config
+    (from the Hub for a Hub id) at every save; together they were 4% of a toy train stage."""
+    from peft import get_peft_model_state_dict
+
+    trainable = {name: parameter.detach() for name, parameter in model.named_parameters() if parameter.requires_grad}
+    return get_peft_model_state_dict(model, state_dict=trainable, save_embedding_layers=False)
+
+
 def save_adapter(model, directory: Path) -> None:
     """The PEFT adapter files (adapter_config.json, adapter_model.safetensors) as `save_pretrained`
     writes them, without its model card: rendering that Jinja template took 7% of a toy train stage,
     and nothing reads it."""
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
-    weights = {name: tensor.contiguous() for name, tensor in get_peft_model_state_dict(model).items()}
+    weights = {name: tensor.contiguous() for name, tensor in adapter_weights(model).items()}
     save_file(weights, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     lora = copy.copy(model.peft_config["default"])
     lora.inference_mode = True  # as save_pretrained records it: a loaded adapter is frozen unless asked otherwise

@@ -142,6 +142,28 @@ def test_adapter_of_another_rank_is_refused_by_the_train_stage(make_config, tmp_
         Policy(make_config(**{"train.lora_rank": 8})).load(tmp_path / "rank4")
 
 
+def test_saved_adapter_is_what_peft_save_pretrained_writes(make_config, tmp_path):
+    """kd writes the adapter files itself (no model card, no state-dict walk): the weights, their
+    metadata and the config must still be PEFT's own."""
+    from safetensors import safe_open
+
+    from kd.stages.train import Policy, save_adapter
+
+    model = Policy(make_config()).model
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter))  # B starts at zero: make every tensor tell
+    model.save_pretrained(tmp_path / "peft")
+    save_adapter(model, tmp_path / "kd")
+    files = [safe_open(str(tmp_path / name / "adapter_model.safetensors"), "pt") for name in ("peft", "kd")]
+    assert files[0].metadata() == files[1].metadata()
+    assert sorted(files[0].keys()) == sorted(files[1].keys())
+    assert all(torch.equal(files[0].get_tensor(key), files[1].get_tensor(key)) for key in files[0].keys())
+    configs = [json.loads((tmp_path / name / "adapter_config.json").read_text()) for name in ("peft", "kd")]
+    assert configs[0] == configs[1]
+
+
 def test_teacher_equal_to_student_gives_zero_kl(make_config):
     config = make_config(teacher=make_config().student)
     session = Session(config, progress=False)

@@ -229,6 +229,9 @@ class Policy:
         # Under bf16 that Trainer wrapped forward in autocast in place: unwrapped, the wrappers do not
         # pile up epoch after epoch.
         extract_model_from_parallel(self.model, keep_fp32_wrapper=False)
+        # accelerate prepares a model once and marks it: still marked, the next Trainer would train it
+        # as it is now, without autocast under bf16 and without DDP's gradient all-reduce.
+        self.model.__dict__.pop("_is_accelerate_prepared", None)
         self.model.zero_grad(set_to_none=True)
         return self.model
 

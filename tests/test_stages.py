@@ -105,16 +105,19 @@ def test_training_changes_the_adapter_and_resumes_optimizer(make_config):
     assert all(int(state["step"]) == 2 for state in optimizer["state"].values())  # Adam state carried over
 
 
-def test_loop_session_trains_what_standalone_train_stages_train(make_config):
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_loop_session_trains_what_standalone_train_stages_train(make_config, precision):
     """`kd loop` keeps the trainable student loaded and loads each epoch's adapter into it; the adapters
     must be the ones that a fresh process per train stage makes, bit for bit, and the fresh LoRA of
-    epoch 0 must come back after training."""
+    epoch 0 must come back after training. bf16 (CPU autocast here) is the GPU default: accelerate
+    prepares a model once, so a kept student must be prepared (autocast-wrapped) again each epoch."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
     from kd.stages.train import Policy
 
-    kept, fresh = make_config(run_id="kept"), make_config(run_id="fresh")
+    kept = make_config(run_id="kept", **{"train.precision": precision})
+    fresh = make_config(run_id="fresh", **{"train.precision": precision})
     with Session(kept, progress=False) as kept_session, Session(fresh, progress=False) as fresh_session:
         for epoch in (0, 1):
             for config, session, train_session in ((kept, kept_session, kept_session), (fresh, fresh_session, None)):

@@ -105,19 +105,29 @@ def test_training_changes_the_adapter_and_resumes_optimizer(make_config):
     assert all(int(state["step"]) == 2 for state in optimizer["state"].values())  # Adam state carried over
 
 
-@pytest.mark.parametrize("precision", ["float32", "bf16"])
-def test_loop_session_trains_what_standalone_train_stages_train(make_config, precision):
+ON_GPU = {"train.precision": "auto", "generate.engine.device": "cuda", "generate.engine.dtype": "auto",
+          "score.engine.device": "cuda", "score.engine.dtype": "auto"}
+
+
+@pytest.mark.parametrize("overrides", [
+    {"train.precision": "float32"},
+    {"train.precision": "bf16"},
+    pytest.param(ON_GPU, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="engines and trainer on a CUDA GPU in bf16: CI machines have none (passed on an H200, 2026-11-28)",
+    )),
+], ids=["float32", "bf16-cpu-autocast", "cuda-bf16"])
+def test_loop_session_trains_what_standalone_train_stages_train(make_config, overrides):
     """`kd loop` keeps the trainable student loaded and loads each epoch's adapter into it; the adapters
     must be the ones that a fresh process per train stage makes, bit for bit, and the fresh LoRA of
-    epoch 0 must come back after training. bf16 (CPU autocast here) is the GPU default: accelerate
-    prepares a model once, so a kept student must be prepared (autocast-wrapped) again each epoch."""
+    epoch 0 must come back after training. bf16 is the GPU default: accelerate prepares a model once,
+    so a kept student must be prepared (autocast-wrapped) again each epoch."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
     from kd.stages.train import Policy
 
-    kept = make_config(run_id="kept", **{"train.precision": precision})
-    fresh = make_config(run_id="fresh", **{"train.precision": precision})
+    kept, fresh = make_config(run_id="kept", **overrides), make_config(run_id="fresh", **overrides)
     with Session(kept, progress=False) as kept_session, Session(fresh, progress=False) as fresh_session:
         for epoch in (0, 1):
             for config, session, train_session in ((kept, kept_session, kept_session), (fresh, fresh_session, None)):
@@ -130,7 +140,7 @@ def test_loop_session_trains_what_standalone_train_stages_train(make_config, pre
             names = [run_lib.stage_dir(config, epoch, "adapter") / "adapter_model.safetensors" for config in (kept, fresh)]
             assert names[0].read_bytes() == names[1].read_bytes(), epoch
         trained = load_file(str(names[0]))
-        restored = get_peft_model_state_dict(kept_session.policy().load(None))
+        restored = {name: tensor.cpu() for name, tensor in get_peft_model_state_dict(kept_session.policy().load(None)).items()}
     initial = get_peft_model_state_dict(Policy(fresh).model)
     assert restored.keys() == initial.keys() == trained.keys()
     assert all(torch.equal(restored[name], initial[name]) for name in initial)

@@ -190,7 +190,9 @@ class Policy:
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
         )
         self.model = get_peft_model(base, lora)
-        self.fresh = {name: tensor.clone() for name, tensor in adapter_weights(self.model).items()}
+        # Only the LoRA weights train: walking them, not the whole model, at each save and epoch start.
+        self.trainable = {name: weight for name, weight in self.model.named_parameters() if weight.requires_grad}
+        self.fresh = {name: tensor.clone() for name, tensor in self.weights().items()}
         self.holds: Path | None = None  # the train/ directory whose adapter the model holds now
         self.optimizer_state: dict | None = None  # and whose optimiser state this is
 
@@ -232,8 +234,18 @@ class Policy:
         # accelerate prepares a model once and marks it: still marked, the next Trainer would train it
         # as it is now, without autocast under bf16 and without DDP's gradient all-reduce.
         self.model.__dict__.pop("_is_accelerate_prepared", None)
-        self.model.zero_grad(set_to_none=True)
+        for weight in self.trainable.values():
+            weight.grad = None
         return self.model
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights under the names of PEFT's adapter files, without PEFT's "auto" embedding
+        check: kd never resizes the vocabulary, and that check reads the base model's config (from the
+        Hub for a Hub id) at every save."""
+        from peft import get_peft_model_state_dict
+
+        trainable = {name: weight.detach() for name, weight in self.trainable.items()}
+        return get_peft_model_state_dict(self.model, state_dict=trainable, save_embedding_layers=False)
 
     def trained(self, out: Path, optimizer_state: dict) -> None:
         """`out`, now complete on disk, holds the model's adapter and this optimiser state."""
@@ -384,28 +396,16 @@ class DistillTrainer(Trainer):
         return loss * self.accelerator.num_processes
 
 
-def adapter_weights(model) -> dict[str, torch.Tensor]:
-    """The LoRA weights under the names of PEFT's adapter files.
-
-    Taken from the trainable parameters, not the whole model's state dict, and without PEFT's "auto"
-    embedding check: kd never resizes the vocabulary, and that check reads the base model's config
-    (from the Hub for a Hub id) at every save; together they were 4% of a toy train stage."""
-    from peft import get_peft_model_state_dict
-
-    trainable = {name: parameter.detach() for name, parameter in model.named_parameters() if parameter.requires_grad}
-    return get_peft_model_state_dict(model, state_dict=trainable, save_embedding_layers=False)
-
-
-def save_adapter(model, directory: Path) -> None:
+def save_adapter(policy: Policy, directory: Path) -> None:
     """The PEFT adapter files (adapter_config.json, adapter_model.safetensors) as `save_pretrained`
     writes them, without its model card: rendering that Jinja template took 7% of a toy train stage,
     and nothing reads it."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
-    weights = {name: tensor.contiguous() for name, tensor in adapter_weights(model).items()}
+    weights = {name: tensor.contiguous() for name, tensor in policy.weights().items()}
     save_file(weights, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-    lora = copy.copy(model.peft_config["default"])
+    lora = copy.copy(policy.model.peft_config["default"])
     lora.inference_mode = True  # as save_pretrained records it: a loaded adapter is frozen unless asked otherwise
     lora.save_pretrained(str(directory))
 
@@ -455,7 +455,7 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
 
     def write_files(tmp: Path) -> None:
         if trainer.is_world_process_zero():
-            save_adapter(trainer.model, tmp / "adapter")
+            save_adapter(policy, tmp / "adapter")
             datasets_io.fault_point(out, "checkpoint")
             torch.save(final_optimizer_state, tmp / OPTIMIZER)
             (tmp / STATE).write_text(json.dumps({"global_step": final_step, "epoch": epoch}))

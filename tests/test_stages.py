@@ -162,13 +162,13 @@ def test_saved_adapter_is_what_peft_save_pretrained_writes(make_config, tmp_path
 
     from kd.stages.train import Policy, save_adapter
 
-    model = Policy(make_config()).model
+    policy = Policy(make_config())
     with torch.no_grad():
-        for parameter in model.parameters():
+        for parameter in policy.model.parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn_like(parameter))  # B starts at zero: make every tensor tell
-    model.save_pretrained(tmp_path / "peft")
-    save_adapter(model, tmp_path / "kd")
+    policy.model.save_pretrained(tmp_path / "peft")
+    save_adapter(policy, tmp_path / "kd")
     files = [safe_open(str(tmp_path / name / "adapter_model.safetensors"), "pt") for name in ("peft", "kd")]
     assert files[0].metadata() == files[1].metadata()
     assert sorted(files[0].keys()) == sorted(files[1].keys())

@@ -5,7 +5,8 @@
 Runs EPOCHS epochs of the toy config (hf engine) through the stage functions in one process, as
 `kd loop` does, and after each epoch but the first (which loads the models) times the bare model
 work over that epoch's data; on a shared machine sub-second timings drift by more than the gap
-measured, so each ratio is the median of the epochs' bare/stage ratios, each pair timed back to back:
+measured, so each ratio is the median of the epochs' bare/stage ratios, each pair timed back to back,
+over TRIALS fresh runs (each trial's median is reported too):
 - score: stage wall vs the teacher's batched forward over the same sequences, in the same
   length-sorted batches (no log-softmax, no gather, no I/O);
 - train: stage wall vs a bare forward + backward + AdamW step of the LoRA student over the same
@@ -30,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 EPOCHS = 12  # epoch 0 loads the models; the other 11 are measured
+TRIALS = 3  # fresh runs: the epochs' ratios scatter by a few hundredths on this shared machine
 REPEATS = 5  # dataset writes and reads: the least of 5
 
 
@@ -37,6 +39,10 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     started = time.perf_counter()
     result = fn(*args, **kwargs)
     return time.perf_counter() - started, result
+
+
+def flat(trials: list[list[float]]) -> list[float]:
+    return [value for trial in trials for value in trial]
 
 
 def best_of(fn, output: Path | None = None) -> float:
@@ -130,44 +136,54 @@ def main() -> None:
     from kd.stages.schemas import SCORED
     from kd.stages.session import Session
 
-    runs = Path(tempfile.mkdtemp(prefix="kd-bench-efficiency-"))
-    config = config_lib.load(ROOT / "configs" / "toy.yaml")
-    config = dataclasses.replace(config, run_id="efficiency", runs_dir=str(runs), epochs=EPOCHS)
-    run_lib.prepare(config)
-    seconds: dict[str, list[float]] = {"generate": [], "score": [], "train": []}
-    bare: dict[str, list[float]] = {"score": [], "train": []}
+    seconds: dict[str, list[list[float]]] = {"generate": [], "score": [], "train": []}
+    bare: dict[str, list[list[float]]] = {"score": [], "train": []}
     tokens = samples = 0
-    with Session(config, progress=False) as session:
-        for epoch in range(EPOCHS):
-            stage_seconds = {
-                "generate": timed(generate.run, config, epoch, session)[0],
-                "score": timed(score.run, config, epoch, session)[0],
-                "train": timed(train.run, config, epoch, session, progress=False)[0],
-            }
-            export_lora.run(config, epoch)
-            if epoch == 0:
-                continue  # the first calls also load the engines and the student
-            scored = datasets_io.read_table(run_lib.stage_dir(config, epoch, "scored"), SCORED)
-            tokens += sum(len(c) for c in scored.column("completion_token_ids").to_pylist())
-            samples += scored.num_rows
-            for stage, value in stage_seconds.items():
-                seconds[stage].append(value)
-            bare["score"].append(timed(bare_score(session, scored))[0])
-            bare["train"].append(timed(bare_train(config, epoch))[0])
-    epochs = EPOCHS - 1
+    for trial in range(TRIALS):
+        runs = Path(tempfile.mkdtemp(prefix="kd-bench-efficiency-"))
+        config = config_lib.load(ROOT / "configs" / "toy.yaml")
+        config = dataclasses.replace(config, run_id="efficiency", runs_dir=str(runs), epochs=EPOCHS)
+        run_lib.prepare(config)
+        for timings in (*seconds.values(), *bare.values()):
+            timings.append([])
+        with Session(config, progress=False) as session:
+            for epoch in range(EPOCHS):
+                stage_seconds = {
+                    "generate": timed(generate.run, config, epoch, session)[0],
+                    "score": timed(score.run, config, epoch, session)[0],
+                    "train": timed(train.run, config, epoch, session, progress=False)[0],
+                }
+                export_lora.run(config, epoch)
+                if epoch == 0:
+                    continue  # the first calls also load the engines and the student
+                scored = datasets_io.read_table(run_lib.stage_dir(config, epoch, "scored"), SCORED)
+                tokens += sum(len(c) for c in scored.column("completion_token_ids").to_pylist())
+                samples += scored.num_rows
+                for stage, value in stage_seconds.items():
+                    seconds[stage][-1].append(value)
+                bare["score"][-1].append(timed(bare_score(session, scored))[0])
+                bare["train"][-1].append(timed(bare_train(config, epoch))[0])
+        if trial < TRIALS - 1:
+            shutil.rmtree(runs, ignore_errors=True)
+    epochs = TRIALS * (EPOCHS - 1)
+
+    def ratios(stage: str) -> list[list[float]]:
+        return [[b / s for s, b in zip(stage_trial, bare_trial)] for stage_trial, bare_trial in zip(seconds[stage], bare[stage])]
+
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, CPU only",
         "versions": {name: version(name) for name in ("torch", "transformers", "peft", "pyarrow")},
-        "epochs": epochs, "completion_tokens": tokens / epochs, "samples": samples / epochs,
+        "trials": TRIALS, "epochs": EPOCHS - 1, "completion_tokens": tokens / epochs, "samples": samples / epochs,
         "stages": [
-            {"stage": stage, "stage_seconds": statistics.median(seconds[stage]),
-             "stage_tokens_per_second": tokens / sum(seconds[stage]),
-             "bare_seconds": statistics.median(bare[stage]) if stage in bare else None,
-             "ratio": statistics.median(b / s for s, b in zip(seconds[stage], bare[stage])) if stage in bare else None,
+            {"stage": stage, "stage_seconds": statistics.median(flat(seconds[stage])),
+             "stage_tokens_per_second": tokens / sum(flat(seconds[stage])),
+             "bare_seconds": statistics.median(flat(bare[stage])) if stage in bare else None,
+             "ratio": statistics.median(flat(ratios(stage))) if stage in bare else None,
+             "trial_ratios": [statistics.median(trial) for trial in ratios(stage)] if stage in bare else None,
              "seconds": seconds[stage], "bare": bare.get(stage)}
             for stage in seconds
         ],
-        "io": io_costs(config, EPOCHS - 1, {stage: statistics.median(values) for stage, values in seconds.items()}),
+        "io": io_costs(config, EPOCHS - 1, {stage: statistics.median(flat(values)) for stage, values in seconds.items()}),
     }
     shutil.rmtree(runs, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -181,17 +197,18 @@ def markdown(result: dict) -> str:
         "# Stage efficiency (toy world, hf engine, the stages as `kd loop` runs them)",
         "",
         f"{result['date']}, {result['machine']}; {', '.join(f'{k} {v}' for k, v in result['versions'].items())}. "
-        f"Epochs 1-{result['epochs']} of a fresh run, {result['samples']:.0f} samples and "
+        f"{result['trials']} fresh runs, epochs 1-{result['epochs']} of each, {result['samples']:.0f} samples and "
         f"{result['completion_tokens']:.0f} completion tokens an epoch; each epoch's bare work timed right after "
         "its stage. `python bench/efficiency.py`.",
         "",
-        "| stage | stage s (median) | tokens/s | bare model work s (median) | bare / stage (median of the epochs) |",
-        "|---|---:|---:|---:|---:|",
+        "| stage | stage s (median) | tokens/s | bare model work s (median) | bare / stage (median of all epochs) | per run |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for s in result["stages"]:
         bare = "" if s["bare_seconds"] is None else f"{s['bare_seconds']:.3f}"
         ratio = "" if s["ratio"] is None else f"{s['ratio']:.2f}"
-        lines.append(f"| {s['stage']} | {s['stage_seconds']:.3f} | {s['stage_tokens_per_second']:.0f} | {bare} | {ratio} |")
+        trials = "" if s["trial_ratios"] is None else ", ".join(f"{r:.2f}" for r in s["trial_ratios"])
+        lines.append(f"| {s['stage']} | {s['stage_seconds']:.3f} | {s['stage_tokens_per_second']:.0f} | {bare} | {ratio} | {trials} |")
     lines += ["", "| dataset | rows | write s | read s | I/O share of its stage | zstd bytes | uncompressed bytes |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for io in result["io"]:

@@ -62,7 +62,7 @@ bench-minillm:
     .venv-trl029/bin/python -m pip install -q --no-deps trl==0.29.1
     .venv-trl029/bin/python bench/topk.py --minillm
 
-# kd (full-vocabulary reverse KL) vs TRL's DistillationTrainer, 2 seeds, wall time to each held-out KL -> bench/results/vs_trl.md
+# kd (full-vocabulary reverse KL) vs TRL's DistillationTrainer, 4 seeds, wall time to each held-out KL -> bench/results/vs_trl.md
 bench-vs-trl:
     python bench/vs_trl.py
 

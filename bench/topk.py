@@ -59,9 +59,13 @@ def kd_variants(vocabulary: int, epochs: int) -> dict[str, list[str]]:
     }
 
 
+def kd_run_id(name: str, prefix: str = "bench-topk-") -> str:
+    return prefix + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
 def run_kd(name: str, overrides: list[str], epochs: int, eval_every: int, prefix: str = "bench-topk-") -> list[dict]:
     """`kd loop` as a user runs it; the curve: held-out KL and accuracy against cumulative training seconds."""
-    run_id = prefix + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    run_id = kd_run_id(name, prefix)
     shutil.rmtree(ROOT / "runs" / run_id, ignore_errors=True)  # a fresh run: `kd loop` would resume an old one
     command = ["kd", "loop", "--config", str(ROOT / "configs" / "toy.yaml"), "--run", run_id,
                "--set", f"epochs={epochs}", "--set", f"eval.every={eval_every}"]
@@ -84,12 +88,14 @@ TRL_DISTILLATION = "trl DistillationTrainer (beta=1)"
 TRL_MINILLM = "trl experimental MiniLLMTrainer (Tinker-like: per-token reverse KL advantage)"
 
 
-def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DISTILLATION, seed: int = 0) -> list[dict]:
+def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DISTILLATION, seed: int = 0,
+            adapters: Path | None = None) -> list[dict]:
     """A TRL distiller with kd's toy hyper-parameters, stopped after `budget_seconds` of training:
     `trl.DistillationTrainer` (beta 1), or `trl.experimental.minillm.MiniLLMTrainer` (TRL 0.2x only:
     TRL 1.x has no MiniLLM) set up as the Tinker objective: advantage = per-token reverse KL to the
     teacher, no single-step decomposition, no discount, no task reward, 64 completions per step
-    (16 prompts x 4, as kd samples)."""
+    (16 prompts x 4, as kd samples). The adapter of each evaluated step is kept as
+    `adapters`/step-N when `adapters` is given."""
     import datasets
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -123,7 +129,7 @@ def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DIST
             pause = time.perf_counter()
             adapter = None
             if model is not None:
-                adapter = work / f"step-{step}"
+                adapter = (adapters or work) / f"step-{step}"
                 model.save_pretrained(adapter)
             _, stats = evaluate(session, adapter, step)
             curve.append({"step": step, "train_seconds": pause - self.started - self.paused,

@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import platform
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -48,20 +48,24 @@ def kd_overrides(vocabulary: int, seed: int) -> list[str]:
             "train.batch_size=64", "generate.prompts_per_epoch=256", "generate.samples_per_prompt=1"]
 
 
-def on_common_draws(curve: list[dict], adapters: list[Path | None]) -> list[dict]:
-    """`curve` with each point's held-out KL and accuracy measured again, on the COMMON_SALTS draws."""
+def evaluation_session():
+    """One toy-world session (student, teacher, the 256 held-out prompts) for all re-evaluations."""
     from kd.stages import config as config_lib
-    from kd.stages.eval import evaluate
     from kd.stages.session import Session
 
     config = config_lib.load(ROOT / "configs" / "toy.yaml")
-    config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, num_prompts=0))
+    return Session(dataclasses.replace(config, eval=dataclasses.replace(config.eval, num_prompts=0)), progress=False)
+
+
+def on_common_draws(session, curve: list[dict], adapters: list[Path | None]) -> list[dict]:
+    """`curve` with each point's held-out KL and accuracy measured again, on the COMMON_SALTS draws."""
+    from kd.stages.eval import evaluate
+
     points = []
-    with Session(config, progress=False) as session:
-        for point, adapter in zip(curve, adapters):
-            stats = [evaluate(session, adapter, salt)[1] for salt in COMMON_SALTS]
-            points.append({**point, "heldout_reverse_kl": sum(s["heldout_reverse_kl"] for s in stats) / len(stats),
-                           "accuracy": sum(s["accuracy"] for s in stats) / len(stats)})
+    for point, adapter in zip(curve, adapters):
+        stats = [evaluate(session, adapter, salt)[1] for salt in COMMON_SALTS]
+        points.append({**point, "heldout_reverse_kl": sum(s["heldout_reverse_kl"] for s in stats) / len(stats),
+                       "accuracy": sum(s["accuracy"] for s in stats) / len(stats)})
     return points
 
 
@@ -147,13 +151,15 @@ def main() -> None:
     shortest = min(len(run) for run in trl_runs)
     seed_curves = {KD: kd_runs, TRL_DISTILLATION: [run[:shortest] for run in trl_runs]}
     print(f"== every checkpoint on the same held-out draws (salts {COMMON_SALTS})", flush=True)
-    common_seed_curves = {
-        KD: [on_common_draws(run, kd_adapters(seed, run)) for seed, run in zip(options.seeds, kd_runs)],
-        TRL_DISTILLATION: [
-            on_common_draws(run, [None if p["steps"] == 0 else trl_adapters[seed] / f"step-{p['steps']}" for p in run])
-            for seed, run in zip(options.seeds, seed_curves[TRL_DISTILLATION])
-        ],
-    }
+    with evaluation_session() as session:
+        common_seed_curves = {
+            KD: [on_common_draws(session, run, kd_adapters(seed, run)) for seed, run in zip(options.seeds, kd_runs)],
+            TRL_DISTILLATION: [
+                on_common_draws(session, run,
+                                [None if p["steps"] == 0 else trl_adapters[seed] / f"step-{p['steps']}" for p in run])
+                for seed, run in zip(options.seeds, seed_curves[TRL_DISTILLATION])
+            ],
+        }
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, CPU only",
         "versions": versions(), "epochs": options.epochs, "seeds": options.seeds, "common_salts": COMMON_SALTS,

@@ -84,6 +84,8 @@ class GenerateConfig:
     samples_per_prompt: completions per prompt (G).
     max_new_tokens: completion length limit; finish_reason "length" marks truncated ones.
     temperature, top_p: the sampling distribution; the recorded logprob is of that distribution.
+    chat_template_kwargs: extra variables of the student's chat template for `messages` prompts
+        (e.g. {enable_thinking: false}); the teacher's are score.chat_template_kwargs.
     """
 
     prompts: str = "runs/toy-world/prompts/train.jsonl.zst"
@@ -92,6 +94,7 @@ class GenerateConfig:
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -108,10 +111,14 @@ class ScoreConfig:
 
     top_k: also store the teacher's top_k most likely tokens and their logprobs at every completion
         position, for train's top-k divergences (0: off; the vocabulary size: the exact distribution).
+    chat_template_kwargs: extra variables of the teacher's chat template. A `messages` prompt reaches
+        the teacher rendered by the teacher's own template with these (e.g. {enable_thinking: false}
+        for Qwen3-32B's non-thinking format), followed by the student's completion token ids.
     """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
     top_k: int = 0
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 0, "score.top_k", "must be >= 0 (0: off)")
@@ -380,6 +387,12 @@ def convert(hint: Any, value: Any, name: str) -> Any:
         if value not in args:
             raise KdError(f"config field {name}: {value!r} is not one of {', '.join(map(str, args))}")
         return value
+    if hint is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise KdError(f"config field {name}: expected a mapping of names to values, got {value!r}")
+        return {k: convert(args[1], v, f"{name}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise KdError(f"config field {name}: expected a list, got {value!r}")

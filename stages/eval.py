@@ -43,9 +43,10 @@ def evaluate(session: Session, adapter: Path | None, epoch: int) -> tuple[pa.Tab
         f"eval epoch {epoch}: greedy",
     )
     table = pa.Table.from_pylist(sampled + greedy, schema=ROLLOUTS.schema)
-    logprobs = [s.logprobs for s in teacher_scores(session, table, f"eval epoch {epoch}: score")]
+    teacher_prompts, scores = teacher_scores(session, table, f"eval epoch {epoch}: score")
+    logprobs = [s.logprobs for s in scores]
     decoding = pa.array(["sample"] * len(sampled) + ["greedy"] * len(greedy))
-    table = with_teacher(table, logprobs).append_column("decoding", decoding)
+    table = with_teacher(table, teacher_prompts, logprobs).append_column("decoding", decoding)
     kl = kl_stats([r["sampler_logprobs"] for r in sampled], logprobs[: len(sampled)])
     checked = [r["correct"] for r in greedy if r["correct"] is not None]
     stats = {

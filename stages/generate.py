@@ -46,6 +46,7 @@ def sample_rows(
             "prompt_id": p.id,
             "sample_index": j,
             "prompt_token_ids": p.token_ids,
+            "prompt_messages": p.messages,
             "completion_token_ids": c.token_ids,
             "sampler_logprobs": c.logprobs,
             "finish_reason": c.finish_reason,

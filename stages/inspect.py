@@ -1,5 +1,6 @@
 """inspect: a polars summary of any stage directory: rows, tokens, mean KL, the teacher's top-K and
-the mass it covers (scored with score.top_k), decoded samples.
+the mass it covers (scored with score.top_k), the first chat prompt as the student and the teacher
+each saw it (scored), decoded samples.
 
     kd inspect runs/toy/0003/scored
 """
@@ -42,6 +43,11 @@ def run(path: Path, samples: int = 3) -> dict:
             summary.update(top_k=manifest["stats"]["top_k"], top_k_mass=manifest["stats"]["top_k_mass"])
             console.print(f"teacher top-k: K = {summary['top_k']}, mean teacher mass inside the top-K "
                           f"{summary['top_k_mass']:.4f}")
+        if probe := manifest["stats"].get("template_probe"):
+            summary["template_probe"] = probe
+            console.print("the first chat prompt as each model sees it:", markup=False)
+            for role in ("student", "teacher"):
+                console.print(f"  {role}: {probe[role]!r}", markup=False)
         shown = frame.select("prompt_id", "sample_index", "completion_text", "correct").head(samples).collect()
         for row in shown.iter_rows(named=True):
             console.print(f"  {row['prompt_id']}#{row['sample_index']} correct={row['correct']}: {row['completion_text']!r}")

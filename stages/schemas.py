@@ -1,7 +1,10 @@
 """Every dataset kd writes, declared once with a version. Writers pass these; readers check them.
 
-Token ids are int32, logprobs float32. A row of `rollouts` is one sample; `scored` adds the
-teacher's logprob of each completion token and, when score.top_k = K > 0, the teacher's K most
+Token ids are int32, logprobs float32. A row of `rollouts` is one sample, with its prompt as the
+student saw it (`prompt_token_ids`) and, for a chat prompt, the conversation itself
+(`prompt_messages`, JSON); `scored` adds the prompt as the teacher saw it (`teacher_prompt_token_ids`:
+the teacher's own chat template; the student's ids for a plain prompt), the teacher's logprob of
+each completion token and, when score.top_k = K > 0, the teacher's K most
 likely tokens at each completion position, flattened position-major (T x K values; empty for
 K = 0; K is in the manifest's stats); `eval` is rollouts plus the teacher's logprobs and which
 decoding made the row.
@@ -26,6 +29,7 @@ _ROLLOUT_FIELDS = [
     pa.field("prompt_id", pa.string(), nullable=False),
     pa.field("sample_index", pa.int32(), nullable=False),
     pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("prompt_messages", pa.string()),  # the chat as JSON; null for a plain `prompt` string
     pa.field("completion_token_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("sampler_logprobs", pa.list_(pa.float32()), nullable=False),
     pa.field("finish_reason", pa.string(), nullable=False),
@@ -34,17 +38,20 @@ _ROLLOUT_FIELDS = [
     pa.field("answer", pa.string()),  # null when the prompt has no reference answer
     pa.field("correct", pa.bool_()),  # null when there is no answer to check against
 ]
-_TEACHER_FIELDS = [pa.field("teacher_logprobs", pa.list_(pa.float32()), nullable=False)]
+_TEACHER_FIELDS = [
+    pa.field("teacher_prompt_token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("teacher_logprobs", pa.list_(pa.float32()), nullable=False),
+]
 
 _TOP_K_FIELDS = [
     pa.field("teacher_top_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("teacher_top_logprobs", pa.list_(pa.float32()), nullable=False),
 ]
 
-ROLLOUTS = DatasetKind("rollouts", 1, pa.schema(_ROLLOUT_FIELDS))
-SCORED = DatasetKind("scored", 2, pa.schema(_ROLLOUT_FIELDS + _TEACHER_FIELDS + _TOP_K_FIELDS))
+ROLLOUTS = DatasetKind("rollouts", 2, pa.schema(_ROLLOUT_FIELDS))
+SCORED = DatasetKind("scored", 3, pa.schema(_ROLLOUT_FIELDS + _TEACHER_FIELDS + _TOP_K_FIELDS))
 EVAL = DatasetKind(
-    "eval", 1, pa.schema(_ROLLOUT_FIELDS + _TEACHER_FIELDS + [pa.field("decoding", pa.string(), nullable=False)])
+    "eval", 2, pa.schema(_ROLLOUT_FIELDS + _TEACHER_FIELDS + [pa.field("decoding", pa.string(), nullable=False)])
 )
 TRAIN_STEPS = DatasetKind(
     "train",

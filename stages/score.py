@@ -4,9 +4,12 @@
 
 q_t = log p_teacher(y_t | x, y_<t) at temperature 1, one prefill per sequence; with score.top_k = K
 also the teacher's K most likely tokens and their logprobs at every completion position (the
-support of train's top-k divergences). The teacher must
-tokenize exactly like the student (same vocabulary and chat template), or q_t scores different
-text than the student wrote; that is checked before the teacher is loaded.
+support of train's top-k divergences). The teacher reads the prompt in its own format: a chat prompt
+rendered by the teacher's chat template (score.chat_template_kwargs), then exactly the student's
+completion token ids; a plain prompt string as the student's ids. Scoring the teacher on the
+student's rendering would bias q_t towards a format the teacher was never trained on
+(tinker-cookbook issue #796). Every id the student can emit must be the same token for the teacher;
+that is checked before the teacher is loaded.
 """
 
 from __future__ import annotations
@@ -21,17 +24,33 @@ from kd.stages.config import Config
 from kd.stages.engines import Scores
 from kd.stages.progress import bar
 from kd.stages.schemas import ROLLOUTS, SCORED
-from kd.stages.session import Session, using
+from kd.stages.session import Session, load_tokenizer, using
 
 
-def teacher_scores(session: Session, table: pa.Table, description: str, top_k: int = 0) -> list[Scores]:
+def teacher_scores(session: Session, table: pa.Table, description: str, top_k: int = 0) -> tuple[list[list[int]], list[Scores]]:
+    """The teacher's prompt ids of every row, and its scores of the row's completion after them."""
     engine = session.engine("teacher", session.config.score.engine)
-    prompts = table.column("prompt_token_ids").to_pylist()
+    prompts = [
+        session.teacher_prompt_ids(ids, messages)
+        for ids, messages in zip(table.column("prompt_token_ids").to_pylist(), table.column("prompt_messages").to_pylist())
+    ]
     completions = table.column("completion_token_ids").to_pylist()
     with bar(description, len(prompts), session.progress) as advance:
-        return engine.score(
+        return prompts, engine.score(
             [p + c for p, c in zip(prompts, completions)], [len(p) for p in prompts], progress=advance, top_k=top_k
         )
+
+
+def template_probe(table: pa.Table, tokenizer) -> dict | None:
+    """The first chat prompt as each model sees it (decoded, special tokens shown), for a glance at
+    the two formats in the manifest and `kd inspect`; None when every prompt is a plain string."""
+    for row in table.select(["prompt_messages", "prompt_token_ids", "teacher_prompt_token_ids"]).to_pylist():
+        if row["prompt_messages"] is not None:
+            return {
+                "student": tokenizer.decode(row["prompt_token_ids"], skip_special_tokens=False),
+                "teacher": tokenizer.decode(row["teacher_prompt_token_ids"], skip_special_tokens=False),
+            }
+    return None
 
 
 def kl_stats(sampler: list[list[float]], teacher: list[np.ndarray]) -> dict:
@@ -45,9 +64,10 @@ def kl_stats(sampler: list[list[float]], teacher: list[np.ndarray]) -> dict:
     }
 
 
-def with_teacher(table: pa.Table, logprobs: list[np.ndarray]) -> pa.Table:
+def with_teacher(table: pa.Table, prompts: list[list[int]], logprobs: list[np.ndarray]) -> pa.Table:
     column = pa.array([q.astype(np.float32) for q in logprobs], type=pa.list_(pa.float32()))
-    return table.append_column("teacher_logprobs", column)
+    prompt_column = pa.array(prompts, type=pa.list_(pa.int32()))
+    return table.append_column("teacher_prompt_token_ids", prompt_column).append_column("teacher_logprobs", column)
 
 
 def with_top_k(table: pa.Table, scores: list[Scores]) -> pa.Table:
@@ -56,7 +76,7 @@ def with_top_k(table: pa.Table, scores: list[Scores]) -> pa.Table:
     return table.append_column("teacher_top_ids", ids).append_column("teacher_top_logprobs", logprobs)
 
 
-def scored_stats(table: pa.Table, wall_seconds: float, top_k: int) -> dict:
+def scored_stats(table: pa.Table, wall_seconds: float, top_k: int, tokenizer) -> dict:
     teacher = [np.asarray(q) for q in table.column("teacher_logprobs").to_pylist()]
     stats = kl_stats(table.column("sampler_logprobs").to_pylist(), teacher)
     stats["tokens_per_second"] = stats["completion_tokens"] / max(wall_seconds, 1e-9)
@@ -64,6 +84,7 @@ def scored_stats(table: pa.Table, wall_seconds: float, top_k: int) -> dict:
     # Mean teacher probability mass inside the top-K, over completion positions (None without top-k).
     top = table.column("teacher_top_logprobs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     stats["top_k_mass"] = float(np.exp(top.astype(np.float64)).sum() / stats["completion_tokens"]) if top_k and len(top) else None
+    stats["template_probe"] = template_probe(table, tokenizer)
     return stats
 
 
@@ -80,13 +101,16 @@ def run(config: Config, epoch: int, session: Session | None = None, shard: int =
         rollouts = rollouts.slice(rows.start, rows.stop - rows.start)
         with using(config, session) as own:
             where = f" shard {shard}/{num_shards}" if num_shards > 1 else ""
-            scores = teacher_scores(own, rollouts, f"score epoch {epoch}{where}", config.score.top_k)
-        return with_top_k(with_teacher(rollouts, [s.logprobs for s in scores]), scores)
+            prompts, scores = teacher_scores(own, rollouts, f"score epoch {epoch}{where}", config.score.top_k)
+        return with_top_k(with_teacher(rollouts, prompts, [s.logprobs for s in scores]), scores)
+
+    def stats(table: pa.Table, seconds: float) -> dict:
+        tokenizer = session.tokenizer if session is not None else load_tokenizer(config.student)
+        return scored_stats(table, seconds, config.score.top_k, tokenizer)
 
     stage_config = {"teacher": config.teacher, "score": config.to_dict()["score"]}
-    manifest = shards.write(out, SCORED, shard, num_shards, stage_config, [source], produce,
-                            lambda table, seconds: scored_stats(table, seconds, config.score.top_k))
+    manifest = shards.write(out, SCORED, shard, num_shards, stage_config, [source], produce, stats)
     if manifest is not None:
-        run_lib.log_metrics(config, {"epoch": epoch, "stage": "score", "wall_seconds": manifest["wall_seconds"],
-                                     **manifest["stats"]})
+        numbers = {k: v for k, v in manifest["stats"].items() if k != "template_probe"}
+        run_lib.log_metrics(config, {"epoch": epoch, "stage": "score", "wall_seconds": manifest["wall_seconds"], **numbers})
     return out

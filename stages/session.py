@@ -8,6 +8,7 @@ and writes its outputs to disk, so both paths produce the same datasets.
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -36,25 +37,38 @@ def load_tokenizer(path: str):
         raise KdError(f"{path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
 
 
-def check_same_tokenizer(student_path: str, student, teacher_path: str, teacher) -> None:
-    """Teacher logprobs of student tokens are only meaningful if both split text identically."""
-    if student.get_vocab() != teacher.get_vocab():
+def check_same_vocabulary(student_path: str, student, teacher_path: str, teacher) -> None:
+    """Teacher logprobs of student tokens are only meaningful if every id the student can emit is the
+    same token for the teacher. Chat templates may differ: each model renders prompts with its own.
+    Cross-tokenizer distillation is out of scope."""
+    teacher_vocab = teacher.get_vocab()
+    differing = {token: i for token, i in student.get_vocab().items() if teacher_vocab.get(token) != i}
+    if differing:
+        token, i = min(differing.items(), key=lambda item: item[1])
         raise KdError(
-            f"{teacher_path}: the teacher's vocabulary differs from the student's ({student_path}); "
-            "distillation over sampled tokens needs one shared tokenizer"
-        )
-    if (student.chat_template or "") != (teacher.chat_template or ""):
-        raise KdError(
-            f"{teacher_path}: the teacher's chat template differs from the student's ({student_path}); "
-            "the teacher would score differently formatted prompts. Give both the same template"
+            f"{teacher_path}: the teacher's vocabulary differs from the student's ({student_path}): "
+            f"{len(differing)} student ids differ, e.g. id {i} is {token!r} for the student and "
+            f"{teacher.convert_ids_to_tokens(i)!r} for the teacher; distillation over sampled tokens needs "
+            "one shared vocabulary (cross-tokenizer distillation is not supported)"
         )
 
 
-def stop_token_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer, model_path: str) -> list[int]:
+    """Every id that ends a turn: the tokenizer's eos and each id of the model's
+    `generation_config.eos_token_id` (instruct models often list several; transformers and vLLM stop
+    at all of them)."""
+    from transformers import GenerationConfig
+
     ids = {tokenizer.eos_token_id}
+    try:
+        listed = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's eos alone
+        listed = None
+    ids.update(listed if isinstance(listed, list) else [listed])
     ids.discard(None)
     if not ids:
-        raise KdError("the student's tokenizer has no eos_token; set one so that generation can stop")
+        raise KdError(f"{model_path}: the tokenizer has no eos_token and generation_config no eos_token_id; "
+                      "set one so that generation can stop")
     return sorted(ids)
 
 
@@ -62,17 +76,18 @@ def make_engine(engine: EngineConfig, model_path: str, tokenizer, lora_rank: int
                 max_logprobs: int = 0):
     """An engine for `model_path`; `lora_rank` is set for a student that will load adapters, `max_logprobs`
     for a scorer asked for that many top tokens."""
+    stops = stop_token_ids(tokenizer, model_path)
     if engine.kind == "vllm":
         from kd.stages import vllm_engine
 
         if engine.server:
-            return vllm_engine.VLLMServerEngine(engine, stop_token_ids(tokenizer))
-        return vllm_engine.VLLMEngine(model_path, engine, stop_token_ids(tokenizer), lora_rank, seed, max_logprobs)
+            return vllm_engine.VLLMServerEngine(engine, stops)
+        return vllm_engine.VLLMEngine(model_path, engine, stops, lora_rank, seed, max_logprobs)
     if engine.kind == "hf":
         from kd.stages.engines import HFEngine
 
         return HFEngine.load(
-            model_path, stop_token_ids(tokenizer), tokenizer.pad_token_id or tokenizer.eos_token_id,
+            model_path, stops, tokenizer.pad_token_id or tokenizer.eos_token_id,
             dtype=engine.dtype, device=engine.device,
             max_batch_tokens=engine.max_batch_tokens, max_batch_rows=engine.max_batch_rows,
         )
@@ -90,6 +105,7 @@ class Session:
             quiet_transformers()
         self._engines: dict[tuple, object] = {}
         self._prompts: dict[tuple, list] = {}
+        self._teacher_prompts: dict[str, list[int]] = {}
         self._policy = None
 
     @cached_property
@@ -99,7 +115,7 @@ class Session:
     @cached_property
     def teacher_tokenizer(self):
         teacher = load_tokenizer(self.config.teacher)
-        check_same_tokenizer(self.config.student, self.tokenizer, self.config.teacher, teacher)
+        check_same_vocabulary(self.config.student, self.tokenizer, self.config.teacher, teacher)
         return teacher
 
     def engine(self, role: str, engine: EngineConfig):
@@ -114,7 +130,8 @@ class Session:
                 )
             else:
                 self._engines[key] = make_engine(
-                    engine, self.config.teacher, self.tokenizer, seed=self.config.seed, max_logprobs=self.config.score.top_k
+                    engine, self.config.teacher, self.teacher_tokenizer, seed=self.config.seed,
+                    max_logprobs=self.config.score.top_k,
                 )
         return self._engines[key]
 
@@ -146,8 +163,23 @@ class Session:
 
         key = (path, max_new_tokens)
         if key not in self._prompts:
-            self._prompts[key] = prompts_lib.load(path, self.tokenizer, self.max_context() - max_new_tokens)
+            self._prompts[key] = prompts_lib.load(
+                path, self.tokenizer, self.max_context() - max_new_tokens, self.config.generate.chat_template_kwargs
+            )
         return self._prompts[key]
+
+    def teacher_prompt_ids(self, student_ids: list[int], messages: str | None) -> list[int]:
+        """The prompt as the teacher sees it: a chat (`messages`, JSON) in the teacher's own template
+        with score.chat_template_kwargs; a plain prompt as the student's very ids."""
+        if messages is None:
+            return student_ids
+        if messages not in self._teacher_prompts:  # the samples of one prompt share its rendering
+            from kd.stages.prompts import render
+
+            self._teacher_prompts[messages] = render(
+                json.loads(messages), self.teacher_tokenizer, self.config.score.chat_template_kwargs
+            )
+        return self._teacher_prompts[messages]
 
     def max_context(self) -> int:
         from transformers import AutoConfig

@@ -121,6 +121,8 @@ def test_prompt_files_in_every_format(tmp_path, suffix):
         (b'{"prompt": 7}\n', ":1: field prompt: expected a string"),
         (b'{"prompt": "  "}\n', ":1: field prompt: empty"),
         (b'{"messages": "hi"}\n', ":1: field messages"),
+        (b'{"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]}\n',
+         ":1: field messages: the last message is the assistant's answer"),
         (b'{"prompt": "1+1", "answer": [2]}\n', ":1: field answer"),
         (b'{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', ":2: field id: '1' appears twice"),
         (b'{"prompt": "' + b"9" * 200 + b'"}\n', ":1: prompt is 200 tokens"),

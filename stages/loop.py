@@ -74,13 +74,17 @@ def summary(config: Config) -> list[dict]:
 
 
 def stage_times(config: Config) -> str:
-    """Mean wall seconds per stage call over the whole run (from metrics.jsonl)."""
+    """Mean wall seconds and the peak resident memory per stage call over the whole run (from metrics.jsonl)."""
     seconds: dict[str, list[float]] = {}
+    peaks: dict[str, float] = {}
     for record in run_lib.read_metrics(config.run_dir):
         if "wall_seconds" in record:
             seconds.setdefault(record["stage"], []).append(record["wall_seconds"])
-    parts = [f"{stage} {sum(v) / len(v):.2f}s x{len(v)}" for stage, v in seconds.items()]
-    return "mean wall time per stage call: " + ", ".join(parts)
+        if record.get("peak_rss_gib") is not None:
+            peaks[record["stage"]] = max(peaks.get(record["stage"], 0.0), record["peak_rss_gib"])
+    parts = [f"{stage} {sum(v) / len(v):.2f}s x{len(v)}" + (f" (peak {peaks[stage]:.1f} GiB)" if stage in peaks else "")
+             for stage, v in seconds.items()]
+    return "mean wall time per stage call (peak resident memory): " + ", ".join(parts)
 
 
 def summary_table(rows: list[dict], seconds: float) -> Table:

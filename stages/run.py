@@ -115,12 +115,32 @@ def locked(run_dir: Path, shared: bool = False) -> Iterator[None]:
 _writers: dict[Path, object] = {}
 
 
+def peak_rss_gib() -> float | None:
+    """This process's peak resident memory (VmHWM) since the last `reset_peak_rss`, in GiB; None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 2**20 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-memory window: writing 5 to /proc/self/clear_refs resets VmHWM (Linux >= 4.0)."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
 def log_metrics(config: Config, record: dict) -> None:
     """Append one line to metrics.jsonl, and its numbers to TensorBoard under <stage>/<name>.
 
     TensorBoard's x axis is the global optimiser step for train steps and the epoch otherwise.
+    A stage's record carries `peak_rss_gib`, the process's peak resident memory since the previous
+    stage's record (or the process start): in `kd loop`, the stage's own peak, models kept loaded included.
     """
     record = {"time": round(time.time(), 3), **record}
+    if record["stage"] != "train_step":
+        record["peak_rss_gib"] = peak_rss_gib()
+        reset_peak_rss()
     with open(config.run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record, default=float) + "\n")
     from torch.utils.tensorboard import SummaryWriter

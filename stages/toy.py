@@ -225,19 +225,11 @@ def write_prompts(path: Path, examples) -> None:
     datasets_io.write_jsonl_zst(path, rows)
 
 
-def is_built(out_dir: Path) -> bool:
-    return (out_dir / "toy.json").is_file()
-
-
 def build(config: ToyConfig, out_dir: Path, log=print) -> dict:
     """Build the toy world into `out_dir` atomically; returns the report written to toy.json."""
-    if is_built(out_dir):
-        report = json.loads((out_dir / "toy.json").read_text())
-        if report["config"] == asdict(config):
-            return report
-        from kd.stages.errors import KdError
-
-        raise KdError(f"{out_dir}: a toy world built from another config is there; delete it or pick another toy.dir")
+    report = datasets_io.built_world(out_dir / "toy.json", asdict(config), "toy world", "toy_dir")
+    if report is not None:
+        return report
     start = time.perf_counter()
     heldout = problems(config.seed + 1, config.heldout_prompts)
     held = {p for p, _, _ in heldout}

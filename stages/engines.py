@@ -118,6 +118,65 @@ def load_causal_lm(path: str | Path, dtype: str = "auto", device: str = "auto"):
     return model.to(torch_device).eval()
 
 
+# Logits materialised at once wherever kd applies a model's head itself (64 MiB of float32): 110
+# positions at a 151,936-token vocabulary, a toy batch's every position at 300.
+HEAD_CHUNK_VALUES = 1 << 24
+
+
+class OutputHead:
+    """hidden states [N, H] -> logits [N, V], as the model's own head computes them: a linear layer,
+    then the logit scale (Cohere), the division by `logits_scaling` (Granite) or the final
+    soft-capping (Gemma 2) where the model's config asks for it. With it the stages make logits for
+    chosen positions, a chunk at a time, never [B, L, V] at once (see kd.stages.loss)."""
+
+    def __init__(self, model):
+        from kd.stages.errors import KdError
+
+        self.linear = model.get_output_embeddings()
+        if type(self.linear) is not torch.nn.Linear:
+            raise KdError(
+                f"{model.config.name_or_path}: the output head is a {type(self.linear).__name__}, not a linear layer; "
+                "kd applies the head itself (completion positions only), which needs a plain linear head "
+                "(leave lm_head out of train.lora_target_modules)"
+            )
+        self.vocabulary = self.linear.out_features
+        self.scale = getattr(model.config, "logit_scale", None)
+        self.divisor = getattr(model.config, "logits_scaling", None)
+        self.cap = getattr(model.config, "final_logit_softcapping", None)
+        self._check(model)
+
+    def __call__(self, hidden_N_H: torch.Tensor) -> torch.Tensor:
+        logits_N_V = self.linear(hidden_N_H)
+        if self.scale:
+            logits_N_V = logits_N_V * self.scale
+        if self.divisor:
+            logits_N_V = logits_N_V / self.divisor
+        if self.cap:
+            logits_N_V = torch.tanh(logits_N_V / self.cap) * self.cap
+        return logits_N_V
+
+    @torch.no_grad()
+    def _check(self, model) -> None:
+        """A head of another kind (a transform this class does not know) is refused, not silently wrong."""
+        from kd.stages.errors import KdError
+
+        ids_1_L = torch.arange(1, 5, device=self.linear.weight.device)[None] % self.vocabulary
+        out = model(input_ids=ids_1_L, use_cache=False, output_hidden_states=True)
+        gap = float((self(out.hidden_states[-1]).float() - out.logits.float()).abs().max())
+        if not gap <= 1e-3 * max(1.0, float(out.logits.float().abs().max())):
+            raise KdError(
+                f"{model.config.name_or_path}: the model's logits are not its output head applied to its last hidden "
+                f"state (gap {gap:.3g}); kd supports linear heads with a logit scale or soft-capping"
+            )
+
+
+def hidden_states(model, ids_B_L: torch.Tensor, mask_B_L: torch.Tensor) -> torch.Tensor:
+    """The final hidden states [B, L, H]: the model's head runs on one position only (logits_to_keep=1);
+    the caller applies `OutputHead` to the positions it needs."""
+    out = model(input_ids=ids_B_L, attention_mask=mask_B_L, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
 def load_adapter(base, adapter: Path, adapter_name: str = "default", is_trainable: bool = False):
     """PeftModel over `base` from an adapter directory; one line if the adapter was made for another model."""
     from peft import PeftModel
@@ -160,6 +219,7 @@ class HFEngine:
         self.pad_token_id = pad_token_id
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_rows = max_batch_rows
+        self.head: OutputHead | None = None  # made at the first score call: a sampler needs none
 
     @classmethod
     def load(cls, model_path: str | Path, stop_token_ids: Sequence[int], pad_token_id: int, dtype: str = "auto",
@@ -233,7 +293,7 @@ class HFEngine:
         for _ in range(params.max_new_tokens):
             out = self.model(
                 input_ids=step_ids, attention_mask=mask_B_L, position_ids=step_positions,
-                past_key_values=cache, use_cache=True,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,  # no [B, L, V] logits at the prompt
             )
             logprobs_B_V = behaviour_logprobs(out.logits[:, -1].float(), params.temperature, params.top_p)
             if params.greedy:
@@ -271,42 +331,42 @@ class HFEngine:
 
     @torch.no_grad()
     def score(self, sequences, prompt_lengths, progress=None, top_k: int = 0) -> list[Scores]:
+        """One prefill per batch; the head runs on completion positions only, HEAD_CHUNK_VALUES logits
+        at a time (a 150k vocabulary never makes a [B, L, V] tensor)."""
         from kd.stages.errors import KdError
 
-        vocabulary = self.base.get_output_embeddings().out_features
+        if self.head is None:
+            self.head = OutputHead(self.base)
+        vocabulary = self.head.vocabulary
         if top_k > vocabulary:
             raise KdError(f"score.top_k = {top_k} exceeds the teacher's vocabulary ({vocabulary}); use at most {vocabulary}")
         results: list[Scores | None] = [None] * len(sequences)
         lengths = [len(s) for s in sequences]
+        rows_at_once = max(1, HEAD_CHUNK_VALUES // vocabulary)
         for batch in length_batches(lengths, self.max_batch_tokens, self.max_batch_rows):
             ids_B_L, mask_B_L = right_pad([sequences[i] for i in batch], self.pad_token_id)
             ids_B_L = ids_B_L.to(self.device)
-            logits_B_L_V = self.model(input_ids=ids_B_L, attention_mask=mask_B_L.to(self.device)).logits
-            # Log-softmax over as many rows at once as fit in SCORE_CHUNK_VALUES floats: one call per
-            # chunk instead of several per row (the toy's whole batch); for real vocabularies one row at a
-            # time, over its completion positions only, as before.
-            rows_at_once = max(1, SCORE_CHUNK_VALUES // (ids_B_L.shape[1] * vocabulary))
-            for first in range(0, len(batch), rows_at_once):
-                chunk = batch[first : first + rows_at_once]
-                # logits at position t predict token t+1: completion tokens [start, end) need logits [start-1, end-1)
-                low, high = min(prompt_lengths[i] for i in chunk) - 1, max(lengths[i] for i in chunk) - 1
-                rows = slice(first, first + len(chunk))
-                logprobs_C_T_V = torch.log_softmax(logits_B_L_V[rows, low:high].float(), -1)
-                token_C_T = logprobs_C_T_V.gather(-1, ids_B_L[rows, low + 1 : high + 1, None])[..., 0].cpu().numpy()
-                top_C_T_K = logprobs_C_T_V.topk(top_k, dim=-1)  # sorted, most likely first
-                top_ids_C_T_K = top_C_T_K.indices.cpu().numpy().astype(np.int32)
-                top_logprobs_C_T_K = top_C_T_K.values.cpu().numpy()
-                for row, i in enumerate(chunk):
-                    positions = slice(prompt_lengths[i] - 1 - low, lengths[i] - 1 - low)
-                    results[i] = Scores(token_C_T[row, positions], top_ids_C_T_K[row, positions],
-                                        top_logprobs_C_T_K[row, positions])
+            hidden_B_L_H = hidden_states(self.model, ids_B_L, mask_B_L.to(self.device))
+            # logits at position t predict token t+1: completion tokens [start, end) need positions [start-1, end-1)
+            rows_N = torch.cat([torch.full((lengths[i] - prompt_lengths[i],), r) for r, i in enumerate(batch)])
+            positions_N = torch.cat([torch.arange(prompt_lengths[i] - 1, lengths[i] - 1) for i in batch])
+            hidden_N_H, targets_N = hidden_B_L_H[rows_N, positions_N], ids_B_L[rows_N, positions_N + 1]
+            token, top_ids, top_logprobs = [], [], []
+            for first in range(0, len(positions_N), rows_at_once):
+                logprobs_C_V = torch.log_softmax(self.head(hidden_N_H[first : first + rows_at_once]).float(), -1)
+                token.append(logprobs_C_V.gather(-1, targets_N[first : first + rows_at_once, None])[:, 0].cpu())
+                top_C_K = logprobs_C_V.topk(top_k, dim=-1)  # sorted, most likely first
+                top_ids.append(top_C_K.indices.cpu().to(torch.int32))
+                top_logprobs.append(top_C_K.values.cpu())
+            token_N, top_ids_N_K, top_logprobs_N_K = (torch.cat(parts).numpy() for parts in (token, top_ids, top_logprobs))
+            start = 0
+            for i in batch:
+                end = start + lengths[i] - prompt_lengths[i]
+                results[i] = Scores(token_N[start:end], top_ids_N_K[start:end], top_logprobs_N_K[start:end])
+                start = end
             if progress is not None:
                 progress(len(batch))
         return results  # type: ignore[return-value]
-
-
-# float32 log-probabilities the hf scorer materialises at once (64 MiB), beside the model's own logits.
-SCORE_CHUNK_VALUES = 1 << 24
 
 
 def behaviour_logprobs(logits_B_V: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

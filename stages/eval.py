@@ -4,7 +4,7 @@
 
 Evaluates the policy that samples at `epoch` (the adapter exported at epoch-1; the base student
 at epoch 0), so epoch 0 is the baseline and epoch E (after the last training epoch) the result.
-Reverse KL: one sample per prompt at eval.temperature, scored by the teacher, mean over tokens of
+Reverse KL: one sample per prompt at T = 1, scored by the teacher, mean over tokens of
 s_t - q_t. Accuracy: greedy decoding of the prompts that have an `answer`, checked against it.
 """
 
@@ -30,12 +30,12 @@ def evaluate(session: Session, adapter: Path | None, epoch: int) -> tuple[pa.Tab
     Also used by bench/ to evaluate adapters trained by other tools on exactly the same footing.
     """
     cfg = session.config.eval
-    heldout = session.prompts(cfg.prompts, cfg.max_new_tokens)
+    heldout = session.prompts(cfg.prompts, cfg.max_new_tokens, "eval.max_new_tokens")
     if cfg.num_prompts:
         heldout = heldout[: cfg.num_prompts]
     # Seeds are salted with "eval" so held-out samples never repeat the training samples' draws.
     sampled = sample_rows(
-        session, heldout, 1, SamplingParams(cfg.max_new_tokens, cfg.temperature), f"eval-{epoch}", epoch, adapter,
+        session, heldout, 1, SamplingParams(cfg.max_new_tokens), f"eval-{epoch}", epoch, adapter,
         f"eval epoch {epoch}: sample",
     )
     # Greedy decoding only measures accuracy: prompts without an answer skip it.

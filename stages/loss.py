@@ -12,7 +12,8 @@ Loss over the tokens of an optimiser step (prompt and padding masked out):
     rho_t = exp(log pi_theta(y_t) - s_t)       importance ratio against the sampler
     L     = -sum_t rho_t A_t / N,  N = completion tokens of the whole effective batch
 Its gradient is -sum_t rho_t A_t grad log pi_theta(y_t) / N: the importance-weighted policy
-gradient. rho_t = 1 at the first step of an epoch up to sampler/trainer numerical mismatch; it
+gradient. rho_t = 1 at the first step of an epoch up to sampler/trainer numerical mismatch (the
+training forward runs with every dropout off, so it is the sampler's deterministic policy); it
 corrects for later steps on the same samples. Options:
     clip_epsilon > 0: PPO, -min(rho A, clip(rho, 1-eps, 1+eps) A)
     ratio_cap > 0:    truncated IS, rho replaced by min(rho, cap) (no gradient where capped)
@@ -37,8 +38,29 @@ no importance ratio: D is a function of the student's whole distribution at a po
 reached, and GKD / TRL weight those positions equally too.
 
 Which student logprobs are needed: only p_k for k in S_t, i.e. gather(logits, ids) - logsumexp
-(logits), [B, T, K] values. The logsumexp over the vocabulary is the one the sampled-token term
-already computes, so the top-k terms add a [B, T, K] gather and no second [B, T, V] tensor.
+(logits), [N, K] values at the N completion positions. The logsumexp over the vocabulary is the one
+the sampled-token term already computes, so the top-k terms add an [N, K] gather.
+
+No [B, T, V] logits tensor exists at any point (`completion_logprobs`): the model returns its final
+hidden states, only the N completion positions are kept, and the output head is applied a chunk of
+rows at a time (HEAD_CHUNK_VALUES logits), each chunk recomputed in backward (activation
+checkpointing) instead of kept. Peak memory for the head is then a few chunks, whatever the
+vocabulary and the completion length; prompt positions never reach the head. The same idea as TRL's
+`DistillationTrainer` (`_chunked_divergence_loss`) and Liger's fused linear cross-entropy.
+
+Sampling at temperature T != 1 or top_p < 1 (the reported fault: the objective's minimum moved
+away from the teacher). The behaviour policy mu (tempered, nucleus-renormalised) only proposes
+tokens; the policy distilled is the student at T = 1, pi, whose reverse KL to the teacher is the
+objective. So with s_t = log mu(y_t) (recorded by generate) and pi_e(y_t) the sampling policy at
+T = 1 (recomputed by train before its first step):
+    a_t   = -kl_coef (log pi_e(y_t) - q_t)     the KL estimate of the policy being distilled
+    rho_t = exp(log pi_theta(y_t) - s_t)       importance ratio pi / mu against the sampler
+so that E_mu[rho grad log pi (...)] is the gradient of KL(pi || teacher), and a teacher equal to the
+student gives a zero step whatever T and top_p. At T = 1, top_p = 1, pi_e = mu and nothing changes.
+RL trainers instead divide the trainer's logits by the sampling temperature (TRL's GRPOTrainer,
+trl/trainer/grpo_trainer.py; verl's actor, verl/workers/actor/dp_actor.py): they train the tempered
+policy. Against a teacher at T = 1 that moves the minimum: the tempered student would match the
+teacher and the T = 1 student not; kd keeps the T = 1 policy as the one distilled.
 """
 
 from __future__ import annotations
@@ -48,6 +70,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from kd.stages.engines import HEAD_CHUNK_VALUES
 
 
 def advantages(
@@ -71,25 +95,40 @@ def advantages(
     return discounted.astype(np.float32)
 
 
-def token_logprobs(logits_B_T_V: torch.Tensor, targets_B_T_K: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[targets] for [B, T] or [B, T, K] targets, without a second [B, T, V] tensor."""
-    logits_B_T_V = logits_B_T_V.float()
-    lse_B_T = torch.logsumexp(logits_B_T_V, dim=-1)
-    if targets_B_T_K.dim() == 2:
-        return logits_B_T_V.gather(-1, targets_B_T_K[..., None])[..., 0] - lse_B_T
-    return logits_B_T_V.gather(-1, targets_B_T_K) - lse_B_T[..., None]
+def completion_logprobs(hidden_N_H: torch.Tensor, head, targets_N_K: torch.Tensor,
+                        chunk_values: int = HEAD_CHUNK_VALUES) -> tuple[torch.Tensor, float]:
+    """log softmax(head(h))[targets] at N positions, [N, K], and the sum of the N positions' entropies.
 
+    `hidden_N_H`: the model's final hidden states at the positions wanted (completion positions only);
+    `head`: hidden [C, H] -> logits [C, V] (kd.stages.engines.OutputHead). The head runs on chunks
+    of rows holding at most `chunk_values` logits; with gradients on, each chunk is recomputed in
+    backward rather than kept, so no [N, V] tensor outlives its chunk.
+    """
+    from torch.utils.checkpoint import checkpoint
 
-@torch.no_grad()
-def entropy_sum(logits_B_T_V: torch.Tensor, mask_B_T: torch.Tensor, chunk: int = 1024) -> float:
-    """Sum over masked positions of the policy's entropy, in chunks so that a 150k vocabulary
-    never needs a second [B, T, V] float32 tensor."""
-    picked_N_V = logits_B_T_V[mask_B_T.bool()]
-    total = 0.0
-    for start in range(0, picked_N_V.shape[0], chunk):
-        logp_C_V = torch.log_softmax(picked_N_V[start : start + chunk].float(), -1)
-        total += float(-(logp_C_V.exp() * logp_C_V).sum())
-    return total
+    rows = max(1, chunk_values // head.vocabulary)
+    pieces, entropy = [], 0.0
+    for start in range(0, hidden_N_H.shape[0], rows):
+        measured: list[float] = []  # backward's recomputation of the chunk needs no metric: taken once
+
+        def chunk(hidden_C_H: torch.Tensor, targets_C_K: torch.Tensor, measured=measured) -> torch.Tensor:
+            logits_C_V = head(hidden_C_H).float()
+            lse_C_1 = torch.logsumexp(logits_C_V, -1, keepdim=True)
+            if not measured:
+                with torch.no_grad():
+                    logp_C_V = logits_C_V - lse_C_1
+                    measured.append(float(-(logp_C_V.exp() * logp_C_V).sum()))
+            return logits_C_V.gather(-1, targets_C_K) - lse_C_1
+
+        piece = (hidden_N_H[start : start + rows], targets_N_K[start : start + rows])
+        if torch.is_grad_enabled() and hidden_N_H.requires_grad:
+            pieces.append(checkpoint(chunk, *piece, use_reentrant=False))
+        else:
+            pieces.append(chunk(*piece))
+        entropy += measured[0]
+    if not pieces:
+        return hidden_N_H.new_zeros((0, targets_N_K.shape[-1]), dtype=torch.float32), 0.0
+    return torch.cat(pieces), entropy
 
 
 TAIL_FLOOR = 1e-6  # above float32 rounding of a sum of K probabilities, so K = vocabulary gives an empty tail

@@ -37,7 +37,9 @@ def render(messages: list[dict], tokenizer, template_kwargs: dict[str, Any]) -> 
     ))
 
 
-def load(path: str | Path, tokenizer, max_prompt_tokens: int, template_kwargs: dict[str, Any] | None = None) -> list[Prompt]:
+def load(path: str | Path, tokenizer, max_prompt_tokens: int, template_kwargs: dict[str, Any] | None = None,
+         limit: str = "the model's context leaves after max_new_tokens; shorten it or lower max_new_tokens") -> list[Prompt]:
+    """Every row of a prompt file, tokenized; `limit` says where `max_prompt_tokens` comes from."""
     rows = read_prompt_rows(path)
     if not rows:
         raise KdError(f"{path}: no prompts in the file; add rows with a `prompt` or `messages` field")
@@ -48,10 +50,7 @@ def load(path: str | Path, tokenizer, max_prompt_tokens: int, template_kwargs: d
             raise KdError(f"{where}: expected a JSON object with `prompt` or `messages`")
         ids, messages = _token_ids(row, tokenizer, where, template_kwargs or {})
         if len(ids) > max_prompt_tokens:
-            raise KdError(
-                f"{where}: prompt is {len(ids)} tokens, more than the {max_prompt_tokens} the model's context leaves "
-                "after max_new_tokens; shorten it or lower generate.max_new_tokens"
-            )
+            raise KdError(f"{where}: prompt is {len(ids)} tokens, more than the {max_prompt_tokens} that {limit}")
         prompt_id = str(row.get("id", f"row-{number}"))
         if prompt_id in seen:
             raise KdError(f"{where}: field id: {prompt_id!r} appears twice; ids must be unique")

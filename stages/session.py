@@ -157,16 +157,38 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def prompts(self, path: str, max_new_tokens: int) -> list:
-        """The tokenized prompt file, loaded once per process (the loop reads it every epoch)."""
+    def prompts(self, path: str, max_new_tokens: int, budget_field: str = "generate.max_new_tokens") -> list:
+        """The tokenized prompt file, loaded once per process (the loop reads it every epoch). Every
+        prompt plus `max_new_tokens` (the config field `budget_field`) must fit both models' contexts
+        (and their engines' max_model_len), each in its own template: checked before anything is sampled."""
         from kd.stages import prompts as prompts_lib
 
         key = (path, max_new_tokens)
         if key not in self._prompts:
-            self._prompts[key] = prompts_lib.load(
-                path, self.tokenizer, self.max_context() - max_new_tokens, self.config.generate.chat_template_kwargs
-            )
+            fix = f"after {budget_field} = {max_new_tokens}; shorten the prompt or lower {budget_field}"
+            positions, why = self.context("student")
+            loaded = prompts_lib.load(path, self.tokenizer, positions - max_new_tokens,
+                                      self.config.generate.chat_template_kwargs, f"{why} leaves {fix}")
+            positions, why = self.context("teacher")
+            for prompt in loaded:
+                length = len(self.teacher_prompt_ids(prompt.token_ids, prompt.messages))
+                if length > positions - max_new_tokens:
+                    raise KdError(f"{path}: prompt {prompt.id!r} is {length} tokens in the teacher's template, more than "
+                                  f"the {positions - max_new_tokens} that {why} leaves {fix}")
+            self._prompts[key] = loaded
         return self._prompts[key]
+
+    def context(self, role: str) -> tuple[int, str]:
+        """The positions the `role` model ('student' or 'teacher') can attend to, and what sets them:
+        its max_position_embeddings, or its engine's max_model_len when that is smaller."""
+        from transformers import AutoConfig
+
+        path, section = (self.config.student, "generate") if role == "student" else (self.config.teacher, "score")
+        positions = int(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 4096))
+        engine_limit = getattr(self.config, section).engine.max_model_len
+        if engine_limit and engine_limit < positions:
+            return engine_limit, f"{section}.engine.max_model_len = {engine_limit} (the {role}'s engine)"
+        return positions, f"the {role}'s context ({path}: {positions} positions)"
 
     def teacher_prompt_ids(self, student_ids: list[int], messages: str | None) -> list[int]:
         """The prompt as the teacher sees it: a chat (`messages`, JSON) in the teacher's own template
@@ -180,11 +202,6 @@ class Session:
                 json.loads(messages), self.teacher_tokenizer, self.config.score.chat_template_kwargs
             )
         return self._teacher_prompts[messages]
-
-    def max_context(self) -> int:
-        from transformers import AutoConfig
-
-        return int(getattr(AutoConfig.from_pretrained(self.config.student), "max_position_embeddings", 4096))
 
 
 @contextmanager

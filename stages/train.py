@@ -33,12 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from kd.stages import datasets_io, loss as loss_lib, run as run_lib
 from kd.stages.config import Config, TrainConfig
-from kd.stages.engines import adapter_misfit, load_causal_lm
+from kd.stages.engines import OutputHead, adapter_misfit, hidden_states, load_causal_lm
 from kd.stages.errors import KdError
 from kd.stages.schemas import SCORED, TRAIN_STEPS
 from kd.stages.session import Session, using
@@ -57,9 +58,15 @@ def ragged(table: pa.Table, name: str) -> list[np.ndarray]:
     return np.split(values, offsets[1:-1] - offsets[0])
 
 
-def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0) -> list[dict]:
+def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0,
+             policy_logprobs: list[np.ndarray] | None = None) -> list[dict]:
     """One training example per sample: token ids plus per-target-position logprobs and advantages
-    (and the teacher's top-k ids and logprobs, [T, K], when the top-k divergences are on)."""
+    (and the teacher's top-k ids and logprobs, [T, K], when the top-k divergences are on).
+
+    `policy_logprobs`: log pi_e(y_t) of the sampling policy at T = 1, per row, when the sampler's
+    behaviour logprobs are of another distribution (temperature != 1 or top_p < 1); the advantage
+    and the KL metric use them, the importance ratio the behaviour logprobs (see kd.stages.loss).
+    """
     columns = ["prompt_token_ids", "completion_token_ids", "sampler_logprobs", "teacher_logprobs"]
     if cfg.uses_top_k:
         columns += ["teacher_top_ids", "teacher_top_logprobs"]
@@ -74,11 +81,12 @@ def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0) ->
             raise KdError(f"{source}: row {index}: non-finite logprob; the sampler or teacher diverged, regenerate it")
         if not len(completion):
             continue
+        policy = sampler if policy_logprobs is None else policy_logprobs[index]
         reward = None if correct is None else float(correct)
-        adv = loss_lib.advantages(sampler, teacher, cfg.kl_coef, cfg.gamma, reward, cfg.reward_coef)
+        adv = loss_lib.advantages(policy, teacher, cfg.kl_coef, cfg.gamma, reward, cfg.reward_coef)
         example = {
             "input_ids": np.concatenate([prompt, completion]), "prompt_length": len(prompt),
-            "sampler_logprobs": sampler, "teacher_logprobs": teacher, "advantages": adv,
+            "sampler_logprobs": sampler, "policy_logprobs": policy, "teacher_logprobs": teacher, "advantages": adv,
         }
         if cfg.uses_top_k:
             top_ids, top_logprobs = values["teacher_top_ids"][index], values["teacher_top_logprobs"][index]
@@ -125,7 +133,7 @@ class Collator:
             "labels": np.full((rows, longest), IGNORE, dtype=np.int64),
         }
         per_token = {name: np.zeros((rows, longest - 1), dtype=np.float32)
-                     for name in ("sampler_logprobs", "teacher_logprobs", "advantages")}
+                     for name in ("sampler_logprobs", "policy_logprobs", "teacher_logprobs", "advantages")}
         if self.top_k:
             per_token["teacher_top_ids"] = np.zeros((rows, longest - 1, self.top_k), dtype=np.int64)
             per_token["teacher_top_logprobs"] = np.zeros((rows, longest - 1, self.top_k), dtype=np.float32)
@@ -183,13 +191,16 @@ class Policy:
         from peft import LoraConfig, get_peft_model
 
         cfg = config.train
-        base = load_causal_lm(config.student, dtype="float32", device="cpu")
+        # The frozen base in the training precision (bf16 halves it); PEFT keeps the LoRA weights, and
+        # so the optimiser state, in float32 (get_peft_model's autocast_adapter_dtype).
+        base = load_causal_lm(config.student, dtype="bfloat16" if uses_bf16(cfg) else "float32", device="cpu")
         torch.manual_seed(config.seed)  # LoRA A is random: same seed, same initial adapter
         lora = LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
         )
         self.model = get_peft_model(base, lora)
+        self.head = OutputHead(self.model)
         # Only the LoRA weights train: walking them, not the whole model, at each save and epoch start.
         self.trainable = {name: weight for name, weight in self.model.named_parameters() if weight.requires_grad}
         self.fresh = {name: tensor.clone() for name, tensor in self.weights().items()}
@@ -257,12 +268,14 @@ def policy_model(config: Config, previous_adapter: Path | None):
     return Policy(config).load(previous_adapter)
 
 
-def make_trainer(config: Config, model, examples: list[dict], output_dir: Path, epoch: int, global_step: int,
-                 optimizer_state: dict | None, progress: bool, top_k: int = 0):
+def uses_bf16(cfg: TrainConfig) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], output_dir: Path, epoch: int,
+                 global_step: int, optimizer_state: dict | None, progress: bool, top_k: int = 0):
     cfg = config.train
-    use_bf16 = cfg.precision == "bf16" or (
-        cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    )
+    use_bf16 = uses_bf16(cfg)
     args = TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=per_process_batch(cfg, world_size()),
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.passes,
@@ -282,9 +295,8 @@ def make_trainer(config: Config, model, examples: list[dict], output_dir: Path, 
     recorder = StepRecorder(global_step)
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=examples, data_collator=Collator(model.config.pad_token_id or 0, top_k),
-        optimizers=(optimizer, schedule), callbacks=[recorder],
+        optimizers=(optimizer, schedule), callbacks=[recorder], train_config=cfg, recorder=recorder, head=policy.head,
     )
-    trainer.train_config, trainer.recorder = cfg, recorder
     if not progress:
         trainer.remove_callback(PrinterCallback)  # the driver prints its own line per epoch
     return trainer
@@ -345,10 +357,13 @@ class StepRecorder(TrainerCallback):
 
 
 class DistillTrainer(Trainer):
-    """Trainer whose loss is the importance-sampled policy gradient of `kd.stages.loss`."""
+    """Trainer whose loss is the importance-sampled policy gradient of `kd.stages.loss` (plus the
+    top-k divergences), on the student's logprobs at completion positions only: the model returns
+    its last hidden states and `head` (the model's own output head) runs a chunk at a time."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, train_config: TrainConfig, recorder: "StepRecorder", head: OutputHead, **kwargs):
         super().__init__(*args, **kwargs)
+        self.train_config, self.recorder, self.head = train_config, recorder, head
         # We normalise by num_items_in_batch ourselves; these make Trainer count it and not rescale.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -360,26 +375,12 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg: TrainConfig = self.train_config
-        logits_B_T_V = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
-        mask_B_T = inputs["shift_labels"] != IGNORE
-        targets_B_T = inputs["shift_labels"].clamp(min=0)
-        top_ids_B_T_K = inputs.get("teacher_top_ids")
-        if top_ids_B_T_K is None:
-            logprobs_B_T = loss_lib.token_logprobs(logits_B_T_V, targets_B_T)
-        else:  # one gather and one logsumexp for the sampled token and the teacher's top-k
-            picked_B_T_K = loss_lib.token_logprobs(logits_B_T_V, torch.cat([targets_B_T[..., None], top_ids_B_T_K], -1))
-            logprobs_B_T, student_top_B_T_K = picked_B_T_K[..., 0], picked_B_T_K[..., 1:]
-        normaliser = num_items_in_batch if num_items_in_batch is not None else mask_B_T.sum()
-        loss, stats = loss_lib.policy_loss(
-            logprobs_B_T, inputs["sampler_logprobs"], inputs["advantages"], mask_B_T, normaliser,
-            cfg.clip_epsilon, cfg.ratio_cap,
-        )
-        for kind, coef in (("reverse_kl", cfg.topk_reverse_kl), ("forward_kl", cfg.topk_forward_kl), ("jsd", cfg.topk_jsd)):
-            if coef:
-                divergence_B_T = loss_lib.topk_divergence(
-                    student_top_B_T_K, inputs["teacher_top_logprobs"], kind, cfg.jsd_beta
-                )
-                loss = loss + coef * torch.where(mask_B_T, divergence_B_T, 0.0).sum() / normaliser
+        # Trainer put the model in training mode; every dropout (LoRA's, the model's own) would then make
+        # this forward another policy than the one that sampled (first-step ratios != 1). TRL's
+        # trainers disable dropout for the same reason; eval mode turns off any train-time randomness.
+        model.eval()
+        normaliser = num_items_in_batch if num_items_in_batch is not None else (inputs["shift_labels"] != IGNORE).sum()
+        loss, stats, kl_sum, entropy = objective(model, self.head, inputs, cfg, normaliser)
         step = self.state.global_step + 1
         if not torch.isfinite(loss):
             raise KdError(f"train: non-finite loss at optimiser step {step}; lower train.learning_rate or check the scored data")
@@ -388,12 +389,58 @@ class DistillTrainer(Trainer):
                 f"train: importance ratio {stats.ratio_max:.3g} > train.max_ratio {cfg.max_ratio:g} at optimiser step "
                 f"{step}; sampler and trainer disagree: set train.ratio_cap or clip_epsilon, or check the sampler"
             )
-        kl_sum = float((inputs["sampler_logprobs"] - inputs["teacher_logprobs"])[mask_B_T].sum())
-        entropy = loss_lib.entropy_sum(logits_B_T_V.detach(), mask_B_T)
         # The loss each process adds up to the whole batch's loss: its tokens over all processes' tokens.
         self.recorder.add(stats, kl_sum, entropy, float(loss.detach()))
         # DDP averages gradients over processes; the normaliser already counts all of their tokens.
         return loss * self.accelerator.num_processes
+
+
+def objective(model, head: OutputHead, inputs: dict[str, torch.Tensor], cfg: TrainConfig,
+              normaliser: float | torch.Tensor) -> tuple[torch.Tensor, loss_lib.PolicyLossStats, float, float]:
+    """The loss of a collated micro-batch (`Collator`), its policy-loss stats, and the sums over its
+    completion tokens of the reverse-KL estimate and of the student's entropy.
+
+    The student's logprobs are taken at the N completion positions only ([N, 1 + K]: the sampled
+    token, then the teacher's top-k), the head applied a chunk at a time (kd.stages.loss).
+    """
+    mask_B_T = inputs["shift_labels"] != IGNORE
+    hidden_N_H = hidden_states(model, inputs["input_ids"], inputs["attention_mask"])[:, :-1][mask_B_T]
+    targets_N_K = inputs["shift_labels"][mask_B_T][:, None]
+    if "teacher_top_ids" in inputs:  # one pass of the head for the sampled token and the teacher's top-k
+        targets_N_K = torch.cat([targets_N_K, inputs["teacher_top_ids"][mask_B_T]], -1)
+    picked_N_K, entropy = loss_lib.completion_logprobs(hidden_N_H, head, targets_N_K)
+    per_token = {name: inputs[name][mask_B_T]
+                 for name in ("sampler_logprobs", "policy_logprobs", "teacher_logprobs", "advantages")}
+    everywhere_N = torch.ones(len(picked_N_K), dtype=torch.bool, device=picked_N_K.device)
+    loss, stats = loss_lib.policy_loss(
+        picked_N_K[:, 0], per_token["sampler_logprobs"], per_token["advantages"], everywhere_N, normaliser,
+        cfg.clip_epsilon, cfg.ratio_cap,
+    )
+    for kind, coef in (("reverse_kl", cfg.topk_reverse_kl), ("forward_kl", cfg.topk_forward_kl), ("jsd", cfg.topk_jsd)):
+        if coef:
+            divergence_N = loss_lib.topk_divergence(picked_N_K[:, 1:], inputs["teacher_top_logprobs"][mask_B_T], kind,
+                                                    cfg.jsd_beta)
+            loss = loss + coef * divergence_N.sum() / normaliser
+    kl_sum = float((per_token["policy_logprobs"] - per_token["teacher_logprobs"]).sum())
+    return loss, stats, kl_sum, entropy
+
+
+@torch.no_grad()
+def policy_logprobs(policy: "Policy", model, examples: list[dict], cfg: TrainConfig) -> list[np.ndarray]:
+    """log pi(y_t) at T = 1 of every completion token of `examples` under `model` (the sampling policy:
+    the train stage's model before its first step), per example, computed as the training forward
+    computes it (same head, same precision)."""
+    model.eval()
+    device = next(model.parameters()).device
+    collate, out = Collator(model.config.pad_token_id or 0), []
+    for first in range(0, len(examples), cfg.batch_size):
+        batch = {name: value.to(device) for name, value in collate(examples[first : first + cfg.batch_size]).items()}
+        mask_B_T = batch["shift_labels"] != IGNORE
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg)):
+            hidden_N_H = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][mask_B_T]
+            picked_N_1, _ = loss_lib.completion_logprobs(hidden_N_H, policy.head, batch["shift_labels"][mask_B_T][:, None])
+        out += np.split(picked_N_1[:, 0].cpu().numpy(), np.cumsum(mask_B_T.sum(1).cpu().numpy())[:-1])
+    return out
 
 
 def save_adapter(policy: Policy, directory: Path) -> None:
@@ -435,9 +482,16 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
     with using(config, session) as own:
         policy = own.policy()
     model, optimizer_state = policy.resume(previous)
+    if config.generate.temperature != 1 or config.generate.top_p < 1:
+        # The sampler's logprobs are of the tempered / nucleus distribution; the advantage needs the
+        # policy's own (T = 1), which this model, not yet stepped, is (kd.stages.loss).
+        untempered = iter(policy_logprobs(policy, model, examples, config.train))
+        lengths = pa.compute.list_value_length(table.column("completion_token_ids")).to_pylist()
+        per_row = [next(untempered) if length else np.zeros(0, np.float32) for length in lengths]
+        examples = features(table, config.train, source, top_k, per_row)
     with tempfile.TemporaryDirectory(prefix="kd-trainer-") as work:
         trainer = make_trainer(
-            config, model, examples, Path(work), epoch, global_step, optimizer_state, progress,
+            config, policy, model, examples, Path(work), epoch, global_step, optimizer_state, progress,
             top_k if config.train.uses_top_k else 0,
         )
         # Trainer.train() begins with accelerate's free_memory(): a full gc.collect(), which scans every

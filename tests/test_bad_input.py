@@ -189,6 +189,17 @@ def read_only_run(tmp: Path):
 
 
 LONG_PROMPT = json.dumps({"prompt": "1" * 400}) + "\n"
+
+
+def short_context_teacher(tmp: Path):
+    """A teacher copy that attends to 48 positions: a toy prompt plus 40 new tokens does not fit it."""
+    config = yaml.safe_load((tmp / "runs.yaml").read_text())
+    teacher = tmp / "short-teacher"
+    if not teacher.exists():
+        shutil.copytree(config["teacher"], teacher)
+        settings = json.loads((teacher / "config.json").read_text())
+        (teacher / "config.json").write_text(json.dumps({**settings, "max_position_embeddings": 48}))
+    return fresh("generate", "--set", f"teacher={teacher}")
 CASES = [
     ("missing prompt file", lambda tmp: fresh("generate", "--set", f"generate.prompts={tmp}/none.jsonl"), "prompt file not found"),
     ("empty prompt file", prompts_case(""), "no prompts in the file"),
@@ -203,6 +214,13 @@ CASES = [
     ("duplicate ids", prompts_case('{"id": "a", "prompt": "1"}\n{"id": "a", "prompt": "2"}\n'), "field id: 'a' appears twice"),
     ("row that is not an object", prompts_case("[1, 2]\n"), ":1: expected a JSON object"),
     ("prompt longer than the context", prompts_case(LONG_PROMPT), "more than the"),
+    ("prompt past the teacher's context", short_context_teacher, "tokens in the teacher's template, more than the"),
+    ("chat row that ends with the answer",
+     prompts_case('{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}\n'),
+     "the last message is the assistant's answer"),
+    ("LoRA dropout", lambda tmp: fresh("train", "--set", "train.lora_dropout=0.05"), "train.lora_dropout: must be 0"),
+    ("held-out evaluation at another temperature", lambda tmp: fresh("eval", "--set", "eval.temperature=0.7"),
+     "eval.temperature: must be 1"),
     ("non-UTF-8 bytes", prompts_case(b'{"prompt": "\xff"}\n'), "is not UTF-8"),
     ("truncated .zst", truncated_zst, "not a complete zstandard file"),
     ("unknown config key", lambda tmp: fresh("generate", "--set", "train.learnig_rate=1"), "did you mean train.learning_rate"),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd.stages.loss import advantages, policy_loss, token_logprobs, topk_divergence
+from kd.stages.loss import advantages, completion_logprobs, policy_loss, topk_divergence
 
 
 def test_advantage_is_negative_reverse_kl_per_token():
@@ -84,25 +84,47 @@ def test_ppo_clip_and_ratio_cap():
     assert stats.clipped == 1
 
 
-def test_token_logprobs_equals_log_softmax_gather():
+class LinearHead:
+    """A bias-free linear output head, as kd.stages.engines.OutputHead applies a model's."""
+
+    def __init__(self, weight_V_H: torch.Tensor):
+        self.weight_V_H, self.vocabulary = weight_V_H, weight_V_H.shape[0]
+
+    def __call__(self, hidden_N_H: torch.Tensor) -> torch.Tensor:
+        return hidden_N_H @ self.weight_V_H.T
+
+
+def gathered(logits_N_V: torch.Tensor, ids_N_K: torch.Tensor) -> torch.Tensor:
+    """The trainer's logprobs of ids_N_K, the logits standing in for hidden states of an identity head."""
+    return completion_logprobs(logits_N_V, LinearHead(torch.eye(logits_N_V.shape[-1], dtype=logits_N_V.dtype)), ids_N_K)[0]
+
+
+@pytest.mark.parametrize("chunk_values", [17 * 5, 17 * 100])
+def test_completion_logprobs_in_chunks_equal_the_full_computation_and_its_gradient(chunk_values):
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 11)
-    targets = torch.randint(0, 11, (2, 5))
-    expected = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
-    torch.testing.assert_close(token_logprobs(logits, targets), expected)
+    hidden = torch.randn(23, 8, requires_grad=True)
+    weight = torch.randn(17, 8, requires_grad=True)
+    targets = torch.randint(0, 17, (23, 3))
+    picked, entropy = completion_logprobs(hidden, LinearHead(weight), targets, chunk_values=chunk_values)
+    logp = torch.log_softmax(hidden @ weight.T, -1)
+    expected = logp.gather(-1, targets)
+    torch.testing.assert_close(picked, expected)
+    assert entropy == pytest.approx(float(-(logp.exp() * logp).sum()), rel=1e-5)
+    upstream = torch.randn(23, 3)
+    got = torch.autograd.grad((picked * upstream).sum(), (hidden, weight))
+    want = torch.autograd.grad((expected * upstream).sum(), (hidden, weight))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
-def test_entropy_sum_in_chunks_equals_direct():
-    from kd.stages.loss import entropy_sum
-
-    torch.manual_seed(1)
-    logits = torch.randn(2, 7, 13)
-    mask = torch.rand(2, 7) > 0.3
-    logp = torch.log_softmax(logits, -1)
-    direct = float(-(logp.exp() * logp).sum(-1)[mask].sum())
-    assert entropy_sum(logits, mask, chunk=3) == pytest.approx(direct, rel=1e-5)
-
-
+def test_completion_logprobs_keep_no_full_vocabulary_tensor_for_backward():
+    """Chunked and checkpointed, backward keeps the hidden states, not [N, V] logits."""
+    hidden = torch.randn(64, 8, requires_grad=True)
+    weight = torch.randn(1000, 8)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        completion_logprobs(hidden, LinearHead(weight), torch.zeros(64, 1, dtype=torch.long), chunk_values=1000 * 16)
+    assert saved and max(saved) < 64 * 1000
 # ---- top-k divergences ------------------------------------------------------------------------
 
 def _top_k_pair(student_probs, teacher_probs, k):
@@ -110,7 +132,7 @@ def _top_k_pair(student_probs, teacher_probs, k):
     logits = torch.tensor(student_probs, dtype=torch.float64).log()
     teacher = torch.tensor(teacher_probs, dtype=torch.float64).log()
     ids = teacher.topk(k).indices
-    return token_logprobs(logits[None, None], ids[None, None])[0, 0], teacher[ids]
+    return gathered(logits[None], ids[None])[0], teacher[ids]
 
 
 def test_topk_divergences_match_hand_computed_values():
@@ -135,7 +157,7 @@ def test_topk_with_the_whole_vocabulary_is_the_exact_divergence_and_gradient(kin
     logits_N_V = (3 * torch.randn(6, vocabulary)).requires_grad_()
     teacher_N_V = torch.log_softmax(3 * torch.randn(6, vocabulary), -1)
     ids_N_V = teacher_N_V.argsort(-1, descending=True)
-    student_top_N_V = token_logprobs(logits_N_V[None], ids_N_V[None])[0]
+    student_top_N_V = gathered(logits_N_V, ids_N_V)
     top_k = topk_divergence(student_top_N_V, teacher_N_V.gather(-1, ids_N_V), kind, beta=0.3).sum()
     (top_k_grad,) = torch.autograd.grad(top_k, logits_N_V)
 

@@ -12,7 +12,6 @@ import torch
 
 from kd.stages import datasets_io, eval as eval_stage, export_lora, generate, run as run_lib, score, train
 from kd.stages.errors import KdError
-from kd.stages.loss import token_logprobs
 from kd.stages.schemas import EVAL, ROLLOUTS, SCORED, TRAIN_STEPS
 from kd.stages.session import Session
 from kd.stages.train import Collator, features, policy_model
@@ -51,7 +50,8 @@ def recomputed_logprobs(config, adapter, table):
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     mask = batch["shift_labels"] != -100
-    return token_logprobs(logits, batch["shift_labels"].clamp(min=0))[mask], batch["sampler_logprobs"][mask]
+    targets = batch["shift_labels"].clamp(min=0)[..., None]
+    return torch.log_softmax(logits.float(), -1).gather(-1, targets)[..., 0][mask], batch["sampler_logprobs"][mask]
 
 
 def test_stages_write_declared_datasets(make_config):
@@ -320,3 +320,57 @@ def test_top_k_above_the_vocabulary_is_one_clear_line(make_config):
     with pytest.raises(KdError, match="score.top_k = 100000 exceeds the teacher's vocabulary"):
         score.run(config, 0, session)
     assert not run_lib.stage_dir(config, 0, "scored").exists()
+
+
+@pytest.mark.parametrize("objective", [
+    {},
+    {"train.kl_coef": 0, "train.topk_reverse_kl": 1},
+    {"train.topk_forward_kl": 0.5, "train.clip_epsilon": 0.2},
+    {"train.kl_coef": 0.3, "train.topk_jsd": 1, "train.ratio_cap": 2},
+], ids=["sampled-token", "top-k reverse KL", "top-k forward KL + sampled", "top-k JSD + sampled"])
+def test_train_objective_equals_the_full_logits_computation(make_config, objective):
+    """The chunked head on completion positions gives the loss and LoRA gradients that the whole
+    [B, T, V] logits gave (the train stage's formula before the chunking, written out here)."""
+    from kd.stages import loss as loss_lib
+    from kd.stages.train import Policy, objective as train_objective
+
+    config = make_config(**{"score.top_k": 6, **objective})
+    run_lib.prepare(config)
+    with Session(config, progress=False) as session:
+        generate.run(config, 0, session)
+        table = datasets_io.read_table(score.run(config, 0, session), SCORED)
+    policy = Policy(config)
+    model = policy.load(None)
+    with torch.no_grad():  # a LoRA away from zero, so that its gradients are not special
+        for weight in policy.trainable.values():
+            weight.add_(0.05 * torch.randn_like(weight))
+    cfg = config.train
+    batch = Collator(model.config.pad_token_id, 6 if cfg.uses_top_k else 0)(features(table, cfg, None, 6))
+    mask = batch["shift_labels"] != -100
+    normaliser = mask.sum()
+
+    def gradients(loss):
+        return [g.clone() for g in torch.autograd.grad(loss, list(policy.trainable.values()))]
+
+    loss, stats, _, entropy = train_objective(model, policy.head, batch, cfg, normaliser)
+    got = gradients(loss)
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, -1)
+    targets = batch["shift_labels"].clamp(min=0)
+    reference, reference_stats = loss_lib.policy_loss(
+        logp.gather(-1, targets[..., None])[..., 0], batch["sampler_logprobs"], batch["advantages"], mask, normaliser,
+        cfg.clip_epsilon, cfg.ratio_cap,
+    )
+    for kind, coef in (("reverse_kl", cfg.topk_reverse_kl), ("forward_kl", cfg.topk_forward_kl), ("jsd", cfg.topk_jsd)):
+        if coef:
+            divergence = loss_lib.topk_divergence(logp.gather(-1, batch["teacher_top_ids"]), batch["teacher_top_logprobs"],
+                                                  kind, cfg.jsd_beta)
+            reference = reference + coef * torch.where(mask, divergence, 0.0).sum() / normaliser
+    want = gradients(reference)
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-5)
+    assert entropy == pytest.approx(float(-(logp.exp() * logp).sum(-1)[mask].sum()), rel=1e-5)
+    assert (stats.tokens, stats.clipped) == (reference_stats.tokens, reference_stats.clipped)
+    assert max(float(g.abs().max()) for g in want) > 1e-4  # the comparison compares something
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)

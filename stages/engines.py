@@ -146,7 +146,9 @@ class OutputHead:
         self._check(model)
 
     def __call__(self, hidden_N_H: torch.Tensor) -> torch.Tensor:
-        logits_N_V = self.linear(hidden_N_H)
+        # In the head's precision, as the model's own head computes: outside the model's autocast-wrapped
+        # forward a bf16 head would otherwise meet the float32 hidden states of mixed-precision training.
+        logits_N_V = self.linear(hidden_N_H.to(self.linear.weight.dtype))
         if self.scale:
             logits_N_V = logits_N_V * self.scale
         if self.divisor:

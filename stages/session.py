@@ -184,6 +184,7 @@ class Session:
         from transformers import AutoConfig
 
         path, section = (self.config.student, "generate") if role == "student" else (self.config.teacher, "score")
+        self.tokenizer if role == "student" else self.teacher_tokenizer  # a missing or mismatched model: one line first
         positions = int(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 4096))
         engine_limit = getattr(self.config, section).engine.max_model_len
         if engine_limit and engine_limit < positions:

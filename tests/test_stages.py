@@ -199,10 +199,9 @@ def test_teacher_with_another_tokenizer_is_refused(make_config, tiny_world, tmp_
     config = make_config(teacher=str(other))
     run_lib.prepare(config)
     session = Session(config, progress=False)
-    generate.run(config, 0, session)
-    with pytest.raises(KdError, match="vocabulary differs"):
-        score.run(config, 0, session)
-    assert not run_lib.stage_dir(config, 0, "scored").exists()
+    with pytest.raises(KdError, match="vocabulary differs"):  # before sampling: generate checks the teacher's prompts
+        generate.run(config, 0, session)
+    assert not run_lib.stage_dir(config, 0, "rollouts").exists()
 
 
 def test_merged_export_matches_adapter(make_config):

@@ -119,11 +119,11 @@ def test_a_vocabulary_mismatch_is_refused_naming_an_id(make_config, tiny_world, 
     assert AutoTokenizer.from_pretrained(str(teacher)).get_vocab()[a] == vocab[a]
     config = make_config(teacher=str(teacher))
     run_lib.prepare(config)
+    # refused before anything is sampled: generate renders each prompt in the teacher's template too
     with Session(config, progress=False) as session:
-        generate.run(config, 0, session)
         with pytest.raises(KdError, match=r"2 student ids differ, e\.g\. id \d+ is '[57]' for the student and '[57]'"):
-            score.run(config, 0, session)
-    assert not run_lib.stage_dir(config, 0, "scored").exists()
+            generate.run(config, 0, session)
+    assert not run_lib.stage_dir(config, 0, "rollouts").exists()
 
 
 def test_generation_stops_at_every_end_of_turn_id(make_config, tiny_world, tmp_path):

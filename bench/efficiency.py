@@ -56,21 +56,26 @@ def best_of(fn, output: Path | None = None) -> float:
 
 
 def bare_score(session, table):
-    """The teacher's batched forward over the scored sequences, in the stage's length-sorted batches."""
+    """The teacher's model work over the scored sequences (its prompts as it sees them), in the
+    stage's length-sorted batches: the forward to the last hidden states and the head on the
+    completion positions (no log-softmax, no gather, no I/O)."""
     import torch
 
-    from kd.stages.engines import length_batches, right_pad
+    from kd.stages.engines import OutputHead, hidden_states, length_batches, right_pad
 
     engine = session.engine("teacher", session.config.score.engine)
-    sequences = [p + c for p, c in zip(table.column("prompt_token_ids").to_pylist(),
-                                       table.column("completion_token_ids").to_pylist())]
+    head = OutputHead(engine.base)
+    prompts = table.column("teacher_prompt_token_ids").to_pylist()
+    sequences = [p + c for p, c in zip(prompts, table.column("completion_token_ids").to_pylist())]
     batches = length_batches([len(s) for s in sequences], engine.max_batch_tokens, engine.max_batch_rows)
-    padded = [right_pad([sequences[i] for i in batch], engine.pad_token_id) for batch in batches]
+    padded = [(right_pad([sequences[i] for i in batch], engine.pad_token_id), [len(prompts[i]) for i in batch])
+              for batch in batches]
 
     @torch.no_grad()
     def forward() -> None:
-        for ids, mask in padded:
-            engine.model(input_ids=ids, attention_mask=mask)
+        for (ids, mask), starts in padded:
+            hidden = hidden_states(engine.model, ids, mask)
+            head(torch.cat([hidden[r, start - 1 : int(mask[r].sum()) - 1] for r, start in enumerate(starts)]))
 
     return forward
 

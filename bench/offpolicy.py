@@ -80,13 +80,12 @@ def run_on_policy(run_id: str, overrides: list[str], epochs: int, eval_every: in
 def run_off_policy(epochs: int, eval_every: int, seed: int) -> list[dict]:
     import torch
 
-    from kd.stages import config as config_lib, loss as loss_lib, prompts as prompts_lib
+    from kd.stages import config as config_lib, prompts as prompts_lib
     from kd.stages.engines import SamplingParams
     from kd.stages.eval import evaluate
     from kd.stages.generate import sample_rows
     from kd.stages.session import Session
-    from kd.stages.engines import hidden_states
-    from kd.stages.train import Collator, Policy, lr_factor
+    from kd.stages.train import Collator, Policy, lr_factor, student_logprobs
 
     config = config_lib.load(ROOT / "configs" / "toy.yaml", [f"seed={seed}"])
     cfg, gen = config.train, config.generate
@@ -123,10 +122,7 @@ def run_off_policy(epochs: int, eval_every: int, seed: int) -> list[dict]:
                 batch = collate(examples[start : start + BATCH])
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.learning_rate * lr_factor(step, cfg, epochs * len(examples) // BATCH)
-                mask = batch["shift_labels"] != -100
-                hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
-                logprobs, _ = loss_lib.completion_logprobs(hidden, policy.head, batch["shift_labels"][mask][:, None])
-                (-logprobs.mean()).backward()
+                (-student_logprobs(model, policy.head, batch)[0].mean()).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()

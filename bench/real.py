@@ -63,7 +63,7 @@ def markdown(result: dict) -> str:
         "Config: configs/smollm2-humaneval.yaml (8 prompts x 2 samples of up to 128 tokens per epoch, "
         "LoRA rank 16, lr 1e-3; held-out reverse KL on 16 problems).",
         "",
-        "| objective | epochs | held-out reverse KL per evaluation (loop seconds) | first / last |",
+        "| objective | epochs | held-out reverse KL per evaluation (loop seconds) | last / first |",
         "|---|---|---|---|",
     ]
     for name, run in result["runs"].items():

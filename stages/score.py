@@ -24,16 +24,18 @@ from kd.stages.config import Config
 from kd.stages.engines import Scores
 from kd.stages.progress import bar
 from kd.stages.schemas import ROLLOUTS, SCORED
-from kd.stages.session import Session, load_tokenizer, using
+from kd.stages.session import Session, using
 
 
 def teacher_scores(session: Session, table: pa.Table, description: str, top_k: int = 0) -> tuple[list[list[int]], list[Scores]]:
     """The teacher's prompt ids of every row, and its scores of the row's completion after them."""
     engine = session.engine("teacher", session.config.score.engine)
-    prompts = [
-        session.teacher_prompt_ids(ids, messages)
-        for ids, messages in zip(table.column("prompt_token_ids").to_pylist(), table.column("prompt_messages").to_pylist())
-    ]
+    rendered: dict[str | None, list[int]] = {}  # the samples of one prompt share its rendering
+    prompts = []
+    for ids, messages in zip(table.column("prompt_token_ids").to_pylist(), table.column("prompt_messages").to_pylist()):
+        if messages not in rendered:
+            rendered[messages] = session.teacher_prompt_ids(ids, messages)
+        prompts.append(ids if messages is None else rendered[messages])
     completions = table.column("completion_token_ids").to_pylist()
     with bar(description, len(prompts), session.progress) as advance:
         return prompts, engine.score(
@@ -41,14 +43,15 @@ def teacher_scores(session: Session, table: pa.Table, description: str, top_k: i
         )
 
 
-def template_probe(table: pa.Table, tokenizer) -> dict | None:
-    """The first chat prompt as each model sees it (decoded, special tokens shown), for a glance at
-    the two formats in the manifest and `kd inspect`; None when every prompt is a plain string."""
+def template_probe(table: pa.Table, session: Session) -> dict | None:
+    """The first chat prompt as each model sees it (decoded by its own tokenizer, special tokens
+    shown), for a glance at the two formats in the manifest and `kd inspect`; None when every prompt
+    is a plain string."""
     for row in table.select(["prompt_messages", "prompt_token_ids", "teacher_prompt_token_ids"]).to_pylist():
         if row["prompt_messages"] is not None:
             return {
-                "student": tokenizer.decode(row["prompt_token_ids"], skip_special_tokens=False),
-                "teacher": tokenizer.decode(row["teacher_prompt_token_ids"], skip_special_tokens=False),
+                "student": session.tokenizer.decode(row["prompt_token_ids"], skip_special_tokens=False),
+                "teacher": session.teacher_tokenizer.decode(row["teacher_prompt_token_ids"], skip_special_tokens=False),
             }
     return None
 
@@ -76,7 +79,7 @@ def with_top_k(table: pa.Table, scores: list[Scores]) -> pa.Table:
     return table.append_column("teacher_top_ids", ids).append_column("teacher_top_logprobs", logprobs)
 
 
-def scored_stats(table: pa.Table, wall_seconds: float, top_k: int, tokenizer) -> dict:
+def scored_stats(table: pa.Table, wall_seconds: float, top_k: int, session: Session) -> dict:
     teacher = [np.asarray(q) for q in table.column("teacher_logprobs").to_pylist()]
     stats = kl_stats(table.column("sampler_logprobs").to_pylist(), teacher)
     stats["tokens_per_second"] = stats["completion_tokens"] / max(wall_seconds, 1e-9)
@@ -84,7 +87,7 @@ def scored_stats(table: pa.Table, wall_seconds: float, top_k: int, tokenizer) ->
     # Mean teacher probability mass inside the top-K, over completion positions (None without top-k).
     top = table.column("teacher_top_logprobs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     stats["top_k_mass"] = float(np.exp(top.astype(np.float64)).sum() / stats["completion_tokens"]) if top_k and len(top) else None
-    stats["template_probe"] = template_probe(table, tokenizer)
+    stats["template_probe"] = template_probe(table, session)
     return stats
 
 
@@ -99,17 +102,14 @@ def run(config: Config, epoch: int, session: Session | None = None, shard: int =
         rollouts = datasets_io.read_table(source, ROLLOUTS, f"run `kd generate --epoch {epoch}` first")
         rows = select(len(rollouts))
         rollouts = rollouts.slice(rows.start, rows.stop - rows.start)
-        with using(config, session) as own:
-            where = f" shard {shard}/{num_shards}" if num_shards > 1 else ""
-            prompts, scores = teacher_scores(own, rollouts, f"score epoch {epoch}{where}", config.score.top_k)
+        where = f" shard {shard}/{num_shards}" if num_shards > 1 else ""
+        prompts, scores = teacher_scores(own, rollouts, f"score epoch {epoch}{where}", config.score.top_k)
         return with_top_k(with_teacher(rollouts, prompts, [s.logprobs for s in scores]), scores)
 
-    def stats(table: pa.Table, seconds: float) -> dict:
-        tokenizer = session.tokenizer if session is not None else load_tokenizer(config.student)
-        return scored_stats(table, seconds, config.score.top_k, tokenizer)
-
     stage_config = {"teacher": config.teacher, "score": config.to_dict()["score"]}
-    manifest = shards.write(out, SCORED, shard, num_shards, stage_config, [source], produce, stats)
+    with using(config, session) as own:
+        manifest = shards.write(out, SCORED, shard, num_shards, stage_config, [source], produce,
+                                lambda table, seconds: scored_stats(table, seconds, config.score.top_k, own))
     if manifest is not None:
         numbers = {k: v for k, v in manifest["stats"].items() if k != "template_probe"}
         run_lib.log_metrics(config, {"epoch": epoch, "stage": "score", "wall_seconds": manifest["wall_seconds"], **numbers})

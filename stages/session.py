@@ -105,7 +105,6 @@ class Session:
             quiet_transformers()
         self._engines: dict[tuple, object] = {}
         self._prompts: dict[tuple, list] = {}
-        self._teacher_prompts: dict[str, list[int]] = {}
         self._policy = None
 
     @cached_property
@@ -194,15 +193,11 @@ class Session:
     def teacher_prompt_ids(self, student_ids: list[int], messages: str | None) -> list[int]:
         """The prompt as the teacher sees it: a chat (`messages`, JSON) in the teacher's own template
         with score.chat_template_kwargs; a plain prompt as the student's very ids."""
+        from kd.stages.prompts import render
+
         if messages is None:
             return student_ids
-        if messages not in self._teacher_prompts:  # the samples of one prompt share its rendering
-            from kd.stages.prompts import render
-
-            self._teacher_prompts[messages] = render(
-                json.loads(messages), self.teacher_tokenizer, self.config.score.chat_template_kwargs
-            )
-        return self._teacher_prompts[messages]
+        return render(json.loads(messages), self.teacher_tokenizer, self.config.score.chat_template_kwargs)
 
 
 @contextmanager

@@ -10,8 +10,9 @@ student with its LoRA stays loaded across epochs (`Session.policy`): each epoch 
 epoch's adapter and optimiser state in it, from memory when this process wrote them, so the
 standalone command and the loop train the same weights (tested bit for bit).
 
-Built on transformers' Trainer (a custom `compute_loss` over our dataset), so accelerate
-(DDP/FSDP/DeepSpeed), bf16, gradient accumulation, gradient clipping and logging come from the
+Built on transformers' Trainer (a custom `compute_loss` over our dataset), so accelerate (DDP,
+DeepSpeed ZeRO-2; FSDP and ZeRO-3 are refused: kd applies the lm_head itself, which they shard),
+bf16, gradient accumulation, gradient clipping and logging come from the
 ecosystem. The learning-rate schedule spans the whole run: each epoch's Trainer gets a scheduler
 offset by the global step, so warmup and decay do not restart every epoch. The loss normaliser is
 the completion-token count of the whole effective batch, counted by Trainer across micro-batches
@@ -33,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -58,15 +58,11 @@ def ragged(table: pa.Table, name: str) -> list[np.ndarray]:
     return np.split(values, offsets[1:-1] - offsets[0])
 
 
-def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0,
-             policy_logprobs: list[np.ndarray] | None = None) -> list[dict]:
+def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0) -> list[dict]:
     """One training example per sample: token ids plus per-target-position logprobs and advantages
     (and the teacher's top-k ids and logprobs, [T, K], when the top-k divergences are on).
-
-    `policy_logprobs`: log pi_e(y_t) of the sampling policy at T = 1, per row, when the sampler's
-    behaviour logprobs are of another distribution (temperature != 1 or top_p < 1); the advantage
-    and the KL metric use them, the importance ratio the behaviour logprobs (see kd.stages.loss).
-    """
+    `policy_logprobs` (the policy's own T = 1 logprobs, p_t of kd.stages.loss) start as the sampler's;
+    `untempered` replaces them when the sampler drew from another distribution."""
     columns = ["prompt_token_ids", "completion_token_ids", "sampler_logprobs", "teacher_logprobs"]
     if cfg.uses_top_k:
         columns += ["teacher_top_ids", "teacher_top_logprobs"]
@@ -81,12 +77,11 @@ def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0,
             raise KdError(f"{source}: row {index}: non-finite logprob; the sampler or teacher diverged, regenerate it")
         if not len(completion):
             continue
-        policy = sampler if policy_logprobs is None else policy_logprobs[index]
         reward = None if correct is None else float(correct)
-        adv = loss_lib.advantages(policy, teacher, cfg.kl_coef, cfg.gamma, reward, cfg.reward_coef)
+        adv = loss_lib.advantages(sampler, teacher, cfg.kl_coef, cfg.gamma, reward, cfg.reward_coef)
         example = {
-            "input_ids": np.concatenate([prompt, completion]), "prompt_length": len(prompt),
-            "sampler_logprobs": sampler, "policy_logprobs": policy, "teacher_logprobs": teacher, "advantages": adv,
+            "input_ids": np.concatenate([prompt, completion]), "prompt_length": len(prompt), "reward": reward,
+            "sampler_logprobs": sampler, "policy_logprobs": sampler, "teacher_logprobs": teacher, "advantages": adv,
         }
         if cfg.uses_top_k:
             top_ids, top_logprobs = values["teacher_top_ids"][index], values["teacher_top_logprobs"][index]
@@ -297,6 +292,13 @@ def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], 
         model=model, args=args, train_dataset=examples, data_collator=Collator(model.config.pad_token_id or 0, top_k),
         optimizers=(optimizer, schedule), callbacks=[recorder], train_config=cfg, recorder=recorder, head=policy.head,
     )
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    if trainer.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3):
+        raise KdError(
+            "train under FSDP / DeepSpeed ZeRO-3: kd applies the output head outside the model's forward "
+            "(completion positions only, a chunk at a time), where a sharded lm_head is not gathered; use DDP "
+            "(configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml)"
+        )
     if not progress:
         trainer.remove_callback(PrinterCallback)  # the driver prints its own line per epoch
     return trainer
@@ -395,26 +397,30 @@ class DistillTrainer(Trainer):
         return loss * self.accelerator.num_processes
 
 
+def student_logprobs(model, head: OutputHead, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """The student's logprobs at the N completion positions of a collated batch, [N, 1 + K] (the
+    sampled token, then the teacher's top-k when the batch has them), the sum of its entropy there,
+    and the [B, T] completion mask. The head runs a chunk at a time (kd.stages.loss)."""
+    mask_B_T = batch["shift_labels"] != IGNORE
+    hidden_N_H = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][mask_B_T]
+    targets_N_K = batch["shift_labels"][mask_B_T][:, None]
+    if "teacher_top_ids" in batch:  # one pass of the head for the sampled token and the teacher's top-k
+        targets_N_K = torch.cat([targets_N_K, batch["teacher_top_ids"][mask_B_T]], -1)
+    picked_N_K, entropy = loss_lib.completion_logprobs(hidden_N_H, head, targets_N_K)
+    return picked_N_K, entropy, mask_B_T
+
+
 def objective(model, head: OutputHead, inputs: dict[str, torch.Tensor], cfg: TrainConfig,
               normaliser: float | torch.Tensor) -> tuple[torch.Tensor, loss_lib.PolicyLossStats, float, float]:
     """The loss of a collated micro-batch (`Collator`), its policy-loss stats, and the sums over its
-    completion tokens of the reverse-KL estimate and of the student's entropy.
-
-    The student's logprobs are taken at the N completion positions only ([N, 1 + K]: the sampled
-    token, then the teacher's top-k), the head applied a chunk at a time (kd.stages.loss).
-    """
-    mask_B_T = inputs["shift_labels"] != IGNORE
-    hidden_N_H = hidden_states(model, inputs["input_ids"], inputs["attention_mask"])[:, :-1][mask_B_T]
-    targets_N_K = inputs["shift_labels"][mask_B_T][:, None]
-    if "teacher_top_ids" in inputs:  # one pass of the head for the sampled token and the teacher's top-k
-        targets_N_K = torch.cat([targets_N_K, inputs["teacher_top_ids"][mask_B_T]], -1)
-    picked_N_K, entropy = loss_lib.completion_logprobs(hidden_N_H, head, targets_N_K)
+    completion tokens of the reverse-KL estimate (p_t - q_t) and of the student's entropy."""
+    picked_N_K, entropy, mask_B_T = student_logprobs(model, head, inputs)
     per_token = {name: inputs[name][mask_B_T]
                  for name in ("sampler_logprobs", "policy_logprobs", "teacher_logprobs", "advantages")}
     everywhere_N = torch.ones(len(picked_N_K), dtype=torch.bool, device=picked_N_K.device)
     loss, stats = loss_lib.policy_loss(
         picked_N_K[:, 0], per_token["sampler_logprobs"], per_token["advantages"], everywhere_N, normaliser,
-        cfg.clip_epsilon, cfg.ratio_cap,
+        cfg.clip_epsilon, cfg.ratio_cap, per_token["policy_logprobs"],
     )
     for kind, coef in (("reverse_kl", cfg.topk_reverse_kl), ("forward_kl", cfg.topk_forward_kl), ("jsd", cfg.topk_jsd)):
         if coef:
@@ -426,21 +432,24 @@ def objective(model, head: OutputHead, inputs: dict[str, torch.Tensor], cfg: Tra
 
 
 @torch.no_grad()
-def policy_logprobs(policy: "Policy", model, examples: list[dict], cfg: TrainConfig) -> list[np.ndarray]:
-    """log pi(y_t) at T = 1 of every completion token of `examples` under `model` (the sampling policy:
-    the train stage's model before its first step), per example, computed as the training forward
-    computes it (same head, same precision)."""
+def untempered(trainer: "DistillTrainer", examples: list[dict], cfg: TrainConfig) -> None:
+    """Put the sampling policy's own (T = 1) logprobs and the advantages they give into `examples`,
+    when the sampler drew at another temperature or top_p (kd.stages.loss). The trainer's model,
+    on its device and not yet stepped, is that policy; each process computes every example's (the
+    data loader deals them out later)."""
+    model, collate = trainer.model, trainer.data_collator
     model.eval()
-    device = next(model.parameters()).device
-    collate, out = Collator(model.config.pad_token_id or 0), []
-    for first in range(0, len(examples), cfg.batch_size):
-        batch = {name: value.to(device) for name, value in collate(examples[first : first + cfg.batch_size]).items()}
-        mask_B_T = batch["shift_labels"] != IGNORE
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg)):
-            hidden_N_H = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][mask_B_T]
-            picked_N_1, _ = loss_lib.completion_logprobs(hidden_N_H, policy.head, batch["shift_labels"][mask_B_T][:, None])
-        out += np.split(picked_N_1[:, 0].cpu().numpy(), np.cumsum(mask_B_T.sum(1).cpu().numpy())[:-1])
-    return out
+    size = per_process_batch(cfg, world_size())
+    for first in range(0, len(examples), size):
+        chunk = examples[first : first + size]
+        batch = {name: value.to(trainer.args.device) for name, value in collate(chunk).items()}
+        with trainer.autocast_smart_context_manager():
+            picked_N_K, _, mask_B_T = student_logprobs(model, trainer.head, batch)
+        counts = mask_B_T.sum(1).cpu().numpy()
+        for example, policy in zip(chunk, np.split(picked_N_K[:, 0].float().cpu().numpy(), np.cumsum(counts)[:-1])):
+            example["policy_logprobs"] = policy
+            example["advantages"] = loss_lib.advantages(policy, example["teacher_logprobs"], cfg.kl_coef, cfg.gamma,
+                                                        example["reward"], cfg.reward_coef)
 
 
 def save_adapter(policy: Policy, directory: Path) -> None:
@@ -482,18 +491,13 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
     with using(config, session) as own:
         policy = own.policy()
     model, optimizer_state = policy.resume(previous)
-    if config.generate.temperature != 1 or config.generate.top_p < 1:
-        # The sampler's logprobs are of the tempered / nucleus distribution; the advantage needs the
-        # policy's own (T = 1), which this model, not yet stepped, is (kd.stages.loss).
-        untempered = iter(policy_logprobs(policy, model, examples, config.train))
-        lengths = pa.compute.list_value_length(table.column("completion_token_ids")).to_pylist()
-        per_row = [next(untempered) if length else np.zeros(0, np.float32) for length in lengths]
-        examples = features(table, config.train, source, top_k, per_row)
     with tempfile.TemporaryDirectory(prefix="kd-trainer-") as work:
         trainer = make_trainer(
             config, policy, model, examples, Path(work), epoch, global_step, optimizer_state, progress,
             top_k if config.train.uses_top_k else 0,
         )
+        if config.generate.temperature != 1 or config.generate.top_p < 1:
+            untempered(trainer, examples, config.train)
         # Trainer.train() begins with accelerate's free_memory(): a full gc.collect(), which scans every
         # object of the process (torch, transformers, a long loop's state) and took as long as two
         # optimiser steps of the toy. Objects that exist before training are not this epoch's garbage:

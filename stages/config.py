@@ -334,8 +334,9 @@ def stable_hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def default_config_path() -> Path:
-    return Path(str(resources.files("kd.configs") / "toy.yaml"))
+def default_config_path(name: str = "toy.yaml") -> Path:
+    """A config shipped with kd (configs/ installed as kd.configs): toy.yaml, the default, or another."""
+    return Path(str(resources.files("kd.configs") / name))
 
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -135,7 +135,8 @@ def log_metrics(config: Config, record: dict) -> None:
 
     TensorBoard's x axis is the global optimiser step for train steps and the epoch otherwise.
     A stage's record carries `peak_rss_gib`, the process's peak resident memory since the previous
-    stage's record (or the process start): in `kd loop`, the stage's own peak, models kept loaded included.
+    stage's record (or the process start): in `kd loop`, the stage's own peak, models kept loaded
+    included; for a sharded stage, that of the array task that completed the dataset.
     """
     record = {"time": round(time.time(), 3), **record}
     if record["stage"] != "train_step":

@@ -76,6 +76,17 @@ class EngineConfig:
         _check(not self.server or self.kind == "vllm", "engine.server", "server mode needs engine.kind: vllm")
 
 
+# Arguments of apply_chat_template that kd sets itself: a template variable of these names is refused.
+TEMPLATE_ARGUMENTS = ("messages", "conversation", "add_generation_prompt", "continue_final_message", "tokenize",
+                      "return_dict", "return_tensors", "padding", "truncation", "max_length", "tools", "documents")
+
+
+def _check_template_kwargs(kwargs: dict[str, Any], field_name: str) -> None:
+    taken = sorted(set(kwargs) & set(TEMPLATE_ARGUMENTS))
+    _check(not taken, field_name, f"{', '.join(taken)} is set by kd itself; give only the template's own variables, "
+                                  "e.g. {enable_thinking: false}")
+
+
 @dataclass
 class GenerateConfig:
     """The student samples its own completions.
@@ -105,6 +116,7 @@ class GenerateConfig:
         _check(self.max_new_tokens > 0, "generate.max_new_tokens", "must be > 0")
         _check(self.temperature > 0, "generate.temperature", "must be > 0 (greedy sampling is not on-policy RL)")
         _check(0 < self.top_p <= 1, "generate.top_p", "must be in (0, 1]")
+        _check_template_kwargs(self.chat_template_kwargs, "generate.chat_template_kwargs")
 
 
 @dataclass
@@ -124,6 +136,7 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 0, "score.top_k", "must be >= 0 (0: off)")
+        _check_template_kwargs(self.chat_template_kwargs, "score.chat_template_kwargs")
 
 
 @dataclass
@@ -365,7 +378,11 @@ def apply_override(data: dict, override: str) -> None:
         node = node.setdefault(section, {})
         if not isinstance(node, dict):
             raise KdError(f"--set {override!r}: {section} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise KdError(f"--set {override!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
+                      "quote it, e.g. --set 'score.chat_template_kwargs={enable_thinking: false}'") from None
 
 
 def build(cls: type, data: Any, where: str):

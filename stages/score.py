@@ -30,10 +30,10 @@ from kd.stages.session import Session, using
 def teacher_scores(session: Session, table: pa.Table, description: str, top_k: int = 0) -> tuple[list[list[int]], list[Scores]]:
     """The teacher's prompt ids of every row, and its scores of the row's completion after them."""
     engine = session.engine("teacher", session.config.score.engine)
-    rendered: dict[str | None, list[int]] = {}  # the samples of one prompt share its rendering
+    rendered: dict[str, list[int]] = {}  # the samples of one chat share its rendering
     prompts = []
     for ids, messages in zip(table.column("prompt_token_ids").to_pylist(), table.column("prompt_messages").to_pylist()):
-        if messages not in rendered:
+        if messages is not None and messages not in rendered:
             rendered[messages] = session.teacher_prompt_ids(ids, messages)
         prompts.append(ids if messages is None else rendered[messages])
     completions = table.column("completion_token_ids").to_pylist()

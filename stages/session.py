@@ -165,15 +165,15 @@ class Session:
         key = (path, max_new_tokens)
         if key not in self._prompts:
             fix = f"after {budget_field} = {max_new_tokens}; shorten the prompt or lower {budget_field}"
-            for role in ("student", "teacher"):
-                positions, why = self.context(role)
+            limits = {role: self.context(role) for role in ("student", "teacher")}
+            for positions, why in limits.values():
                 if positions <= max_new_tokens:
                     raise KdError(f"config field {budget_field}: {max_new_tokens} new tokens leave no room for a prompt in "
                                   f"{why}; lower {budget_field}")
-            positions, why = self.context("student")
+            positions, why = limits["student"]
             loaded = prompts_lib.load(path, self.tokenizer, positions - max_new_tokens,
                                       self.config.generate.chat_template_kwargs, f"{why} leaves {fix}")
-            positions, why = self.context("teacher")
+            positions, why = limits["teacher"]
             for prompt in loaded:
                 length = len(self.teacher_prompt_ids(prompt.token_ids, prompt.messages))
                 if length > positions - max_new_tokens:

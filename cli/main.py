@@ -261,10 +261,17 @@ def verify(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
         raise typer.Exit(1)
 
 
+def terminate(*_) -> None:
+    from kd.stages import datasets_io
+
+    datasets_io.TERMINATED.set()
+    sys.exit(143)
+
+
 def main() -> None:
     # Slurm's scancel and time limits send SIGTERM first: exit through the normal unwinding, so the
     # staged files of the interrupted stage are removed and engines shut down (128 + 15, as a shell reports).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, terminate)
     try:
         app()
     except KdError as err:

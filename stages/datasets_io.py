@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import signal
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -61,6 +63,11 @@ def staging_dir(target: Path) -> Iterator[Path]:
 
 
 FAULT_POINTS = ("start", "files", "manifest", "staged")
+# Set by kd's SIGTERM handler (kd.cli.main), which also raises SystemExit. That exception is lost
+# when the signal lands inside a finaliser or a callback whose exceptions Python only prints, and
+# the process then works on: every commit point below checks this too, so a terminated process
+# never publishes output (seen as a cancelled Slurm array task that still wrote its shard).
+TERMINATED = threading.Event()
 
 
 def pid_alive(pid: int) -> bool:
@@ -78,7 +85,10 @@ def fault_point(target: Path, point: str) -> None:
     process at that point of writing <run>/0001/scored. Points: start (the stage begins its work),
     files (parts written, nothing else), manifest (manifest written beside its final name),
     staged (complete, not yet renamed into place), and train's checkpoint (adapter saved,
-    optimiser state not yet)."""
+    optimiser state not yet). Every rename that publishes output passes a point first; a process
+    that was sent SIGTERM exits there (TERMINATED)."""
+    if TERMINATED.is_set():
+        sys.exit(143)
     if os.environ.get("KD_FAULT_KILL") == f"{target.parent.name}/{target.name}:{point}":
         os.kill(os.getpid(), signal.SIGKILL)
 

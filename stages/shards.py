@@ -167,6 +167,7 @@ def write_part(out: Path, kind: DatasetKind, table: pa.Table, shard: int, num_sh
     }
     marker_tmp = out / MARKERS / f".{marker_name(shard, num_shards)}.tmp-{os.getpid()}"
     marker_tmp.write_text(json.dumps(marker, indent=2))
+    datasets_io.fault_point(out, f"shard-{shard}:marker")
     os.rename(marker_tmp, out / MARKERS / marker_name(shard, num_shards))
 
 

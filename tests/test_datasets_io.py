@@ -48,6 +48,26 @@ def test_a_failed_stage_leaves_nothing(tmp_path):
     assert not datasets_io.is_complete(out)
 
 
+def test_a_terminated_process_publishes_nothing_even_when_its_exit_was_swallowed(tmp_path):
+    # kd's SIGTERM handler raises SystemExit, which Python only prints when the signal lands inside a
+    # finaliser; the process then works on, and every commit point must stop it.
+    from kd.stages import shards
+
+    datasets_io.TERMINATED.set()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            datasets_io.write_dataset(tmp_path / "rollouts", ROLLOUTS, rollout_table(), {}, [], {}, 0.0)
+        assert exited.value.code == 143
+        with pytest.raises(SystemExit):
+            shards.write_part(tmp_path / "sharded", ROLLOUTS, rollout_table(), 1, 2, wall_seconds=1.0)
+    finally:
+        datasets_io.TERMINATED.clear()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded"]
+    assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()] == []
+    datasets_io.write_dataset(tmp_path / "rollouts", ROLLOUTS, rollout_table(), {}, [], {}, 0.0)
+    assert datasets_io.is_complete(tmp_path / "rollouts")
+
+
 def test_a_directory_without_manifest_does_not_exist_and_is_replaced(tmp_path):
     out = tmp_path / "rollouts"
     out.mkdir()

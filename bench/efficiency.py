@@ -61,7 +61,9 @@ def bare_score(session, table):
     completion positions (no log-softmax, no gather, no I/O)."""
     import torch
 
-    from kd.stages.engines import OutputHead, hidden_states, length_batches, right_pad
+    from kd.stages.engines import length_batches
+    from kd.stages.engines.hf import right_pad
+    from kd.stages.models import OutputHead, hidden_states
 
     engine = session.engine("teacher", session.config.score.engine)
     head = OutputHead(engine.base)
@@ -85,14 +87,14 @@ def bare_train(config, epoch: int):
     the loss computed as the stage computes it (completion positions, chunked head)."""
     import torch
 
-    from kd.stages import datasets_io, run as run_lib
+    from kd.stages import datasets_io, pipeline
     from kd.stages.schemas import SCORED
     from kd.stages.train import Collator, Policy, features, objective
 
-    source = run_lib.stage_dir(config, epoch, "scored")
+    source = pipeline.stage_dir(config, epoch, "scored")
     examples = features(datasets_io.read_table(source, SCORED), config.train, source)
     policy = Policy(config)
-    model = policy.load(run_lib.stage_dir(config, epoch - 1, "adapter")).eval()
+    model = policy.load(pipeline.stage_dir(config, epoch - 1, "adapter")).eval()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.learning_rate)
     collate = Collator(model.config.pad_token_id or 0)
     size = config.train.batch_size
@@ -110,13 +112,13 @@ def bare_train(config, epoch: int):
 def io_costs(config, epoch: int, stage_seconds: dict) -> list[dict]:
     import pyarrow as pa
 
-    from kd.stages import datasets_io, run as run_lib
+    from kd.stages import datasets_io, pipeline
     from kd.stages.schemas import ROLLOUTS, SCORED
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for stage, name, kind in (("generate", "rollouts", ROLLOUTS), ("score", "scored", SCORED)):
-            directory = run_lib.stage_dir(config, epoch, name)
+            directory = pipeline.stage_dir(config, epoch, name)
             table = datasets_io.read_table(directory, kind)
             read_seconds = best_of(lambda: datasets_io.read_table(directory, kind))
             out = Path(scratch) / name
@@ -136,7 +138,7 @@ def io_costs(config, epoch: int, stage_seconds: dict) -> list[dict]:
 def main() -> None:
     from importlib.metadata import version
 
-    from kd.stages import config as config_lib, datasets_io, export_lora, generate, run as run_lib, score, train
+    from kd.stages import config as config_lib, datasets_io, export_lora, generate, pipeline, rundir, score, train
     from kd.stages.schemas import SCORED
     from kd.stages.session import Session
 
@@ -147,7 +149,7 @@ def main() -> None:
         runs = Path(tempfile.mkdtemp(prefix="kd-bench-efficiency-"))
         config = config_lib.load(ROOT / "configs" / "toy.yaml")
         config = dataclasses.replace(config, run_id="efficiency", runs_dir=str(runs), epochs=EPOCHS)
-        run_lib.prepare(config)
+        rundir.prepare(config)
         for timings in (*seconds.values(), *bare.values()):
             timings.append([])
         with Session(config, progress=False) as session:
@@ -160,7 +162,7 @@ def main() -> None:
                 export_lora.run(config, epoch)
                 if epoch == 0:
                     continue  # the first calls also load the engines and the student
-                scored = datasets_io.read_table(run_lib.stage_dir(config, epoch, "scored"), SCORED)
+                scored = datasets_io.read_table(pipeline.stage_dir(config, epoch, "scored"), SCORED)
                 tokens += sum(len(c) for c in scored.column("completion_token_ids").to_pylist())
                 samples += scored.num_rows
                 for stage, value in stage_seconds.items():

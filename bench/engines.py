@@ -58,7 +58,7 @@ def main() -> None:
     from kd.stages import config as config_lib, prompts as prompts_lib
     from kd.stages.config import EngineConfig
     from kd.stages.session import load_tokenizer, make_engine
-    from kd.stages.vllm_engine import serve_command, wait_until_ready
+    from kd.stages.engines.vllm import serve_command, wait_until_ready
 
     config = config_lib.load()
     adapter = config.run_dir / "0000" / "adapter"

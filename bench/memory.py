@@ -70,7 +70,7 @@ def step(method: str, completion: int) -> dict:
     import torch
 
     from kd.stages import loss as loss_lib
-    from kd.stages.engines import OutputHead, hidden_states
+    from kd.stages.models import OutputHead, hidden_states
     from kd.stages.train import objective
 
     model, batch, cfg = model_and_batch(completion)

@@ -12,7 +12,7 @@
   fine-tuned on them with cross-entropy.
   Teacher tokens: the completion tokens the teacher generates.
 - none: the student as built.
-Every policy is evaluated by `kd.stages.eval.evaluate` (256 held-out prompts). Writes
+Every policy is evaluated by `kd.stages.evaluate.evaluate` (256 held-out prompts). Writes
 bench/results/offpolicy.json and bench/results/offpolicy.md.
 """
 
@@ -82,7 +82,7 @@ def run_off_policy(epochs: int, eval_every: int, seed: int) -> list[dict]:
 
     from kd.stages import config as config_lib, prompts as prompts_lib
     from kd.stages.engines import SamplingParams
-    from kd.stages.eval import evaluate
+    from kd.stages.evaluate import evaluate
     from kd.stages.generate import sample_rows
     from kd.stages.session import Session
     from kd.stages.train import Collator, Policy, lr_factor, student_logprobs

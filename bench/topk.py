@@ -11,7 +11,7 @@ Runs, one after another on this machine:
 - `trl.DistillationTrainer` (beta = 1: reverse KL over the full vocabulary, on-policy generation with
   transformers), same student, teacher, LoRA, learning rate and warm-up, for the wall time of the
   slowest kd run.
-Every policy is evaluated by the same code (`kd.stages.eval.evaluate`: held-out reverse KL from one
+Every policy is evaluated by the same code (`kd.stages.evaluate.evaluate`: held-out reverse KL from one
 sample per held-out prompt, greedy accuracy); evaluation time is excluded from the training wall time.
 Writes bench/results/topk.json and bench/results/topk.md.
 """
@@ -102,7 +102,7 @@ def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DIST
 
     from kd.stages import config as config_lib
     from kd.stages.datasets_io import read_prompt_rows
-    from kd.stages.eval import evaluate
+    from kd.stages.evaluate import evaluate
     from kd.stages.session import Session
 
     config = config_lib.load(ROOT / "configs" / "toy.yaml", [f"seed={seed}"])
@@ -198,7 +198,7 @@ def markdown(result: dict) -> str:
         "",
         f"{result['date']}, {result['machine']}; {', '.join(f'{k} {v}' for k, v in result['versions'].items())}.",
         f"`python bench/topk.py --epochs {result['epochs']} --eval-every {result['eval_every']}`; training seconds exclude "
-        "evaluation; every policy evaluated by `kd.stages.eval.evaluate` on the 256 held-out prompts.",
+        "evaluation; every policy evaluated by `kd.stages.evaluate.evaluate` on the 256 held-out prompts.",
         "",
         f"| run | epochs / steps | training s | final held-out KL | final accuracy | KL at {common:.0f} s "
         f"| accuracy at {common:.0f} s | s to reach TRL's final KL ({trl_final:.4f}) |",

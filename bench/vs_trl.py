@@ -9,7 +9,7 @@ seeds, and the wall time each needs to reach a series of held-out reverse KLs.
 - TRL: `trl.DistillationTrainer` with beta = 1 (reverse KL over the whole vocabulary), one
   completion for each of 64 prompts per step, same student, teacher, LoRA, learning rate and
   warm-up, for the mean training seconds of the kd runs (bench/topk.py's `run_trl`).
-Training seconds exclude evaluation; every policy is evaluated by `kd.stages.eval.evaluate` on the
+Training seconds exclude evaluation; every policy is evaluated by `kd.stages.evaluate.evaluate` on the
 256 held-out prompts, every 20 optimiser steps for both, and afterwards every one of those
 checkpoints again on the same held-out draws (COMMON_SALTS), which is what the tables and plots
 show. One evaluation still moves by a few hundredths of KL from one to the next, so the curves are
@@ -59,7 +59,7 @@ def evaluation_session():
 
 def on_common_draws(session, curve: list[dict], adapters: list[Path | None]) -> list[dict]:
     """`curve` with each point's held-out KL and accuracy measured again, on the COMMON_SALTS draws."""
-    from kd.stages.eval import evaluate
+    from kd.stages.evaluate import evaluate
 
     points = []
     for point, adapter in zip(curve, adapters):

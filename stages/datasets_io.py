@@ -27,10 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from kd.stages import __version__, pipeline
 from kd.stages.errors import KdError
 from kd.stages.schemas import KINDS, DatasetKind
 
 MANIFEST = "manifest.json"
+MARKERS = "_shards"  # a sharded dataset's per-shard markers (kd.stages.shards writes them)
 # Stages verify their inputs (sizes, sha256, rows, schema, provenance) before reading them;
 # `kd --no-verify ...` turns that off for the impatient.
 VERIFY_INPUTS = True
@@ -120,8 +122,6 @@ def write_dataset(
     write_files: Callable[[Path], None] | None = None,
 ) -> dict:
     """Write one complete dataset directory atomically: Arrow part, extra files, manifest last."""
-    from kd.stages.config import stable_hash
-
     with staging_dir(out) as tmp:
         if table is not None:
             write_table(tmp / part_name(0, 1), table, kind)
@@ -156,8 +156,6 @@ def write_manifest(
     """Describe every file already in `directory`; written last, it marks the dataset complete.
     `target`: the final place of a staged `directory` (names its fault-injection point).
     `wall_seconds`: the stage's time; for a sharded dataset the sum over its shards (worker seconds)."""
-    from kd.stages import __version__
-
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {
         "kind": kind.name,
@@ -206,8 +204,6 @@ def require(directory: Path, kind: DatasetKind, hint: str) -> dict:
     """The manifest of an input dataset, or a one-line error saying what to run first."""
     manifest = read_manifest(directory)
     if manifest is None:
-        from kd.stages.shards import missing_message
-
         raise KdError(missing_message(Path(directory), kind.name) or f"{directory}: no complete {kind.name} dataset here; {hint}")
     if manifest["kind"] != kind.name:
         raise KdError(f"{directory}: holds a {manifest['kind']} dataset, expected {kind.name}")
@@ -217,8 +213,6 @@ def require(directory: Path, kind: DatasetKind, hint: str) -> dict:
             f"{kind.version}; regenerate it with this kd version"
         )
     if VERIFY_INPUTS:
-        from kd.stages.verify import dataset_problems
-
         problems = dataset_problems(Path(directory), read_parts=False)
         if problems:
             raise KdError(
@@ -312,3 +306,100 @@ def read_prompt_rows(path: str | Path) -> list[dict]:
         except ValueError as err:
             raise KdError(f"{path}:{number}: invalid JSON ({err.msg}); fix or remove that line") from None
     return rows
+
+
+def stable_hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Sharded datasets (written by kd.stages.shards): parts and markers filling a directory in place.
+
+
+def marker_name(shard: int, num_shards: int) -> str:
+    return f"{shard:05d}-of-{num_shards:05d}.json"
+
+
+def read_markers(out: Path, num_shards: int) -> dict[int, dict]:
+    """The complete shards of a num_shards layout: a marker whose part has the recorded size."""
+    done = {}
+    for shard in range(num_shards):
+        try:
+            marker = json.loads((out / MARKERS / marker_name(shard, num_shards)).read_text())
+        except (OSError, ValueError):
+            continue
+        part = out / marker["part"]
+        if part.is_file() and part.stat().st_size == marker["bytes"]:
+            done[shard] = marker
+    return done
+
+
+def layouts(out: Path) -> list[int]:
+    """The shard counts that markers in `out` were written for (normally one)."""
+    return sorted({int(p.stem.split("-of-")[1]) for p in (out / MARKERS).glob("*-of-*.json")})
+
+
+def missing_message(out: Path, kind_name: str) -> str | None:
+    """Why a directory of shards is not a dataset yet, with the command that finishes it (None: no shards)."""
+    stage = pipeline.by_output(kind_name)
+    counts = layouts(out) if stage is not None and stage.shardable and out.is_dir() else []
+    if not counts:
+        return None
+    command = f"kd {stage.command} --run {out.parent.parent.name} --epoch {int(out.parent.name)}"
+    num_shards = counts[-1]
+    missing = [s for s in range(num_shards) if s not in read_markers(out, num_shards)]
+    if not missing:
+        return (f"{out}: all {num_shards} shards are done but the manifest was never written (the task that "
+                f"finished last was killed); re-run any of them, e.g. `{command} --shard 0 --num-shards {num_shards}`")
+    shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+    return (f"{out}: {len(missing)} of {num_shards} shards missing ({shown}); run them, e.g. "
+            f"`{command} --shard {missing[0]} --num-shards {num_shards}` (or resubmit those array tasks)")
+
+
+def dataset_problems(directory: Path, hashes: bool = True, read_parts: bool = True) -> list[str]:
+    """What is wrong with one dataset directory (empty: it verifies).
+
+    `read_parts=False` skips opening the Arrow parts for their schema and rows: a stage checking its
+    inputs reads them right after, and with matching sha256 they are the bytes kd wrote."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return ["no valid manifest.json (an incomplete or foreign directory)"]
+    kind = KINDS.get(manifest["kind"])
+    if kind is None:
+        return [f"unknown dataset kind {manifest['kind']!r}"]
+    problems = []
+    if manifest["schema_version"] != kind.version:
+        problems.append(f"schema version {manifest['schema_version']}, this kd reads {kind.version}")
+    listed = {entry["path"] for entry in manifest["files"]}
+    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()} - {MANIFEST}
+    problems += [f"{path}: not in the manifest" for path in sorted(present - listed)]
+    rows = 0
+    for entry in manifest["files"]:
+        path = directory / entry["path"]
+        if not path.is_file():
+            problems.append(f"{entry['path']}: missing")
+            continue
+        if path.stat().st_size != entry["bytes"]:
+            problems.append(f"{entry['path']}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+            continue
+        if hashes and sha256_file(path) != entry["sha256"]:
+            problems.append(f"{entry['path']}: sha256 differs from the manifest")
+            continue
+        if path.suffix == ".arrow" and read_parts:
+            try:
+                with pa.memory_map(str(path)) as source:
+                    table = pa.ipc.open_file(source).read_all()
+            except (pa.ArrowInvalid, OSError) as err:
+                problems.append(f"{entry['path']}: unreadable Arrow ({err})")
+                continue
+            if not table.schema.equals(kind.schema):
+                problems.append(f"{entry['path']}: schema differs from {kind.name} v{kind.version}")
+            rows += table.num_rows
+    if read_parts and kind.schema is not None and rows != manifest["rows"] and not problems:
+        problems.append(f"{rows} rows in the parts, manifest says {manifest['rows']}")
+    for source in manifest["inputs"]:
+        path = Path(source["path"])
+        if not (path / MANIFEST).is_file():
+            problems.append(f"input {path}: missing")
+        elif manifest_hash(path) != source["manifest_sha256"]:
+            problems.append(f"input {path}: changed since this dataset was made from it")
+    return problems

@@ -15,20 +15,22 @@ import shutil
 import time
 from pathlib import Path
 
-from kd.stages import datasets_io, run as run_lib
+from kd.stages import datasets_io, pipeline, rundir
 from kd.stages.config import Config
 from kd.stages.schemas import ADAPTER, TRAIN_STEPS
+from kd.stages.session import Session
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def run(config: Config, epoch: int, merge: bool = False) -> Path:
-    out = run_lib.stage_dir(config, epoch, "adapter")
+def run(config: Config, epoch: int, session: Session | None = None, merge: bool = False) -> Path:
+    """Write <epoch>/adapter; `session` is the pipeline's common argument, unused: copying needs no model."""
+    out = pipeline.stage_dir(config, epoch, "adapter")
     if datasets_io.is_complete(out) and (not merge or (out / "merged").is_dir()):
         return out
     datasets_io.fault_point(out, "start")
     started = time.time()
-    source = run_lib.stage_dir(config, epoch, "train")
+    source = pipeline.stage_dir(config, epoch, "train")
     datasets_io.require(source, TRAIN_STEPS, f"run `kd train --epoch {epoch}` first")
 
     def write_files(tmp: Path) -> None:
@@ -43,14 +45,14 @@ def run(config: Config, epoch: int, merge: bool = False) -> Path:
     stats = {"merged": merge, "bytes": (source / "adapter" / "adapter_model.safetensors").stat().st_size}
     stage_config = {"student": config.student, "merge": merge}
     datasets_io.write_dataset(out, ADAPTER, None, stage_config, [source], stats, started, write_files)
-    run_lib.log_metrics(config, {"epoch": epoch, "stage": "export-lora", "wall_seconds": time.time() - started, **stats})
+    rundir.log_metrics(config, {"epoch": epoch, "stage": "export-lora", "wall_seconds": time.time() - started, **stats})
     return out
 
 
 def write_merged(student: str, adapter: Path, target: Path) -> None:
     from transformers import AutoTokenizer
 
-    from kd.stages.engines import load_adapter, load_causal_lm
+    from kd.stages.models import load_adapter, load_causal_lm
 
     merged = load_adapter(load_causal_lm(student, "float32", "cpu"), adapter).merge_and_unload()
     merged.save_pretrained(target)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from kd.stages import datasets_io, prompts as prompts_lib, run as run_lib, shards
+from kd.stages import datasets_io, pipeline, prompts as prompts_lib, rundir, shards
 from kd.stages.config import Config
 from kd.stages.engines import SamplingParams, sample_seed
 from kd.stages.progress import bar
 from kd.stages.schemas import ROLLOUTS
 from kd.stages.session import Session, using
-from kd.stages.toy import extract_answer
+from kd.stages.tasks import VERIFIERS
 
 
 def sample_rows(
@@ -41,6 +41,7 @@ def sample_rows(
     with bar(description, len(wanted), session.progress) as advance:
         completions = engine.sample([p.token_ids for p, _ in wanted], seeds, params, adapter, progress=advance)
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+    verify = VERIFIERS[config.task]
     return [
         {
             "prompt_id": p.id,
@@ -53,7 +54,7 @@ def sample_rows(
             "completion_text": text,
             "policy_version": policy_version,
             "answer": p.answer,
-            "correct": None if p.answer is None else extract_answer(text) == p.answer,
+            "correct": None if p.answer is None else verify(text, p.answer),
         }
         for (p, j), c, text in zip(wanted, completions, texts)
     ]
@@ -74,11 +75,11 @@ def rollout_stats(table: pa.Table, wall_seconds: float) -> dict:
 
 def run(config: Config, epoch: int, session: Session | None = None, shard: int = 0, num_shards: int = 1) -> Path:
     """Write <epoch>/rollouts, or shard `shard` of `num_shards` of it (see kd.stages.shards)."""
-    out = run_lib.stage_dir(config, epoch, "rollouts")
+    out = pipeline.stage_dir(config, epoch, "rollouts")
     if datasets_io.is_complete(out):
         return out
     cfg = config.generate
-    adapter = run_lib.policy_adapter(config, epoch)
+    adapter = rundir.policy_adapter(config, epoch)
 
     def produce(select) -> pa.Table:
         with using(config, session) as own:
@@ -93,6 +94,6 @@ def run(config: Config, epoch: int, session: Session | None = None, shard: int =
     stage_config = {"seed": config.seed, "student": config.student, "generate": config.to_dict()["generate"]}
     manifest = shards.write(out, ROLLOUTS, shard, num_shards, stage_config, [adapter] if adapter else [], produce, rollout_stats)
     if manifest is not None:
-        run_lib.log_metrics(config, {"epoch": epoch, "stage": "generate", "wall_seconds": manifest["wall_seconds"],
+        rundir.log_metrics(config, {"epoch": epoch, "stage": "generate", "wall_seconds": manifest["wall_seconds"],
                                      **manifest["stats"]})
     return out

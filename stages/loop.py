@@ -16,32 +16,25 @@ import time
 
 from rich.table import Table
 
-from kd.stages import datasets_io, eval as eval_stage, export_lora, generate, report, run as run_lib, score, train
+from kd.stages import datasets_io, locks, pipeline, report, rundir
 from kd.stages.config import Config
 from kd.stages.progress import console
 from kd.stages.session import Session
 
 
-def eval_epochs(config: Config) -> list[int]:
-    return sorted(set(range(0, config.epochs, config.eval.every)) | {config.epochs})
-
-
 def run(config: Config, overwrite: bool = False) -> list[dict]:
-    run_lib.prepare(config, overwrite)
-    evals = set(eval_epochs(config))
+    """Every stage of pipeline.STAGES at the epochs it runs, in order; the held-out table at the end."""
+    rundir.prepare(config, overwrite)
     started = time.time()
-    with run_lib.locked(config.run_dir), Session(config, progress=False) as session:
+    with locks.whole_run(config.run_dir), Session(config, progress=False) as session:
         for epoch in range(config.epochs + 1):
-            if epoch in evals:
-                report_eval(config, epoch, eval_stage.run(config, epoch, session))
-            if epoch == config.epochs:
-                break
             t0 = time.time()
-            generate.run(config, epoch, session)
-            scored = score.run(config, epoch, session)
-            trained = train.run(config, epoch, session, progress=False)
-            export_lora.run(config, epoch)
-            report_epoch(config, epoch, scored, trained, time.time() - t0)
+            wrote = {stage.output: stage.load().run(config, epoch, session)
+                     for stage in pipeline.STAGES if pipeline.runs_at(stage, epoch, config)}
+            if "eval" in wrote:
+                print_eval(epoch, wrote["eval"])
+            if "train" in wrote:
+                print_epoch(config, epoch, wrote["scored"], wrote["train"], time.time() - t0)
     rows = summary(config)
     console.print(summary_table(rows, time.time() - started))
     console.print(stage_times(config))
@@ -49,7 +42,7 @@ def run(config: Config, overwrite: bool = False) -> list[dict]:
     return rows
 
 
-def report_epoch(config: Config, epoch: int, scored, trained, seconds: float) -> None:
+def print_epoch(config: Config, epoch: int, scored, trained, seconds: float) -> None:
     kl = datasets_io.read_manifest(scored)["stats"]["teacher_kl"]
     train_stats = datasets_io.read_manifest(trained)["stats"]
     console.print(
@@ -58,7 +51,7 @@ def report_epoch(config: Config, epoch: int, scored, trained, seconds: float) ->
     )
 
 
-def report_eval(config: Config, epoch: int, out) -> None:
+def print_eval(epoch: int, out) -> None:
     stats = datasets_io.read_manifest(out)["stats"]
     accuracy = "n/a" if stats["accuracy"] is None else f"{stats['accuracy']:.1%}"
     console.print(f"[bold]eval after {epoch} epochs: held-out reverse KL {stats['heldout_reverse_kl']:.4f}, accuracy {accuracy}")
@@ -66,8 +59,8 @@ def report_eval(config: Config, epoch: int, out) -> None:
 
 def summary(config: Config) -> list[dict]:
     rows = []
-    for epoch in eval_epochs(config):
-        manifest = datasets_io.read_manifest(run_lib.stage_dir(config, epoch, "eval"))
+    for epoch in pipeline.eval_epochs(config):
+        manifest = datasets_io.read_manifest(pipeline.stage_dir(config, epoch, "eval"))
         if manifest is not None:
             rows.append({"epoch": epoch, **manifest["stats"]})
     return rows
@@ -77,7 +70,7 @@ def stage_times(config: Config) -> str:
     """Mean wall seconds and the peak resident memory per stage call over the whole run (from metrics.jsonl)."""
     seconds: dict[str, list[float]] = {}
     peaks: dict[str, float] = {}
-    for record in run_lib.read_metrics(config.run_dir):
+    for record in rundir.read_metrics(config.run_dir):
         if "wall_seconds" in record:
             seconds.setdefault(record["stage"], []).append(record["wall_seconds"])
         if record.get("peak_rss_gib") is not None:

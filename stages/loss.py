@@ -75,7 +75,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kd.stages.engines import HEAD_CHUNK_VALUES
+from kd.stages.models import HEAD_CHUNK_VALUES
 
 
 def advantages(
@@ -104,7 +104,7 @@ def completion_logprobs(hidden_N_H: torch.Tensor, head, targets_N_K: torch.Tenso
     """log softmax(head(h))[targets] at N positions, [N, K], and the sum of the N positions' entropies.
 
     `hidden_N_H`: the model's final hidden states at the positions wanted (completion positions only);
-    `head`: hidden [C, H] -> logits [C, V] (kd.stages.engines.OutputHead). The head runs on chunks
+    `head`: hidden [C, H] -> logits [C, V] (kd.stages.models.OutputHead). The head runs on chunks
     of rows holding at most `chunk_values` logits; with gradients on, each chunk is recomputed in
     backward rather than kept, so no [N, V] tensor outlives its chunk.
     """

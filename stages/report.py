@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from kd.stages import run as run_lib
+from kd.stages import rundir
 from kd.stages.errors import KdError
 
 FIGURES = {
@@ -80,7 +80,7 @@ def summary_markdown(run_dir: Path, records: list[dict]) -> str:
 
 def run(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    records = run_lib.read_metrics(run_dir)
+    records = rundir.read_metrics(run_dir)
     if not records:
         raise KdError(f"{run_dir}: no metrics.jsonl to report on; run `kd loop` (or the stages) first")
     out, staging = run_dir / "report", run_dir / ".report.tmp"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from kd.stages import datasets_io, run as run_lib, shards
+from kd.stages import datasets_io, pipeline, rundir, shards
 from kd.stages.config import Config
 from kd.stages.engines import Scores
 from kd.stages.progress import bar
@@ -93,10 +93,10 @@ def scored_stats(table: pa.Table, wall_seconds: float, top_k: int, session: Sess
 
 def run(config: Config, epoch: int, session: Session | None = None, shard: int = 0, num_shards: int = 1) -> Path:
     """Write <epoch>/scored, or shard `shard` of `num_shards` of it (see kd.stages.shards)."""
-    out = run_lib.stage_dir(config, epoch, "scored")
+    out = pipeline.stage_dir(config, epoch, "scored")
     if datasets_io.is_complete(out):
         return out
-    source = run_lib.stage_dir(config, epoch, "rollouts")
+    source = pipeline.stage_dir(config, epoch, "rollouts")
 
     def produce(select) -> pa.Table:
         rollouts = datasets_io.read_table(source, ROLLOUTS, f"run `kd generate --epoch {epoch}` first")
@@ -112,5 +112,5 @@ def run(config: Config, epoch: int, session: Session | None = None, shard: int =
                                 lambda table, seconds: scored_stats(table, seconds, config.score.top_k, own))
     if manifest is not None:
         numbers = {k: v for k, v in manifest["stats"].items() if k != "template_probe"}
-        run_lib.log_metrics(config, {"epoch": epoch, "stage": "score", "wall_seconds": manifest["wall_seconds"], **numbers})
+        rundir.log_metrics(config, {"epoch": epoch, "stage": "score", "wall_seconds": manifest["wall_seconds"], **numbers})
     return out

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
+from kd.stages import engines
 from kd.stages.config import Config, EngineConfig
 from kd.stages.errors import KdError
 
@@ -72,31 +73,6 @@ def stop_token_ids(tokenizer, model_path: str) -> list[int]:
     return sorted(ids)
 
 
-def make_engine(engine: EngineConfig, model_path: str, tokenizer, lora_rank: int | None = None, seed: int = 0,
-                max_logprobs: int = 0):
-    """An engine for `model_path`; `lora_rank` is set for a student that will load adapters, `max_logprobs`
-    for a scorer asked for that many top tokens."""
-    stops = stop_token_ids(tokenizer, model_path)
-    if engine.kind == "vllm":
-        from kd.stages import vllm_engine
-
-        if engine.server:
-            return vllm_engine.VLLMServerEngine(engine, stops)
-        return vllm_engine.VLLMEngine(model_path, engine, stops, lora_rank, seed, max_logprobs)
-    if engine.kind == "hf":
-        from kd.stages.engines import HFEngine
-
-        return HFEngine.load(
-            model_path, stops, tokenizer.pad_token_id or tokenizer.eos_token_id,
-            dtype=engine.dtype, device=engine.device,
-            max_batch_tokens=engine.max_batch_tokens, max_batch_rows=engine.max_batch_rows,
-        )
-    raise KdError(
-        "config field engine.kind: sglang is not implemented yet (SGLang needs CUDA and cannot be tested here); "
-        "use hf or vllm"
-    )
-
-
 class Session:
     def __init__(self, config: Config, progress: bool = True):
         self.config = config
@@ -124,15 +100,18 @@ class Session:
             if role == "teacher":
                 self.teacher_tokenizer  # refuse a mismatched teacher before loading its weights
             if role == "student":
-                self._engines[key] = make_engine(
-                    engine, self.config.student, self.tokenizer, self.config.train.lora_rank, self.config.seed
+                self._engines[key] = self._make_engine(
+                    engine, self.config.student, self.tokenizer, lora_rank=self.config.train.lora_rank
                 )
             else:
-                self._engines[key] = make_engine(
-                    engine, self.config.teacher, self.teacher_tokenizer, seed=self.config.seed,
-                    max_logprobs=self.config.score.top_k,
+                self._engines[key] = self._make_engine(
+                    engine, self.config.teacher, self.teacher_tokenizer, max_logprobs=self.config.score.top_k
                 )
         return self._engines[key]
+
+    def _make_engine(self, engine: EngineConfig, model_path: str, tokenizer, **options):
+        return engines.make(engine, model_path, stop_token_ids(tokenizer, model_path),
+                            tokenizer.pad_token_id or tokenizer.eos_token_id, seed=self.config.seed, **options)
 
     def policy(self):
         """The student with a trainable LoRA, for the train stage (`kd.stages.train.Policy`)."""
@@ -144,11 +123,9 @@ class Session:
 
     def close(self) -> None:
         """Stop in-process engines now: vLLM's engine-core processes, left to interpreter exit, can abort it."""
-        engines, self._engines = list(self._engines.values()), {}
-        for engine in engines:
-            close = getattr(engine, "close", None)
-            if close is not None:
-                close()
+        running, self._engines = list(self._engines.values()), {}
+        for engine in running:
+            engine.close()
 
     def __enter__(self) -> "Session":
         return self

@@ -22,23 +22,18 @@ that should have was killed first).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pyarrow as pa
 
-from kd.stages import datasets_io
+from kd.stages import datasets_io, locks
 from kd.stages.errors import KdError
 from kd.stages.schemas import DatasetKind
 
-MARKERS = "_shards"
-# The command that writes each shardable dataset kind.
-COMMANDS = {"rollouts": "kd generate", "scored": "kd score"}
 
 
 def from_env(shard: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -61,68 +56,6 @@ def block(count: int, shard: int, num_shards: int) -> slice:
     return slice(count * shard // num_shards, count * (shard + 1) // num_shards)
 
 
-def marker_name(shard: int, num_shards: int) -> str:
-    return f"{shard:05d}-of-{num_shards:05d}.json"
-
-
-def read_markers(out: Path, num_shards: int) -> dict[int, dict]:
-    """The complete shards of a num_shards layout: a marker whose part has the recorded size."""
-    done = {}
-    for shard in range(num_shards):
-        try:
-            marker = json.loads((out / MARKERS / marker_name(shard, num_shards)).read_text())
-        except (OSError, ValueError):
-            continue
-        part = out / marker["part"]
-        if part.is_file() and part.stat().st_size == marker["bytes"]:
-            done[shard] = marker
-    return done
-
-
-def layouts(out: Path) -> list[int]:
-    """The shard counts that markers in `out` were written for (normally one)."""
-    return sorted({int(p.stem.split("-of-")[1]) for p in (out / MARKERS).glob("*-of-*.json")})
-
-
-@contextlib.contextmanager
-def lock(run_dir: Path, name: str, blocking: bool = True) -> Iterator[None]:
-    """An flock on run_dir/.locks/<name>; the kernel releases it when the holder dies."""
-    folder = run_dir / ".locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{name}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise KdError(
-                f"{run_dir}: another kd process is writing {name} of this run (it holds {folder / name}.lock); "
-                "wait for it to finish"
-            ) from None
-        yield
-
-
-def is_locked(run_dir: Path, name: str) -> bool:
-    """Whether a live process holds run_dir/.locks/<name> (a shard being written, for `kd status`)."""
-    path = run_dir / ".locks" / f"{name}.lock"
-    if not path.is_file():
-        return False
-    with open(path) as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
-
-
-def stage_lock_name(epoch: int, stage: str) -> str:
-    """The lock a stage command that writes one whole dataset holds (train, export-lora, eval)."""
-    return f"{epoch:04d}-{stage.replace('-', '_')}"
-
-
-def shard_lock_name(out: Path, shard: int, num_shards: int) -> str:
-    return f"{out.parent.name}-{out.name}-{shard:05d}-of-{num_shards:05d}"
-
-
 def write(out: Path, kind: DatasetKind, shard: int, num_shards: int, stage_config: dict, inputs: list[Path],
           produce: Callable[[Callable[[int], slice]], pa.Table], stats_of: Callable[[pa.Table, float], dict]) -> dict | None:
     """Run a stage's work for one shard and write it; the manifest if this call completed the dataset.
@@ -131,14 +64,14 @@ def write(out: Path, kind: DatasetKind, shard: int, num_shards: int, stage_confi
     items (prompts, rollout rows) that this shard owns. `stats_of(table, wall_seconds)`: the
     manifest's stats, computed over the whole dataset.
     """
-    with lock(out.parent.parent, shard_lock_name(out, shard, num_shards), blocking=False):
+    with locks.named(out.parent.parent, locks.shard_lock_name(out, shard, num_shards), blocking=False):
         if num_shards == 1:
             datasets_io.fault_point(out, "start")
             started = time.time()
             table = produce(lambda count: slice(0, count))
             stats = stats_of(table, time.time() - started)
             return datasets_io.write_dataset(out, kind, table, stage_config, inputs, stats, started)
-        if shard not in read_markers(out, num_shards):  # else: a re-run of a finished array task
+        if shard not in datasets_io.read_markers(out, num_shards):  # else: a re-run of a finished array task
             datasets_io.fault_point(out, "start")
             started = time.time()
             table = produce(lambda count: block(count, shard, num_shards))
@@ -148,7 +81,7 @@ def write(out: Path, kind: DatasetKind, shard: int, num_shards: int, stage_confi
 
 def write_part(out: Path, kind: DatasetKind, table: pa.Table, shard: int, num_shards: int, wall_seconds: float) -> None:
     """The shard's part, renamed into place complete, then its marker (also renamed into place)."""
-    (out / MARKERS).mkdir(parents=True, exist_ok=True)
+    (out / datasets_io.MARKERS).mkdir(parents=True, exist_ok=True)
     remove_dead_writers_files(out)
     name = datasets_io.part_name(shard, num_shards)
     tmp = out / f".{name}.tmp-{os.getpid()}"
@@ -165,14 +98,14 @@ def write_part(out: Path, kind: DatasetKind, table: pa.Table, shard: int, num_sh
         "sha256": datasets_io.sha256_file(out / name), "wall_seconds": round(wall_seconds, 3),
         "host": os.uname().nodename, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    marker_tmp = out / MARKERS / f".{marker_name(shard, num_shards)}.tmp-{os.getpid()}"
+    marker_tmp = out / datasets_io.MARKERS / f".{datasets_io.marker_name(shard, num_shards)}.tmp-{os.getpid()}"
     marker_tmp.write_text(json.dumps(marker, indent=2))
     datasets_io.fault_point(out, f"shard-{shard}:marker")
-    os.rename(marker_tmp, out / MARKERS / marker_name(shard, num_shards))
+    os.rename(marker_tmp, out / datasets_io.MARKERS / datasets_io.marker_name(shard, num_shards))
 
 
 def remove_dead_writers_files(out: Path) -> None:
-    for stale in [*out.glob(".*.tmp-*"), *(out / MARKERS).glob(".*.tmp-*")]:
+    for stale in [*out.glob(".*.tmp-*"), *(out / datasets_io.MARKERS).glob(".*.tmp-*")]:
         if not datasets_io.pid_alive(int(stale.name.rsplit("-", 1)[1])):
             stale.unlink(missing_ok=True)
 
@@ -183,17 +116,15 @@ def complete(out: Path, kind: DatasetKind, num_shards: int, stage_config: dict, 
 
     Files of another shard layout (an abandoned attempt with another N) are removed first: the
     manifest lists every file in the directory, and they are not part of this dataset."""
-    from kd.stages.config import stable_hash
-
     run_dir = out.parent.parent
-    with lock(run_dir, f"{out.parent.name}-{out.name}-complete"):
+    with locks.named(run_dir, f"{out.parent.name}-{out.name}-complete"):
         if datasets_io.is_complete(out):
             return None
-        done = read_markers(out, num_shards)
+        done = datasets_io.read_markers(out, num_shards)
         if len(done) < num_shards:
             return None
-        keep = {datasets_io.part_name(s, num_shards) for s in done} | {f"{MARKERS}/{marker_name(s, num_shards)}" for s in done}
-        for path in [*out.glob("*.arrow"), *(out / MARKERS).glob("*")]:
+        keep = {datasets_io.part_name(s, num_shards) for s in done} | {f"{datasets_io.MARKERS}/{datasets_io.marker_name(s, num_shards)}" for s in done}
+        for path in [*out.glob("*.arrow"), *(out / datasets_io.MARKERS).glob("*")]:
             if str(path.relative_to(out)) not in keep:
                 path.unlink()
         remove_dead_writers_files(out)
@@ -203,21 +134,7 @@ def complete(out: Path, kind: DatasetKind, num_shards: int, stage_config: dict, 
         stats.update(shards=num_shards, shard_wall_seconds=[done[s]["wall_seconds"] for s in range(num_shards)])
         rows = sum(marker["rows"] for marker in done.values())
         return datasets_io.write_manifest(
-            out, kind, rows, stage_config, stable_hash(stage_config), inputs, stats, wall_seconds, out
+            out, kind, rows, stage_config, datasets_io.stable_hash(stage_config), inputs, stats, wall_seconds, out
         )
 
 
-def missing_message(out: Path, kind_name: str) -> str | None:
-    """Why a directory of shards is not a dataset yet, with the command that finishes it (None: no shards)."""
-    counts = layouts(out) if kind_name in COMMANDS and out.is_dir() else []
-    if not counts:
-        return None
-    command = f"{COMMANDS[kind_name]} --run {out.parent.parent.name} --epoch {int(out.parent.name)}"
-    num_shards = counts[-1]
-    missing = [s for s in range(num_shards) if s not in read_markers(out, num_shards)]
-    if not missing:
-        return (f"{out}: all {num_shards} shards are done but the manifest was never written (the task that "
-                f"finished last was killed); re-run any of them, e.g. `{command} --shard 0 --num-shards {num_shards}`")
-    shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-    return (f"{out}: {len(missing)} of {num_shards} shards missing ({shown}); run them, e.g. "
-            f"`{command} --shard {missing[0]} --num-shards {num_shards}` (or resubmit those array tasks)")

@@ -28,12 +28,10 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from kd.stages import datasets_io, run as run_lib, shards
+from kd.stages import datasets_io, pipeline
 from kd.stages.config import Config, SlurmJob
 from kd.stages.errors import KdError
-
-# kd stage command -> the dataset directory it writes.
-OUTPUTS = {"generate": "rollouts", "score": "scored", "train": "train", "export-lora": "adapter", "eval": "eval"}
+from kd.stages.pipeline import Stage
 
 
 @dataclass
@@ -53,20 +51,20 @@ def packaged(relative: str) -> Path:
     return Path(str(resources.files("kd.configs") / relative))
 
 
-def resources_of(config: Config, command: str) -> SlurmJob:
-    return getattr(config.slurm, command.replace("-", "_"))
+def resources_of(config: Config, stage: Stage) -> SlurmJob:
+    return getattr(config.slurm, stage.key)
 
 
-def stage_command(config: Config, command: str, epoch: int, python: str) -> str:
+def stage_command(config: Config, stage: Stage, epoch: int, python: str) -> str:
     """The shell line a job runs: kd itself, under accelerate for a multi-process train."""
     config_file = (config.run_dir / "config.yaml").resolve()
-    kd_args = f"-m kd.cli.main {command} --config {shlex.quote(str(config_file))} --epoch {epoch}"
-    job = resources_of(config, command)
-    if command in ("generate", "score") and job.tasks > 1:
+    kd_args = f"-m kd.cli.main {stage.command} --config {shlex.quote(str(config_file))} --epoch {epoch}"
+    job = resources_of(config, stage)
+    if stage.shardable and job.tasks > 1:
         # The array index is the shard, explicitly: a resubmission of missing shards only
         # (--array=1,3) must not renumber them.
         kd_args += f" --shard $SLURM_ARRAY_TASK_ID --num-shards {job.tasks}"
-    if command == "train" and job.tasks > 1:
+    if stage is pipeline.TRAIN and job.tasks > 1:
         accelerate_config = config.slurm.accelerate_config or str(
             packaged("accelerate/ddp.yaml" if job.gpus else "accelerate/cpu-ddp.yaml")
         )
@@ -77,8 +75,8 @@ def stage_command(config: Config, command: str, epoch: int, python: str) -> str:
     return f"{python} {kd_args}"
 
 
-def render(config: Config, epoch: int, command: str, python: str, workdir: Path, array: str) -> str:
-    job = resources_of(config, command)
+def render(config: Config, epoch: int, stage: Stage, python: str, workdir: Path, array: str) -> str:
+    job = resources_of(config, stage)
     directives = [f"#SBATCH --array={array}"] if array else []
     directives += [f"#SBATCH --gres=gpu:{job.gpus}"] if job.gpus else []
     directives += [f"#SBATCH --partition={config.slurm.partition}"] if config.slurm.partition else []
@@ -88,14 +86,14 @@ def render(config: Config, epoch: int, command: str, python: str, workdir: Path,
         template = Template(template_path.read_text())
     except OSError:
         raise KdError(f"{template_path}: sbatch template not found; fix slurm.template or leave it empty") from None
-    name = job_name(config, epoch, command)
+    name = job_name(config, epoch, stage.command)
     values = {
-        "description": f"run {config.run_id}, epoch {epoch}: kd {command}",
+        "description": f"run {config.run_id}, epoch {epoch}: kd {stage.command}",
         "job_name": name, "log_dir": (config.run_dir / "slurm" / "logs").resolve(),
         "log_name": f"{name}-%A_%a.out" if array else f"{name}-%j.out",
         "cpus": job.cpus, "mem": job.mem, "time": job.time, "directives": "\n".join(directives),
         "workdir": shlex.quote(str(workdir)), "setup": config.slurm.setup.strip(),
-        "command": stage_command(config, command, epoch, python),
+        "command": stage_command(config, stage, epoch, python),
     }
     try:
         return template.substitute(values)
@@ -106,38 +104,31 @@ def render(config: Config, epoch: int, command: str, python: str, workdir: Path,
 
 
 def missing_shards(out: Path, tasks: int) -> list[int]:
-    return [s for s in range(tasks) if s not in shards.read_markers(out, tasks)]
+    return [s for s in range(tasks) if s not in datasets_io.read_markers(out, tasks)]
 
 
 def plan(config: Config, python: str = sys.executable, workdir: Path | None = None) -> list[Job]:
-    """The jobs that are still needed, in submission order, each with the jobs it waits for."""
-    from kd.stages.loop import eval_epochs
-
+    """The jobs that are still needed, in submission order, each after the jobs that write its inputs
+    (pipeline.Stage.inputs); a stage whose dataset is complete is not submitted, nor waited for."""
     workdir = (workdir or Path.cwd()).resolve()
-    evals = set(eval_epochs(config))
     jobs: list[Job] = []
-    previous: str | None = None  # the last submitted job of the chain so far
-    adapter_job: dict[int, str | None] = {-1: None}  # epoch -> the job that exports its adapter
+    writer: dict[tuple[int, str], str] = {}  # (epoch, dataset) -> key of the job submitted to write it
 
-    def add(epoch: int, command: str, after: list[str | None]) -> str | None:
-        out = run_lib.stage_dir(config, epoch, OUTPUTS[command])
-        if datasets_io.is_complete(out):
-            return None
-        tasks = resources_of(config, command).tasks if command in ("generate", "score") else 1
-        array = ",".join(map(str, missing_shards(out, tasks))) if tasks > 1 else ""
-        key = f"{epoch}-{command}"
-        script = render(config, epoch, command, python, workdir, array)
-        jobs.append(Job(key, job_name(config, epoch, command), script, [a for a in after if a], array))
-        return key
+    def producers(stage: Stage, epoch: int) -> list[str]:
+        wanted = [(epoch - 1, name[: -len("@-1")]) if name.endswith("@-1") else (epoch, name) for name in stage.inputs]
+        return [writer[w] for w in wanted if w in writer]
 
     for epoch in range(config.epochs + 1):
-        if epoch in evals:
-            add(epoch, "eval", [adapter_job[epoch - 1]])
-        if epoch == config.epochs:
-            break
-        for command in ("generate", "score", "train", "export-lora"):
-            previous = add(epoch, command, [previous]) or previous
-        adapter_job[epoch] = previous if previous == f"{epoch}-export-lora" else None
+        for stage in pipeline.STAGES:
+            out = pipeline.stage_dir(config, epoch, stage.output)
+            if not pipeline.runs_at(stage, epoch, config) or datasets_io.is_complete(out):
+                continue
+            tasks = resources_of(config, stage).tasks if stage.shardable else 1
+            array = ",".join(map(str, missing_shards(out, tasks))) if tasks > 1 else ""
+            key = f"{epoch}-{stage.command}"
+            script = render(config, epoch, stage, python, workdir, array)
+            jobs.append(Job(key, job_name(config, epoch, stage.command), script, producers(stage, epoch), array))
+            writer[(epoch, stage.output)] = key
     return jobs
 
 

@@ -16,11 +16,10 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from kd.stages import config as config_lib, datasets_io, shards, slurm
+from kd.stages import config as config_lib, datasets_io, locks, pipeline, slurm
 from kd.stages.config import Config
 from kd.stages.errors import KdError
-
-COLUMNS = ("eval", "generate", "score", "train", "export-lora")
+from kd.stages.pipeline import Stage
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -37,45 +36,40 @@ def being_written(out: Path) -> bool:
     return any(datasets_io.pid_alive(int(p.name.split("-")[-2])) for p in out.parent.glob(f".{out.name}.tmp-*"))
 
 
-def stage_state(config: Config, epoch: int, command: str, queue: dict[str, str]) -> str:
-    out = config.run_dir / f"{epoch:04d}" / slurm.OUTPUTS[command]
+def stage_state(config: Config, epoch: int, stage: Stage, queue: dict[str, str]) -> str:
+    out = pipeline.stage_dir(config, epoch, stage.output)
     manifest = datasets_io.read_manifest(out)
     if manifest is not None:
         count = manifest["stats"].get("shards", 1) if isinstance(manifest.get("stats"), dict) else 1
         return "done" if count == 1 else f"done ({count} shards)"
-    state = queue.get(slurm.job_name(config, epoch, command))
-    counts = shards.layouts(out) if out.is_dir() else []
+    state = queue.get(slurm.job_name(config, epoch, stage.command))
+    counts = datasets_io.layouts(out) if out.is_dir() else []
     if counts:
         num_shards = counts[-1]
-        done = len(shards.read_markers(out, num_shards))
-        writing = sum(shards.is_locked(config.run_dir, shards.shard_lock_name(out, s, num_shards)) for s in range(num_shards))
+        done = len(datasets_io.read_markers(out, num_shards))
+        writing = sum(locks.is_locked(config.run_dir, locks.shard_lock_name(out, s, num_shards)) for s in range(num_shards))
         text = f"{done}/{num_shards} shards" + (f", {writing} writing" if writing else "")
         return f"{text}, {state}" if state else text
-    own_lock = shards.shard_lock_name(out, 0, 1) if command in ("generate", "score") else shards.stage_lock_name(epoch, command)
-    if being_written(out) or shards.is_locked(config.run_dir, own_lock):
+    own_lock = locks.shard_lock_name(out, 0, 1) if stage.shardable else locks.stage_lock_name(epoch, stage.key)
+    if being_written(out) or locks.is_locked(config.run_dir, own_lock):
         return "writing"
     return state or "missing"
 
 
 def run(run_dir: Path) -> list[dict]:
-    from kd.stages.loop import eval_epochs
-
     config = load_run_config(run_dir)
     queue = slurm.queued(config)
-    evals = set(eval_epochs(config))
     rows = []
     for epoch in range(config.epochs + 1):
         row = {"epoch": epoch}
-        for command in COLUMNS:
-            if command == "eval" and epoch not in evals or command != "eval" and epoch == config.epochs:
-                row[command] = ""
-            else:
-                row[command] = stage_state(config, epoch, command, queue)
+        for stage in pipeline.STAGES:
+            row[stage.command] = stage_state(config, epoch, stage, queue) if pipeline.runs_at(stage, epoch, config) else ""
         rows.append(row)
+    columns = ("epoch", *(stage.command for stage in pipeline.STAGES))
     table = Table(title=f"{run_dir}: {config.epochs} epochs")
-    for column in ("epoch", *COLUMNS):
+    for column in columns:
         table.add_column(column, justify="right" if column == "epoch" else "left")
     for row in rows:
-        table.add_row(*(str(row[column]) for column in ("epoch", *COLUMNS)))
+        table.add_row(*(str(row[column]) for column in columns))
     Console(width=120).print(table)  # stdout: the table is the command's output, not a log line
     return rows

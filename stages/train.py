@@ -37,9 +37,9 @@ import pyarrow as pa
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from kd.stages import datasets_io, loss as loss_lib, run as run_lib
+from kd.stages import datasets_io, loss as loss_lib, pipeline, rundir
 from kd.stages.config import Config, TrainConfig
-from kd.stages.engines import OutputHead, adapter_misfit, hidden_states, load_causal_lm
+from kd.stages.models import OutputHead, adapter_misfit, hidden_states, load_causal_lm
 from kd.stages.errors import KdError
 from kd.stages.schemas import SCORED, TRAIN_STEPS
 from kd.stages.session import Session, using
@@ -470,18 +470,21 @@ def previous_state(config: Config, epoch: int) -> tuple[Path | None, int]:
     """The previous epoch's complete train/ directory (None at epoch 0) and the global step it reached."""
     if epoch == 0:
         return None, 0
-    previous = run_lib.stage_dir(config, epoch - 1, "train")
+    previous = pipeline.stage_dir(config, epoch - 1, "train")
     datasets_io.require(previous, TRAIN_STEPS, f"run `kd train --epoch {epoch - 1}` first")
     return previous, json.loads((previous / STATE).read_text())["global_step"]
 
 
-def run(config: Config, epoch: int, session: Session | None = None, progress: bool = True) -> Path:
-    out = run_lib.stage_dir(config, epoch, "train")
+def run(config: Config, epoch: int, session: Session | None = None, progress: bool | None = None) -> Path:
+    """Write <epoch>/train. `progress`: Trainer's bar and log lines (default: the session's, else on)."""
+    if progress is None:
+        progress = session.progress if session is not None else True
+    out = pipeline.stage_dir(config, epoch, "train")
     if datasets_io.is_complete(out):
         return out
     datasets_io.fault_point(out, "start")
     started = time.time()
-    source = run_lib.stage_dir(config, epoch, "scored")
+    source = pipeline.stage_dir(config, epoch, "scored")
     table = datasets_io.read_table(source, SCORED, f"run `kd score --epoch {epoch}` first")
     top_k = scored_top_k(source, config.train)
     examples = features(table, config.train, source, top_k)
@@ -535,9 +538,9 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
     if trainer.is_world_process_zero():
         table = pa.Table.from_pylist(steps, schema=TRAIN_STEPS.schema)
         datasets_io.write_dataset(out, TRAIN_STEPS, table, stage_config, inputs, stats, started, write_files)
-        run_lib.log_metrics(config, {"epoch": epoch, "stage": "train", "wall_seconds": time.time() - started, **stats})
+        rundir.log_metrics(config, {"epoch": epoch, "stage": "train", "wall_seconds": time.time() - started, **stats})
         for row in steps:
-            run_lib.log_metrics(config, {"epoch": epoch, "stage": "train_step", **row})
+            rundir.log_metrics(config, {"epoch": epoch, "stage": "train_step", **row})
     trainer.accelerator.wait_for_everyone()
     policy.trained(out, final_optimizer_state)
     return out

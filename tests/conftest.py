@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from kd.stages import config as config_lib
-from kd.stages.toy import ToyConfig, build
+from kd.stages.config import ToyConfig
+from kd.stages.tasks.toy import build
 
 # Small enough to build in seconds, trained enough that teacher and student clearly differ.
 TINY = ToyConfig(

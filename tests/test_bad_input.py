@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from kd.stages import datasets_io, export_lora, generate, run as run_lib, score, train
+from kd.stages import datasets_io, export_lora, generate, rundir, score, train
 from kd.stages.schemas import SCORED
 from kd.stages.session import Session
 from tests.conftest import tiny_config
@@ -114,7 +114,7 @@ def foreign_adapter(tmp: Path):
 
 
 def other_tokenizer(tmp: Path):
-    from kd.stages.toy import build_tokenizer
+    from kd.stages.tasks.toy import build_tokenizer
 
     run = copy_run(tmp, "vocab")
     config = yaml.safe_load((run / "config.yaml").read_text())
@@ -231,7 +231,7 @@ CASES = [
     ("unknown section", lambda tmp: fresh("generate", "--set", "trian.lr=1"), "did you mean train"),
     ("value out of range", lambda tmp: fresh("generate", "--set", "generate.top_p=2"), "generate.top_p: must be in (0, 1]"),
     ("value of the wrong type", lambda tmp: fresh("loop", "--set", "epochs=ten"), "config field epochs: expected int"),
-    ("unknown engine", lambda tmp: fresh("score", "--set", "score.engine.kind=tgi"), "not one of hf, vllm, sglang"),
+    ("unknown engine", lambda tmp: fresh("score", "--set", "score.engine.kind=tgi"), "not one of hf, vllm"),
     ("malformed --set", lambda tmp: fresh("generate", "--set", "epochs"), "expected section.key=value"),
     ("top-k loss without top-k scores", lambda tmp: fresh("train", "--set", "train.topk_reverse_kl=1"),
      "need the teacher's top-k: set score.top_k"),
@@ -268,7 +268,7 @@ def base_run(tiny_world, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad-input")
     config = tiny_config(tiny_world, root / "runs", run_id="base", **{"generate.prompts_per_epoch": 4})
     session = Session(config, progress=False)
-    run_lib.prepare(config)
+    rundir.prepare(config)
     generate.run(config, 0, session)
     score.run(config, 0, session)
     train.run(config, 0, progress=False)

@@ -44,7 +44,7 @@ def test_overrides_are_typed():
         ("epochs=ten", "config field epochs: expected int"),
         ("epochs=0", "config field epochs: must be > 0"),
         ("generate.top_p=1.5", "generate.top_p: must be in (0, 1]"),
-        ("generate.engine.kind=tgi", "not one of hf, vllm, sglang"),
+        ("generate.engine.kind=tgi", "not one of hf, vllm"),
         ("train.lora_target_modules=q_proj", "expected a list"),
         ("train", "expected section.key=value"),
         ("train.topk_reverse_kl=1", "need the teacher's top-k: set score.top_k"),

@@ -9,7 +9,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from kd.stages import datasets_io, generate, run as run_lib, score
+from kd.stages import datasets_io, generate, rundir, score
 from kd.stages.schemas import SCORED
 from kd.stages.session import Session
 from tests.test_loop import kd
@@ -32,7 +32,7 @@ def test_two_processes_train_the_one_process_adapter(config_file, make_config, t
     runs = {}
     for processes in (1, 2):
         config = make_config(run_id=f"p{processes}", **overrides)
-        run_lib.prepare(config)
+        rundir.prepare(config)
         with Session(config, progress=False) as session:
             generate.run(config, 0, session)
             score.run(config, 0, session)
@@ -57,7 +57,7 @@ def test_two_processes_train_the_one_process_adapter(config_file, make_config, t
 
 def test_batch_that_does_not_split_over_processes_is_refused(config_file, make_config):
     config = make_config(run_id="odd", **{"train.batch_size": 3})
-    run_lib.prepare(config)
+    rundir.prepare(config)
     with Session(config, progress=False) as session:
         generate.run(config, 0, session)
         score.run(config, 0, session)

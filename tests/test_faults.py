@@ -4,11 +4,11 @@ computation is deterministic on CPU: per-sample seeds, a seeded Trainer, float32
 
 from __future__ import annotations
 
-from kd.stages import verify
+from kd.stages import pipeline, verify
 from kd.stages.datasets_io import FAULT_POINTS
 from tests.test_loop import kd
 
-STAGES = ("eval", "rollouts", "scored", "train", "adapter")
+STAGES = tuple(stage.output for stage in pipeline.STAGES)  # eval, rollouts, scored, train, adapter
 
 
 def kill_points() -> list[str]:

@@ -85,7 +85,7 @@ def test_ppo_clip_and_ratio_cap():
 
 
 class LinearHead:
-    """A bias-free linear output head, as kd.stages.engines.OutputHead applies a model's."""
+    """A bias-free linear output head, as kd.stages.models.OutputHead applies a model's."""
 
     def __init__(self, weight_V_H: torch.Tensor):
         self.weight_V_H, self.vocabulary = weight_V_H, weight_V_H.shape[0]

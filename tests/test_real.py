@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd.stages import config as config_lib, datasets_io, generate, run as run_lib, score
+from kd.stages import config as config_lib, datasets_io, generate, pipeline, rundir, score
 from kd.stages.schemas import SCORED
 from kd.stages.session import Session
 
@@ -28,7 +28,7 @@ TINY = {"epochs": 1, "generate.prompts_per_epoch": 2, "generate.samples_per_prom
 
 @pytest.fixture(scope="session")
 def real_world() -> Path:
-    from kd.stages.real import build
+    from kd.stages.tasks.real import build
 
     config = config_lib.load(CONFIG)
     build(config.real, Path(config.real_dir), log=lambda *_: None)
@@ -103,7 +103,7 @@ def test_real_teacher_scores_agree_across_hf_and_vllm(real_world, think_teacher,
     config = real_config(tmp_path / "runs", **{"teacher": str(think_teacher), "generate.max_new_tokens": 24,
                                                 "generate.prompts_per_epoch": 3, "generate.samples_per_prompt": 2,
                                                 "score.chat_template_kwargs.enable_thinking": False})
-    run_lib.prepare(config)
+    rundir.prepare(config)
     with Session(config, progress=False) as session:
         generate.run(config, 0, session)
         table = datasets_io.read_table(score.run(config, 0, session), SCORED)
@@ -118,8 +118,8 @@ def test_real_teacher_scores_agree_across_hf_and_vllm(real_world, think_teacher,
         for name, engine in (("in-process", vllm), ("server", {**vllm, "server": server.url})):
             other = dataclasses.replace(config, run_id=f"vllm-{name}", score=dataclasses.replace(
                 config.score, engine=config_lib.build(config_lib.EngineConfig, engine, "score.engine.")))
-            run_lib.prepare(other)
-            shutil.copytree(run_lib.stage_dir(config, 0, "rollouts"), run_lib.stage_dir(other, 0, "rollouts"))
+            rundir.prepare(other)
+            shutil.copytree(pipeline.stage_dir(config, 0, "rollouts"), pipeline.stage_dir(other, 0, "rollouts"))
             with Session(other, progress=False) as session:
                 scored = datasets_io.read_table(score.run(other, 0, session), SCORED)
             assert scored.column("teacher_prompt_token_ids") == table.column("teacher_prompt_token_ids")

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from kd.stages import datasets_io, eval as eval_stage, generate, run as run_lib, score, train
+from kd.stages import datasets_io, evaluate as eval_stage, generate, pipeline, rundir, score, train
 from kd.stages.errors import KdError
 from kd.stages.schemas import SCORED, TRAIN_STEPS
 from kd.stages.session import Session
@@ -20,7 +20,7 @@ from tests.test_stages import recomputed_logprobs
 
 def first_epoch(config):
     """generate, score and train epoch 0; the train steps' rows and the scored table."""
-    run_lib.prepare(config)
+    rundir.prepare(config)
     with Session(config, progress=False) as session:
         generate.run(config, 0, session)
         scored = datasets_io.read_table(score.run(config, 0, session), SCORED)
@@ -81,20 +81,20 @@ def test_a_prompt_past_the_teachers_context_is_refused_before_sampling(make_conf
     """The student has 256 positions, this teacher 64: prompt + 60 new tokens fit the one, not the other."""
     teacher = short_teacher(tiny_world, tmp_path, 64)
     config = make_config(**{"teacher": str(teacher), "generate.max_new_tokens": 60, "eval.max_new_tokens": 60})
-    run_lib.prepare(config)
+    rundir.prepare(config)
     with Session(config, progress=False) as session, pytest.raises(KdError) as err:
         (generate if stage == "generate" else eval_stage).run(config, 0, session)
     message = str(err.value)
     assert "teacher" in message and str(teacher) in message and "64" in message and "\n" not in message
-    assert not run_lib.stage_dir(config, 0, "rollouts" if stage == "generate" else "eval").exists()
+    assert not pipeline.stage_dir(config, 0, "rollouts" if stage == "generate" else "eval").exists()
 
 
 def test_engine_context_limits_count_too(make_config):
     config = make_config(**{"score.engine.max_model_len": 50, "generate.max_new_tokens": 40})
-    run_lib.prepare(config)
+    rundir.prepare(config)
     with Session(config, progress=False) as session, pytest.raises(KdError, match="score.engine.max_model_len"):
         generate.run(config, 0, session)
     config = make_config(**{"run_id": "g", "generate.engine.max_model_len": 50, "generate.max_new_tokens": 40})
-    run_lib.prepare(config)
+    rundir.prepare(config)
     with Session(config, progress=False) as session, pytest.raises(KdError, match="generate.engine.max_model_len"):
         generate.run(config, 0, session)

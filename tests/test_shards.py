@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from kd.stages import datasets_io, generate, run as run_lib, score, shards, verify
+from kd.stages import datasets_io, generate, pipeline, rundir, score, shards, verify
 from kd.stages.errors import KdError
 from kd.stages.schemas import ROLLOUTS, SCORED
 from kd.stages.session import Session
@@ -39,13 +39,13 @@ def test_sharded_union_is_the_unsharded_dataset(make_config):
     whole = make_config(run_id="whole")
     split = make_config(run_id="split")
     with Session(whole, progress=False) as session:
-        run_lib.prepare(whole)
+        rundir.prepare(whole)
         generate.run(whole, 0, session)
         score.run(whole, 0, session)
-        run_lib.prepare(split)
+        rundir.prepare(split)
         for shard in (2, 0):
             generate.run(split, 0, session, shard=shard, num_shards=3)
-        rollouts = run_lib.stage_dir(split, 0, "rollouts")
+        rollouts = pipeline.stage_dir(split, 0, "rollouts")
         with pytest.raises(KdError, match=r"1 of 3 shards missing \(1\).*--shard 1 --num-shards 3"):
             datasets_io.read_table(rollouts, ROLLOUTS)
         with pytest.raises(KdError, match="shards missing"):
@@ -55,16 +55,16 @@ def test_sharded_union_is_the_unsharded_dataset(make_config):
             score.run(split, 0, session, shard=shard, num_shards=2)
 
     for stage, kind in (("rollouts", ROLLOUTS), ("scored", SCORED)):
-        ours = datasets_io.read_table(run_lib.stage_dir(split, 0, stage), kind)
-        theirs = datasets_io.read_table(run_lib.stage_dir(whole, 0, stage), kind)
+        ours = datasets_io.read_table(pipeline.stage_dir(split, 0, stage), kind)
+        theirs = datasets_io.read_table(pipeline.stage_dir(whole, 0, stage), kind)
         assert rows_of(ours) == rows_of(theirs) and len(set(rows_of(ours))) == ours.num_rows == 16
         # Per-sample seeds: the same tokens, whichever shard (and batch) a sample was drawn in.
         assert ours.column("completion_token_ids").to_pylist() == theirs.column("completion_token_ids").to_pylist()
         for column in ("sampler_logprobs", "teacher_logprobs")[: 1 if stage == "rollouts" else 2]:
             for a, b in zip(ours.column(column).to_pylist(), theirs.column(column).to_pylist()):
                 assert a == pytest.approx(b, abs=1e-4)
-    scored = datasets_io.read_manifest(run_lib.stage_dir(split, 0, "scored"))
-    whole_scored = datasets_io.read_manifest(run_lib.stage_dir(whole, 0, "scored"))
+    scored = datasets_io.read_manifest(pipeline.stage_dir(split, 0, "scored"))
+    whole_scored = datasets_io.read_manifest(pipeline.stage_dir(whole, 0, "scored"))
     assert scored["stats"]["shards"] == 2 and len(scored["stats"]["shard_wall_seconds"]) == 2
     assert scored["stats"]["teacher_kl"] == pytest.approx(whole_scored["stats"]["teacher_kl"], abs=1e-4)
     report = verify.run(split.run_dir)

@@ -11,7 +11,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from kd.stages import datasets_io, shards, verify
+from kd.stages import datasets_io, locks, verify
 from kd.stages.schemas import ROLLOUTS, SCORED
 from tests.slurm_cluster import LocalSlurm, cannot_start
 from tests.test_loop import heldout_kl, kd
@@ -86,26 +86,26 @@ def test_cancelled_array_task_leaves_no_part_and_resubmitting_finishes(cluster, 
     assert first.returncode == 0, first.stderr[-2000:]
     array_id = dict(item.split("=") for item in first.stdout.split(": ")[1].split())["0-generate"]
 
-    lock = shards.shard_lock_name(rollouts, 1, 2)
+    lock = locks.shard_lock_name(rollouts, 1, 2)
     deadline = time.time() + 300
-    while not shards.is_locked(run_dir, lock):  # task 1 is inside its work (the shard lock is held)
+    while not locks.is_locked(run_dir, lock):  # task 1 is inside its work (the shard lock is held)
         assert time.time() < deadline, squeue(cluster)
         time.sleep(0.2)
     assert subprocess.run(["scancel", f"{array_id}_1"], env={**os.environ, **cluster.env}).returncode == 0
     while squeue(cluster, "-n", ",".join(f"kd-cancel-0000-{c}" for c in ("generate", "score", "train", "export-lora"))):
         assert time.time() < deadline, squeue(cluster)
         time.sleep(0.5)  # the cancelled task's dependents are removed (--kill-on-invalid-dep)
-    while shards.is_locked(run_dir, lock):  # without cgroups the task's kd may outlive its batch shell
+    while locks.is_locked(run_dir, lock):  # without cgroups the task's kd may outlive its batch shell
         assert time.time() < deadline, squeue(cluster)
         time.sleep(0.2)
 
     assert not (rollouts / datasets_io.MANIFEST).exists()
     assert not (rollouts / datasets_io.part_name(1, 2)).exists() and not list(rollouts.glob(".*.tmp-*"))
-    assert 1 not in shards.read_markers(rollouts, 2)
+    assert 1 not in datasets_io.read_markers(rollouts, 2)
     status = kd("status", str(run_dir), env=cluster.env)
     assert "1/2 shards" in status.stdout or "0/2 shards" in status.stdout, status.stdout
 
-    finished_first = 0 in shards.read_markers(rollouts, 2)
+    finished_first = 0 in datasets_io.read_markers(rollouts, 2)
     again = kd("slurm", "--config", config, "--run", "cancel", "--wait", env=slurm_env(cluster))
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     script = (run_dir / "slurm" / "kd-cancel-0000-generate.sbatch").read_text()

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 
-from kd.stages import datasets_io, eval as eval_stage, export_lora, generate, run as run_lib, score, train
+from kd.stages import datasets_io, evaluate as eval_stage, export_lora, generate, pipeline, rundir, score, train
 from kd.stages.errors import KdError
 from kd.stages.schemas import EVAL, ROLLOUTS, SCORED, TRAIN_STEPS
 from kd.stages.session import Session
@@ -18,7 +18,7 @@ from kd.stages.train import Collator, features, policy_model
 
 
 def run_epoch(config, epoch, session):
-    run_lib.prepare(config)
+    rundir.prepare(config)
     generate.run(config, epoch, session)
     score.run(config, epoch, session)
     train.run(config, epoch, progress=False)
@@ -58,17 +58,17 @@ def test_stages_write_declared_datasets(make_config):
     config = make_config()
     session = Session(config, progress=False)
     run_epoch(config, 0, session)
-    rollouts = loads_everywhere(run_lib.stage_dir(config, 0, "rollouts"), ROLLOUTS)
+    rollouts = loads_everywhere(pipeline.stage_dir(config, 0, "rollouts"), ROLLOUTS)
     assert rollouts.height == 8 * 2
     assert (rollouts["completion_token_ids"].list.len() == rollouts["sampler_logprobs"].list.len()).all()
-    scored = loads_everywhere(run_lib.stage_dir(config, 0, "scored"), SCORED)
+    scored = loads_everywhere(pipeline.stage_dir(config, 0, "scored"), SCORED)
     assert (scored["teacher_logprobs"].list.len() == scored["completion_token_ids"].list.len()).all()
-    steps = loads_everywhere(run_lib.stage_dir(config, 0, "train"), TRAIN_STEPS)
+    steps = loads_everywhere(pipeline.stage_dir(config, 0, "train"), TRAIN_STEPS)
     assert steps.height == 1  # 16 samples / (8 x 2 accumulation)
-    adapter = run_lib.stage_dir(config, 0, "adapter")
+    adapter = pipeline.stage_dir(config, 0, "adapter")
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == config.student
-    manifest = datasets_io.read_manifest(run_lib.stage_dir(config, 0, "scored"))
-    assert manifest["inputs"][0]["manifest_sha256"] == datasets_io.manifest_hash(run_lib.stage_dir(config, 0, "rollouts"))
+    manifest = datasets_io.read_manifest(pipeline.stage_dir(config, 0, "scored"))
+    assert manifest["inputs"][0]["manifest_sha256"] == datasets_io.manifest_hash(pipeline.stage_dir(config, 0, "rollouts"))
     eval_dir = eval_stage.run(config, 1, session)
     frame = loads_everywhere(eval_dir, EVAL)
     assert sorted(set(frame["decoding"])) == ["greedy", "sample"]
@@ -81,12 +81,12 @@ def test_sampler_logprobs_equal_trainer_logprobs(make_config):
     config = make_config()
     session = Session(config, progress=False)
     adapter = run_epoch(config, 0, session)
-    trained = json.loads((run_lib.stage_dir(config, 0, "train") / "state.json").read_text())
+    trained = json.loads((pipeline.stage_dir(config, 0, "train") / "state.json").read_text())
     assert trained["global_step"] == 1
     for epoch, policy_adapter in ((0, None), (1, adapter)):
         generate.run(config, epoch, session)
         score.run(config, epoch, session)
-        table = datasets_io.read_table(run_lib.stage_dir(config, epoch, "scored"), SCORED)
+        table = datasets_io.read_table(pipeline.stage_dir(config, epoch, "scored"), SCORED)
         recomputed, recorded = recomputed_logprobs(config, policy_adapter, table)
         assert torch.max(torch.abs(recomputed - recorded)) < 1e-5, epoch
 
@@ -101,7 +101,7 @@ def test_training_changes_the_adapter_and_resumes_optimizer(make_config):
     lora_b = [k for k in first if "lora_B" in k]
     assert lora_b and any(torch.count_nonzero(first[k]) for k in lora_b)  # B starts at zero: it moved
     assert any(not torch.equal(first[k], second[k]) for k in first)
-    optimizer = torch.load(run_lib.stage_dir(config, 1, "train") / "optimizer.pt", weights_only=True)
+    optimizer = torch.load(pipeline.stage_dir(config, 1, "train") / "optimizer.pt", weights_only=True)
     assert all(int(state["step"]) == 2 for state in optimizer["state"].values())  # Adam state carried over
 
 
@@ -131,13 +131,13 @@ def test_loop_session_trains_what_standalone_train_stages_train(make_config, ove
     with Session(kept, progress=False) as kept_session, Session(fresh, progress=False) as fresh_session:
         for epoch in (0, 1):
             for config, session, train_session in ((kept, kept_session, kept_session), (fresh, fresh_session, None)):
-                run_lib.prepare(config)
+                rundir.prepare(config)
                 generate.run(config, epoch, session)
                 score.run(config, epoch, session)
                 train.run(config, epoch, train_session, progress=False)
                 export_lora.run(config, epoch)
         for epoch in (0, 1):
-            names = [run_lib.stage_dir(config, epoch, "adapter") / "adapter_model.safetensors" for config in (kept, fresh)]
+            names = [pipeline.stage_dir(config, epoch, "adapter") / "adapter_model.safetensors" for config in (kept, fresh)]
             assert names[0].read_bytes() == names[1].read_bytes(), epoch
         trained = load_file(str(names[0]))
         restored = {name: tensor.cpu() for name, tensor in get_peft_model_state_dict(kept_session.policy().load(None)).items()}
@@ -180,7 +180,7 @@ def test_saved_adapter_is_what_peft_save_pretrained_writes(make_config, tmp_path
 def test_teacher_equal_to_student_gives_zero_kl(make_config):
     config = make_config(teacher=make_config().student)
     session = Session(config, progress=False)
-    run_lib.prepare(config)
+    rundir.prepare(config)
     generate.run(config, 0, session)
     scored = score.run(config, 0, session)
     table = datasets_io.read_table(scored, SCORED)
@@ -191,17 +191,17 @@ def test_teacher_equal_to_student_gives_zero_kl(make_config):
 
 
 def test_teacher_with_another_tokenizer_is_refused(make_config, tiny_world, tmp_path):
-    from kd.stages.toy import build_tokenizer
+    from kd.stages.tasks.toy import build_tokenizer
 
     other = tmp_path / "other-teacher"
     shutil.copytree(tiny_world / "teacher", other)
     build_tokenizer(["1+2=3 so 3", "different corpus"], vocab_size=270).save_pretrained(other)
     config = make_config(teacher=str(other))
-    run_lib.prepare(config)
+    rundir.prepare(config)
     session = Session(config, progress=False)
     with pytest.raises(KdError, match="vocabulary differs"):  # before sampling: generate checks the teacher's prompts
         generate.run(config, 0, session)
-    assert not run_lib.stage_dir(config, 0, "rollouts").exists()
+    assert not pipeline.stage_dir(config, 0, "rollouts").exists()
 
 
 def test_merged_export_matches_adapter(make_config):
@@ -210,7 +210,7 @@ def test_merged_export_matches_adapter(make_config):
     config = make_config()
     session = Session(config, progress=False)
     run_epoch(config, 0, session)
-    shutil.rmtree(run_lib.stage_dir(config, 0, "adapter"))
+    shutil.rmtree(pipeline.stage_dir(config, 0, "adapter"))
     adapter = export_lora.run(config, 0, merge=True)
     merged = AutoModelForCausalLM.from_pretrained(adapter / "merged").eval()
     peft_model = policy_model(config, adapter).eval()
@@ -223,11 +223,11 @@ def test_readme_inspection_lines_and_kd_inspect(make_config, capsys):
     """The polars and datasets one-liners of the README run as written on a real scored dataset."""
     from pathlib import Path
 
-    from kd.stages import inspect as inspect_stage
+    from kd.stages import inspection as inspect_stage
 
     config = make_config()
     session = Session(config, progress=False)
-    run_lib.prepare(config)
+    rundir.prepare(config)
     generate.run(config, 0, session)
     scored = score.run(config, 0, session)
     readme = (Path(__file__).parent.parent / "README.md").read_text()
@@ -244,7 +244,8 @@ def test_readme_inspection_lines_and_kd_inspect(make_config, capsys):
 
 
 def test_toy_world_is_deterministic_from_its_seed(tmp_path):
-    from kd.stages.toy import ToyConfig, build
+    from kd.stages.config import ToyConfig
+    from kd.stages.tasks.toy import build
 
     tiny = ToyConfig(train_prompts=8, heldout_prompts=4, width=32, teacher_layers=1, student_layers=1,
                      teacher_steps=3, student_steps=2, sft_batch_size=4, vocab_size=270)
@@ -259,30 +260,30 @@ def test_toy_world_is_deterministic_from_its_seed(tmp_path):
 def test_train_stops_on_exploding_ratio_and_non_finite_numbers(make_config):
     config = make_config(**{"train.passes": 2, "train.max_ratio": 1.0001})
     session = Session(config, progress=False)
-    run_lib.prepare(config)
+    rundir.prepare(config)
     generate.run(config, 0, session)
     score.run(config, 0, session)
     with pytest.raises(KdError, match=r"importance ratio .* > train.max_ratio 1.0001 at optimiser step 2"):
         train.run(config, 0, progress=False)
-    assert not run_lib.stage_dir(config, 0, "train").exists()
+    assert not pipeline.stage_dir(config, 0, "train").exists()
 
     diverging = make_config(run_id="diverging", **{"train.passes": 3, "train.learning_rate": 1e30, "train.max_grad_norm": 0})
-    run_lib.prepare(diverging)
+    rundir.prepare(diverging)
     generate.run(diverging, 0, session)
     score.run(diverging, 0, session)
     with pytest.raises(KdError, match="non-finite"):
         train.run(diverging, 0, progress=False)
-    assert not run_lib.stage_dir(diverging, 0, "train").exists()
+    assert not pipeline.stage_dir(diverging, 0, "train").exists()
 
 
 def test_top_k_scores_and_trains_on_the_top_k_divergence_alone(make_config):
-    from kd.stages import inspect
+    from kd.stages import inspection
 
     top_k = 8
     config = make_config(**{"score.top_k": top_k, "train.kl_coef": 0.0, "train.topk_reverse_kl": 1.0})
     session = Session(config, progress=False)
     adapter = run_epoch(config, 0, session)
-    scored_dir = run_lib.stage_dir(config, 0, "scored")
+    scored_dir = pipeline.stage_dir(config, 0, "scored")
     scored = loads_everywhere(scored_dir, SCORED)
     lengths = scored["completion_token_ids"].list.len()
     assert (scored["teacher_top_ids"].list.len() == top_k * lengths).all()
@@ -300,10 +301,10 @@ def test_top_k_scores_and_trains_on_the_top_k_divergence_alone(make_config):
     stats = datasets_io.read_manifest(scored_dir)["stats"]
     assert stats["top_k"] == top_k and stats["top_k_mass"] == pytest.approx(np.mean(masses), abs=1e-6)
     assert 0 < stats["top_k_mass"] <= 1 + 1e-6
-    assert inspect.run(scored_dir)["top_k"] == top_k
+    assert inspection.run(scored_dir)["top_k"] == top_k
 
     # kl_coef 0: the sampled-token term is exactly zero, so only the top-k divergence moved the adapter.
-    steps = datasets_io.read_table(run_lib.stage_dir(config, 0, "train"), TRAIN_STEPS)
+    steps = datasets_io.read_table(pipeline.stage_dir(config, 0, "train"), TRAIN_STEPS)
     assert steps.column("loss")[0].as_py() > 0
     from safetensors.torch import load_file
 
@@ -314,11 +315,11 @@ def test_top_k_scores_and_trains_on_the_top_k_divergence_alone(make_config):
 def test_top_k_above_the_vocabulary_is_one_clear_line(make_config):
     config = make_config(**{"score.top_k": 100000})
     session = Session(config, progress=False)
-    run_lib.prepare(config)
+    rundir.prepare(config)
     generate.run(config, 0, session)
     with pytest.raises(KdError, match="score.top_k = 100000 exceeds the teacher's vocabulary"):
         score.run(config, 0, session)
-    assert not run_lib.stage_dir(config, 0, "scored").exists()
+    assert not pipeline.stage_dir(config, 0, "scored").exists()
 
 
 @pytest.mark.parametrize("objective", [
@@ -334,7 +335,7 @@ def test_train_objective_equals_the_full_logits_computation(make_config, objecti
     from kd.stages.train import Policy, objective as train_objective
 
     config = make_config(**{"score.top_k": 6, **objective})
-    run_lib.prepare(config)
+    rundir.prepare(config)
     with Session(config, progress=False) as session:
         generate.run(config, 0, session)
         table = datasets_io.read_table(score.run(config, 0, session), SCORED)

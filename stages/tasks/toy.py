@@ -24,15 +24,17 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from kd.stages import datasets_io
-from kd.stages.engines import HFEngine, SamplingParams
+from kd.stages.config import ToyConfig
+from kd.stages.engines import SamplingParams
+from kd.stages.engines.hf import HFEngine
+from kd.stages.tasks.answers import last_integer
 from kd.stages.progress import bar
 
 CHAT_TEMPLATE = (
@@ -40,46 +42,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-@dataclass(frozen=True)
-class ToyConfig:
-    """How the toy world is built. Every field changes the world, so all of them go into its hash.
-
-    seed: drives data, tokenizer corpus order, model init and SFT batches.
-    train_prompts / heldout_prompts: sizes of the distillation prompt sets (disjoint).
-    teacher_layers / student_layers, width: Qwen3 depth and hidden size.
-    student_three_digit_fraction: share of 3-digit sums in the student's SFT data (the rest are 2-digit).
-    sft_lr, sft_batch_size: SFT optimiser settings (AdamW, warmup then cosine).
-    """
-
-    seed: int = 0
-    train_prompts: int = 4096
-    heldout_prompts: int = 256
-    width: int = 128
-    teacher_layers: int = 4
-    student_layers: int = 2
-    teacher_steps: int = 500
-    student_steps: int = 600
-    student_stop_accuracy: float = 0.25
-    student_three_digit_fraction: float = 0.1
-    sft_lr: float = 3e-3
-    sft_batch_size: int = 64
-    vocab_size: int = 300
-
-    def __post_init__(self) -> None:
-        from kd.stages.errors import KdError
-
-        for name in ("train_prompts", "heldout_prompts", "width", "teacher_layers", "student_layers",
-                     "teacher_steps", "student_steps", "sft_batch_size"):
-            if getattr(self, name) <= 0:
-                raise KdError(f"config field toy.{name}: must be > 0")
-        if not 0 < self.student_stop_accuracy <= 1:
-            raise KdError("config field toy.student_stop_accuracy: must be in (0, 1]")
-        if not 0 <= self.student_three_digit_fraction <= 1:
-            raise KdError("config field toy.student_three_digit_fraction: must be in [0, 1]")
-        if self.width % 32:
-            raise KdError("config field toy.width: must be a multiple of 32 (attention heads of size 32)")
 
 
 def worked_sum(a: int, b: int) -> str:
@@ -92,12 +54,6 @@ def worked_sum(a: int, b: int) -> str:
         steps.append(f"{x}+{y}+{carry}={total}")
         carry = total // 10
     return ",".join(steps) + f" so {a + b}"
-
-
-def extract_answer(completion: str) -> str | None:
-    """The last integer of a completion: the task answer by the toy's (and GSM8K-like) convention."""
-    numbers = re.findall(r"-?\d+", completion)
-    return numbers[-1] if numbers else None
 
 
 def problems(
@@ -214,7 +170,7 @@ def greedy_accuracy(model, tokenizer, examples, max_new_tokens: int = 48) -> flo
     prompts = [prompt_ids(tokenizer, p) for p, _, _ in examples]
     outs = engine.sample(prompts, [0] * len(prompts), SamplingParams(max_new_tokens, greedy=True), adapter=None)
     texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
-    return sum(extract_answer(t) == a for t, (_, _, a) in zip(texts, examples)) / len(examples)
+    return sum(last_integer(t, a) for t, (_, _, a) in zip(texts, examples)) / len(examples)
 
 
 def write_prompts(path: Path, examples) -> None:

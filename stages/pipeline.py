@@ -1,0 +1,87 @@
+"""The pipeline, declared once: the stages of an epoch, what each reads and writes, which shard.
+
+    epoch e:   generate -> score -> train -> export-lora        (every epoch 0 .. epochs-1)
+                  |          |        |          |
+               rollouts -> scored -> train/ -> adapter  ==> the policy that samples at epoch e+1
+    eval at 0, k, 2k, ..., epochs: the policy of that epoch on held-out prompts -> eval
+
+`kd loop`, `kd slurm`, `kd status`, the CLI's stage commands and the kill-anywhere tests all
+iterate STAGES; nothing else lists them. Each stage is a module kd.stages.<module> with
+`run(config, epoch, session=None, **options) -> Path` (the dataset directory it wrote or found
+complete). Torch-free: `kd status` and the data layer import it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the config imports the data layer, which imports this table
+    from kd.stages.config import Config
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage. `command`: the CLI command and Slurm job suffix; `output`: the dataset directory it
+    writes under runs/<id>/<epoch>/ (its dataset kind of kd.stages.schemas has the same name);
+    `inputs`: the datasets it reads, "name" of the same epoch or "name@-1" of the previous one;
+    `shardable`: generate and score split over array tasks (--shard / --num-shards);
+    `every_epoch`: runs at epochs 0 .. epochs-1, else at the eval epochs (see `eval_epochs`)."""
+
+    command: str
+    output: str
+    module: str
+    inputs: tuple[str, ...]
+    shardable: bool = False
+    every_epoch: bool = True
+
+    @property
+    def key(self) -> str:
+        """The command as an identifier: its Slurm resources field (slurm.export_lora) and lock name."""
+        return self.command.replace("-", "_")
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(f"kd.stages.{self.module}")
+
+
+GENERATE = Stage("generate", "rollouts", "generate", ("adapter@-1",), shardable=True)
+SCORE = Stage("score", "scored", "score", ("rollouts",), shardable=True)
+TRAIN = Stage("train", "train", "train", ("scored", "train@-1"))
+EXPORT_LORA = Stage("export-lora", "adapter", "export_lora", ("train",))
+EVAL = Stage("eval", "eval", "evaluate", ("adapter@-1",), every_epoch=False)
+
+EPOCH = (GENERATE, SCORE, TRAIN, EXPORT_LORA)  # an epoch's stages, in order
+STAGES = (EVAL, *EPOCH)  # as an epoch's row reads: the policy it starts with is evaluated first
+
+
+def by_command(command: str) -> Stage:
+    return next(stage for stage in STAGES if stage.command == command)
+
+
+def by_output(output: str) -> Stage | None:
+    return next((stage for stage in STAGES if stage.output == output), None)
+
+
+def eval_epochs(config: Config) -> list[int]:
+    """Epochs at which EVAL runs: 0, every, 2 x every, ... and `epochs` (the policy after training)."""
+    return sorted(set(range(0, config.epochs, config.eval.every)) | {config.epochs})
+
+
+def runs_at(stage: Stage, epoch: int, config: Config) -> bool:
+    return epoch < config.epochs if stage.every_epoch else epoch in eval_epochs(config)
+
+
+def stage_dir(config: Config, epoch: int, output: str) -> Path:
+    """runs/<id>/<epoch:04d>/<output>: where the stage writing `output` puts it."""
+    if by_output(output) is None:
+        raise ValueError(f"{output!r} is not a stage's output ({', '.join(s.output for s in STAGES)})")
+    return config.run_dir / f"{epoch:04d}" / output
+
+
+def policy_adapter_dir(config: Config, epoch: int) -> Path | None:
+    """The policy that samples at `epoch`: the adapter export-lora wrote at epoch-1 (None at 0: the base
+    student). train/adapter beside the optimiser state is train's checkpoint, not the policy."""
+    return None if epoch == 0 else stage_dir(config, epoch - 1, EXPORT_LORA.output)

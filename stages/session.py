@@ -73,6 +73,15 @@ def stop_token_ids(tokenizer, model_path: str) -> list[int]:
     return sorted(ids)
 
 
+def make_engine(engine: EngineConfig, model_path: str, tokenizer, lora_rank: int | None = None, seed: int = 0,
+                max_logprobs: int = 0) -> engines.Engine:
+    """The engine `engine.kind` (kd.stages.engines.REGISTRY) for `model_path`, stopping at its end ids;
+    `lora_rank` is set for a student that will load adapters, `max_logprobs` for a scorer asked for
+    that many top tokens."""
+    return engines.make(engine, model_path, stop_token_ids(tokenizer, model_path),
+                        tokenizer.pad_token_id or tokenizer.eos_token_id, lora_rank, seed, max_logprobs)
+
+
 class Session:
     def __init__(self, config: Config, progress: bool = True):
         self.config = config
@@ -100,18 +109,15 @@ class Session:
             if role == "teacher":
                 self.teacher_tokenizer  # refuse a mismatched teacher before loading its weights
             if role == "student":
-                self._engines[key] = self._make_engine(
-                    engine, self.config.student, self.tokenizer, lora_rank=self.config.train.lora_rank
+                self._engines[key] = make_engine(
+                    engine, self.config.student, self.tokenizer, self.config.train.lora_rank, self.config.seed
                 )
             else:
-                self._engines[key] = self._make_engine(
-                    engine, self.config.teacher, self.teacher_tokenizer, max_logprobs=self.config.score.top_k
+                self._engines[key] = make_engine(
+                    engine, self.config.teacher, self.teacher_tokenizer, seed=self.config.seed,
+                    max_logprobs=self.config.score.top_k,
                 )
         return self._engines[key]
-
-    def _make_engine(self, engine: EngineConfig, model_path: str, tokenizer, **options):
-        return engines.make(engine, model_path, stop_token_ids(tokenizer, model_path),
-                            tokenizer.pad_token_id or tokenizer.eos_token_id, seed=self.config.seed, **options)
 
     def policy(self):
         """The student with a trainable LoRA, for the train stage (`kd.stages.train.Policy`)."""

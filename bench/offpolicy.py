@@ -85,7 +85,10 @@ def run_off_policy(epochs: int, eval_every: int, seed: int) -> list[dict]:
     from kd.stages.evaluate import evaluate
     from kd.stages.generate import sample_rows
     from kd.stages.session import Session
-    from kd.stages.train import Collator, Policy, lr_factor, student_logprobs
+    from kd.stages.objective import student_logprobs
+    from kd.stages.policy import Policy
+    from kd.stages.schedule import lr_factor
+    from kd.stages.train import Collator
 
     config = config_lib.load(ROOT / "configs" / "toy.yaml", [f"seed={seed}"])
     cfg, gen = config.train, config.generate

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from kd.stages.errors import KdError
+from kd.stages import objective
 from kd.stages.datasets_io import stable_hash
 from kd.stages.engines import REGISTRY as ENGINES
 from kd.stages.tasks import VERIFIERS
@@ -162,7 +163,8 @@ class TrainConfig:
         the sampled-token policy-gradient term (0 with reward_coef 0: off).
     topk_reverse_kl, topk_forward_kl, topk_jsd: coefficients of the divergences over the teacher's
         top-k support plus a tail bucket (need score.top_k > 0); jsd_beta: the generalised JSD's
-        mixture weight (TRL's convention). See kd.stages.loss.
+        mixture weight (TRL's convention). The terms and what each reads: kd.stages.objective;
+        their math: kd.stages.loss.
     clip_epsilon: PPO clipping of the importance ratio to [1-eps, 1+eps] (0: off).
     ratio_cap: truncate the importance ratio at this value (0: off).
     max_ratio: abort when an importance ratio exceeds this (a diverged or mismatched sampler).
@@ -199,7 +201,8 @@ class TrainConfig:
 
     @property
     def uses_top_k(self) -> bool:
-        return bool(self.topk_reverse_kl or self.topk_forward_kl or self.topk_jsd)
+        """Whether an active loss term (kd.stages.objective) reads the teacher's top-k."""
+        return objective.needs_top_k(self)
 
     def __post_init__(self) -> None:
         _check(self.lora_rank > 0, "train.lora_rank", "must be > 0")
@@ -363,7 +366,8 @@ class Config:
 
     run_id: outputs go to <runs_dir>/<run_id>/.
     seed: every random choice (prompts, samples, LoRA init) derives from it.
-    epochs: on-policy epochs (generate, score, train, export-lora each); may grow on resume.
+    epochs: on-policy epochs (generate, score, train, export-lora each); may grow on resume, unless
+        train.lr_scheduler decays (linear, cosine) and a train stage has run (kd.stages.rundir).
     student, teacher: model directories or hub ids. Every token id the student can emit must be the same
         token for the teacher; their chat templates may differ (each renders its own prompt).
     task: the answer verifier (kd.stages.tasks.VERIFIERS) that decides `correct` for prompts with an
@@ -393,8 +397,9 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(bool(self.run_id) and "/" not in self.run_id, "run_id", "must be a non-empty name without '/'")
-        _check(not self.train.uses_top_k or self.score.top_k > 0, "train.topk_*",
-               "the top-k divergences need the teacher's top-k: set score.top_k (e.g. 32)")
+        for term in objective.top_k_terms_without_top_k(self.train, self.score.top_k):
+            _check(False, f"train.{term.weight}", f"the {term.name} term reads scored top-k columns; top-k "
+                                                  "divergences need the teacher's top-k: set score.top_k (e.g. 32)")
 
     @property
     def run_dir(self) -> Path:

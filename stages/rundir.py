@@ -59,6 +59,15 @@ def prepare(config: Config, overwrite: bool = False) -> Path:
                     "use another run_id, or `kd loop --overwrite` to delete the run and start again"
                 )
             shutil.rmtree(run_dir)
+        elif schedule_moved(existing, config) and not overwrite:
+            raise KdError(
+                f"{run_dir}: epochs {existing.epochs} -> {config.epochs}, but train.lr_scheduler "
+                f"{config.train.lr_scheduler} decays over the whole run's optimiser steps, so the steps already "
+                f"taken followed another schedule; keep epochs {existing.epochs}, use another run_id, or "
+                "`kd loop --overwrite` to start again (a constant schedule can grow)"
+            )
+        elif schedule_moved(existing, config):
+            shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     text = config_lib.to_yaml(config)
     if not saved.is_file() or saved.read_text() != text:  # new run, or a longer one (epochs grew)
@@ -66,6 +75,14 @@ def prepare(config: Config, overwrite: bool = False) -> Path:
         tmp.write_text(text)
         tmp.replace(saved)
     return run_dir
+
+
+def schedule_moved(existing: Config, config: Config) -> bool:
+    """`epochs` is outside the fingerprint so that a run can grow, but a linear or cosine learning rate
+    depends on it at every step (kd.stages.schedule): once a train stage has stepped, such a run
+    refuses another `epochs` rather than mix two schedules."""
+    return (existing.epochs != config.epochs and config.train.lr_scheduler != "constant"
+            and any(config.run_dir.glob(f"*/{pipeline.TRAIN.output}/{datasets_io.MANIFEST}")))
 
 
 def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:

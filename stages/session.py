@@ -120,9 +120,9 @@ class Session:
         return self._engines[key]
 
     def policy(self):
-        """The student with a trainable LoRA, for the train stage (`kd.stages.train.Policy`)."""
+        """The student with a trainable LoRA, for the train stage (`kd.stages.policy.Policy`)."""
         if self._policy is None:
-            from kd.stages.train import Policy
+            from kd.stages.policy import Policy
 
             self._policy = Policy(self.config)
         return self._policy

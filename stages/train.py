@@ -5,7 +5,7 @@
 
 Reads the epoch's scored samples, the adapter of the previous epoch and its optimiser state, and
 writes train/: per-step metrics (Arrow), the updated adapter, and the optimiser state and global
-step the next epoch resumes from. The objective is in `kd.stages.loss`. Under `kd loop` the
+step the next epoch resumes from. The objective is `kd.stages.objective` (math in `kd.stages.loss`). Under `kd loop` the
 student with its LoRA stays loaded across epochs (`Session.policy`): each epoch resumes the previous
 epoch's adapter and optimiser state in it, from memory when this process wrote them, so the
 standalone command and the loop train the same weights (tested bit for bit).
@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import math
 import os
 import tempfile
 import time
@@ -37,16 +36,16 @@ import pyarrow as pa
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from kd.stages import datasets_io, loss as loss_lib, pipeline, rundir
+from kd.stages import datasets_io, loss as loss_lib, objective, pipeline, rundir
 from kd.stages.config import Config, TrainConfig
-from kd.stages.models import OutputHead, adapter_misfit, hidden_states, load_causal_lm
+from kd.stages.models import OutputHead
+from kd.stages.policy import OPTIMIZER, Policy, uses_bf16
+from kd.stages.schedule import lr_factor, steps_per_epoch
 from kd.stages.errors import KdError
 from kd.stages.schemas import SCORED, TRAIN_STEPS
 from kd.stages.session import Session, using
 
-IGNORE = -100
 STATE = "state.json"
-OPTIMIZER = "optimizer.pt"
 
 
 def ragged(table: pa.Table, name: str) -> list[np.ndarray]:
@@ -125,7 +124,7 @@ class Collator:
         batch = {
             "input_ids": np.full((rows, longest), self.pad_token_id, dtype=np.int64),
             "attention_mask": np.zeros((rows, longest), dtype=np.int64),
-            "labels": np.full((rows, longest), IGNORE, dtype=np.int64),
+            "labels": np.full((rows, longest), objective.IGNORE, dtype=np.int64),
         }
         per_token = {name: np.zeros((rows, longest - 1), dtype=np.float32)
                      for name in ("sampler_logprobs", "policy_logprobs", "teacher_logprobs", "advantages")}
@@ -144,21 +143,6 @@ class Collator:
         return batch
 
 
-def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Learning-rate multiplier at global optimiser step `step` (0-based) of the whole run."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / (cfg.warmup_steps + 1)
-    if cfg.lr_scheduler == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return 1.0 - progress if cfg.lr_scheduler == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def steps_per_epoch(config: Config) -> int:
-    samples = config.generate.prompts_per_epoch * config.generate.samples_per_prompt
-    return config.train.passes * math.ceil(samples / (config.train.batch_size * config.train.grad_accum))
-
-
 def world_size() -> int:
     """Processes of this training (accelerate launch / torchrun set WORLD_SIZE), known before Trainer starts them."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -173,98 +157,6 @@ def per_process_batch(cfg: TrainConfig, processes: int) -> int:
             f"use a multiple of {processes}"
         )
     return cfg.batch_size // processes
-
-
-class Policy:
-    """The student with a trainable LoRA, built once per process: each epoch puts the previous epoch's
-    adapter into the same model, so `kd loop` does not reload the (frozen) base weights for every
-    train stage. Epoch 0 gets the seeded fresh LoRA (equal to the base) that `get_peft_model` drew.
-    After a train stage has written its output, the model and the optimiser state it saved are that
-    output: the next epoch of the same process resumes from memory instead of reading them back."""
-
-    def __init__(self, config: Config):
-        from peft import LoraConfig, get_peft_model
-
-        cfg = config.train
-        # The frozen base in the training precision (bf16 halves it); PEFT keeps the LoRA weights, and
-        # so the optimiser state, in float32 (get_peft_model's autocast_adapter_dtype).
-        base = load_causal_lm(config.student, dtype="bfloat16" if uses_bf16(cfg) else "float32", device="cpu")
-        torch.manual_seed(config.seed)  # LoRA A is random: same seed, same initial adapter
-        lora = LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
-        )
-        self.model = get_peft_model(base, lora)
-        self.head = OutputHead(self.model)
-        # Only the LoRA weights train: walking them, not the whole model, at each save and epoch start.
-        self.trainable = {name: weight for name, weight in self.model.named_parameters() if weight.requires_grad}
-        self.fresh = {name: tensor.clone() for name, tensor in self.weights().items()}
-        self.holds: Path | None = None  # the train/ directory whose adapter the model holds now
-        self.optimizer_state: dict | None = None  # and whose optimiser state this is
-
-    def load(self, adapter: Path | None):
-        """The model holding `adapter`'s weights (the fresh LoRA at None); one line if it does not fit."""
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        try:
-            weights = self.fresh if adapter is None else load_peft_weights(str(adapter), device="cpu")
-            result = set_peft_model_state_dict(self.model, weights)
-            if result.unexpected_keys:
-                raise ValueError(f"unexpected weights {result.unexpected_keys[:3]}")
-        except (RuntimeError, ValueError, KeyError, OSError) as err:
-            raise adapter_misfit(adapter, err) from None
-        self.holds = None
-        return self.ready()
-
-    def resume(self, previous: Path | None) -> tuple[object, dict | None]:
-        """The model and optimiser state that the complete train/ directory `previous` holds (a fresh
-        LoRA and no state at None). Training changes both: until `trained` they hold no directory."""
-        if previous is not None and previous == self.holds:
-            model = self.ready()
-        else:
-            model = self.load(None if previous is None else previous / "adapter")
-            self.optimizer_state = None if previous is None else torch.load(
-                previous / OPTIMIZER, map_location="cpu", weights_only=True
-            )
-        self.holds = None
-        return model, self.optimizer_state
-
-    def ready(self):
-        """The model, cleared of what the previous epoch's Trainer left on it."""
-        from accelerate.utils import extract_model_from_parallel
-
-        # Under bf16 that Trainer wrapped forward in autocast in place: unwrapped, the wrappers do not
-        # pile up epoch after epoch.
-        extract_model_from_parallel(self.model, keep_fp32_wrapper=False)
-        # accelerate prepares a model once and marks it: still marked, the next Trainer would train it
-        # as it is now, without autocast under bf16 and without DDP's gradient all-reduce.
-        self.model.__dict__.pop("_is_accelerate_prepared", None)
-        for weight in self.trainable.values():
-            weight.grad = None
-        return self.model
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights under the names of PEFT's adapter files, without PEFT's "auto" embedding
-        check: kd never resizes the vocabulary, and that check reads the base model's config (from the
-        Hub for a Hub id) at every save."""
-        from peft import get_peft_model_state_dict
-
-        trainable = {name: weight.detach() for name, weight in self.trainable.items()}
-        return get_peft_model_state_dict(self.model, state_dict=trainable, save_embedding_layers=False)
-
-    def trained(self, out: Path, optimizer_state: dict) -> None:
-        """`out`, now complete on disk, holds the model's adapter and this optimiser state."""
-        self.holds, self.optimizer_state = out, optimizer_state
-
-
-def policy_model(config: Config, previous_adapter: Path | None):
-    """The student with a trainable LoRA: the previous epoch's adapter, or a fresh one (equal to the base)."""
-    return Policy(config).load(previous_adapter)
-
-
-def uses_bf16(cfg: TrainConfig) -> bool:
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], output_dir: Path, epoch: int,
@@ -381,10 +273,10 @@ class DistillTrainer(Trainer):
         # this forward another policy than the one that sampled (first-step ratios != 1). TRL's
         # trainers disable dropout for the same reason; eval mode turns off any train-time randomness.
         model.eval()
-        normaliser = num_items_in_batch if num_items_in_batch is not None else (inputs["shift_labels"] != IGNORE).sum()
-        loss, stats, kl_sum, entropy = objective(model, self.head, inputs, cfg, normaliser)
-        step = self.state.global_step + 1
-        if not torch.isfinite(loss):
+        normaliser = num_items_in_batch if num_items_in_batch is not None else (inputs["shift_labels"] != objective.IGNORE).sum()
+        result = objective.step_loss(model, self.head, inputs, cfg, normaliser, self.accelerator.num_processes)
+        stats, step = result.stats, self.state.global_step + 1
+        if not torch.isfinite(result.loss):
             raise KdError(f"train: non-finite loss at optimiser step {step}; lower train.learning_rate or check the scored data")
         if stats.ratio_max > cfg.max_ratio:
             raise KdError(
@@ -392,43 +284,8 @@ class DistillTrainer(Trainer):
                 f"{step}; sampler and trainer disagree: set train.ratio_cap or clip_epsilon, or check the sampler"
             )
         # The loss each process adds up to the whole batch's loss: its tokens over all processes' tokens.
-        self.recorder.add(stats, kl_sum, entropy, float(loss.detach()))
-        # DDP averages gradients over processes; the normaliser already counts all of their tokens.
-        return loss * self.accelerator.num_processes
-
-
-def student_logprobs(model, head: OutputHead, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """The student's logprobs at the N completion positions of a collated batch, [N, 1 + K] (the
-    sampled token, then the teacher's top-k when the batch has them), the sum of its entropy there,
-    and the [B, T] completion mask. The head runs a chunk at a time (kd.stages.loss)."""
-    mask_B_T = batch["shift_labels"] != IGNORE
-    hidden_N_H = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][mask_B_T]
-    targets_N_K = batch["shift_labels"][mask_B_T][:, None]
-    if "teacher_top_ids" in batch:  # one pass of the head for the sampled token and the teacher's top-k
-        targets_N_K = torch.cat([targets_N_K, batch["teacher_top_ids"][mask_B_T]], -1)
-    picked_N_K, entropy = loss_lib.completion_logprobs(hidden_N_H, head, targets_N_K)
-    return picked_N_K, entropy, mask_B_T
-
-
-def objective(model, head: OutputHead, inputs: dict[str, torch.Tensor], cfg: TrainConfig,
-              normaliser: float | torch.Tensor) -> tuple[torch.Tensor, loss_lib.PolicyLossStats, float, float]:
-    """The loss of a collated micro-batch (`Collator`), its policy-loss stats, and the sums over its
-    completion tokens of the reverse-KL estimate (p_t - q_t) and of the student's entropy."""
-    picked_N_K, entropy, mask_B_T = student_logprobs(model, head, inputs)
-    per_token = {name: inputs[name][mask_B_T]
-                 for name in ("sampler_logprobs", "policy_logprobs", "teacher_logprobs", "advantages")}
-    everywhere_N = torch.ones(len(picked_N_K), dtype=torch.bool, device=picked_N_K.device)
-    loss, stats = loss_lib.policy_loss(
-        picked_N_K[:, 0], per_token["sampler_logprobs"], per_token["advantages"], everywhere_N, normaliser,
-        cfg.clip_epsilon, cfg.ratio_cap, per_token["policy_logprobs"],
-    )
-    for kind, coef in (("reverse_kl", cfg.topk_reverse_kl), ("forward_kl", cfg.topk_forward_kl), ("jsd", cfg.topk_jsd)):
-        if coef:
-            divergence_N = loss_lib.topk_divergence(picked_N_K[:, 1:], inputs["teacher_top_logprobs"][mask_B_T], kind,
-                                                    cfg.jsd_beta)
-            loss = loss + coef * divergence_N.sum() / normaliser
-    kl_sum = float((per_token["policy_logprobs"] - per_token["teacher_logprobs"]).sum())
-    return loss, stats, kl_sum, entropy
+        self.recorder.add(stats, result.kl_sum, result.entropy_sum, result.batch_share)
+        return result.loss
 
 
 @torch.no_grad()
@@ -444,7 +301,7 @@ def untempered(trainer: "DistillTrainer", examples: list[dict], cfg: TrainConfig
         chunk = examples[first : first + size]
         batch = {name: value.to(trainer.args.device) for name, value in collate(chunk).items()}
         with trainer.autocast_smart_context_manager():
-            picked_N_K, _, mask_B_T = student_logprobs(model, trainer.head, batch)
+            picked_N_K, _, mask_B_T = objective.student_logprobs(model, trainer.head, batch)
         counts = mask_B_T.sum(1).cpu().numpy()
         for example, policy in zip(chunk, np.split(picked_N_K[:, 0].float().cpu().numpy(), np.cumsum(counts)[:-1])):
             example["policy_logprobs"] = policy

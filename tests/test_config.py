@@ -1,5 +1,7 @@
 """Configs: every shipped YAML validates; bad fields are refused with one line naming them."""
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,8 @@ def test_overrides_are_typed():
         ("train.lora_target_modules=q_proj", "expected a list"),
         ("train", "expected section.key=value"),
         ("train.topk_reverse_kl=1", "need the teacher's top-k: set score.top_k"),
+        ("train.topk_jsd=0.5", "config field train.topk_jsd: the topk_jsd term reads scored top-k columns"),
+        ("task=exact-match", "config field task: 'exact-match' is not one of last-integer"),
         ("train.jsd_beta=1", "train.jsd_beta: must be in (0, 1)"),
         ("score.top_k=-1", "score.top_k: must be >= 0"),
     ],
@@ -62,3 +66,16 @@ def test_fingerprint_ignores_epochs_only():
     base = config_lib.load()
     assert config_lib.load(None, ["epochs=3"]).fingerprint() == base.fingerprint()
     assert config_lib.load(None, ["seed=3"]).fingerprint() != base.fingerprint()
+
+
+def test_the_registries_are_what_the_config_accepts():
+    """An engine, a verifier or a loss term is added in one place: the config takes its names from
+    the registries, and reading the top-k columns is what makes a term need score.top_k."""
+    from kd.stages import engines, objective, tasks
+
+    assert typing.get_args(typing.get_type_hints(config_lib.EngineConfig)["kind"]) == tuple(engines.REGISTRY)
+    assert typing.get_args(typing.get_type_hints(config_lib.Config)["task"]) == tuple(tasks.VERIFIERS)
+    assert [t.name for t in objective.TERMS if t.needs_top_k] == ["topk_reverse_kl", "topk_forward_kl", "topk_jsd"]
+    for term in objective.TERMS:  # every term's weight is a TrainConfig field
+        assert term.weight in {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
+    assert tasks.VERIFIERS["last-integer"]("7+8+0=15 so 615", "615") and not tasks.VERIFIERS["last-integer"]("615 or 61", "615")

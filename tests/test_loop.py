@@ -73,6 +73,22 @@ def test_config_change_on_existing_run_is_refused(config_file, tmp_path):
     assert top_k.returncode == 2 and "score.top_k" in top_k.stderr  # K is part of the run's config
 
 
+def test_epochs_of_a_run_with_a_decaying_schedule_are_fixed_once_it_trained(config_file, tmp_path):
+    # A cosine learning rate at every step depends on epochs x steps per epoch: growing epochs after
+    # a train stage would silently put the steps already taken on another schedule.
+    config = config_file(epochs=1, **{"eval.every": 5, "eval.num_prompts": 4, "train.lr_scheduler": "cosine"})
+    assert kd("generate", "--config", str(config), "--epoch", "0").returncode == 0
+    resized = kd("score", "--run", "t", "--epoch", "0", "--set", "epochs=2", cwd=tmp_path)
+    assert resized.returncode == 0, resized.stderr  # nothing trained yet: the schedule has not started
+    trained = kd("train", "--run", "t", "--epoch", "0", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    grown = kd("export-lora", "--run", "t", "--epoch", "0", "--set", "epochs=3", cwd=tmp_path)
+    assert grown.returncode == 2 and grown.stderr.count("\n") == 1, grown.stderr
+    assert "epochs 2 -> 3" in grown.stderr and "lr_scheduler cosine" in grown.stderr
+    assert not (tmp_path / "runs" / "t" / "0000" / "adapter").exists()
+    assert kd("export-lora", "--run", "t", "--epoch", "0", cwd=tmp_path).returncode == 0
+
+
 def test_score_top_k_option_starts_a_top_k_run(config_file, tmp_path):
     config = config_file(epochs=1, **{"eval.every": 5, "eval.num_prompts": 4})
     assert kd("generate", "--config", str(config), "--run", "k", "--epoch", "0", "--set", "score.top_k=4").returncode == 0

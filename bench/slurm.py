@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.slurm_cluster: the same local Slurm the test suite starts
 
+from kd.stages import pipeline  # noqa: E402
 from tests.slurm_cluster import LocalSlurm  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -44,8 +45,8 @@ SHAPES = {
     "B: 2 tasks, 1 process": {"generate": 2, "score": 2, "train": 1},
     "C: 2 tasks, 2 processes": {"generate": 2, "score": 2, "train": 2},
 }
-STAGES = ("generate", "score", "train", "export-lora")
-OUTPUTS = {"generate": "rollouts", "score": "scored", "train": "train", "export-lora": "adapter"}
+STAGES = tuple(stage.command for stage in pipeline.EPOCH)
+OUTPUTS = {stage.command: stage.output for stage in pipeline.EPOCH}
 
 
 def timed_template(folder: Path) -> Path:

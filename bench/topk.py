@@ -31,9 +31,11 @@ from pathlib import Path
 
 from curves import save as save_results  # bench/curves.py: run as `python bench/...`, bench/ is on sys.path
 
+from kd.stages import pipeline
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-TRAINING_STAGES = {"generate", "score", "train", "export-lora"}
+TRAINING_STAGES = {stage.command for stage in pipeline.EPOCH}
 
 
 def kd_variants(vocabulary: int, epochs: int) -> dict[str, list[str]]:

@@ -201,7 +201,8 @@ def slurm(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = S
             for job in jobs:
                 after = f" --dependency=afterok:{':'.join('<' + key + '>' for key in job.after)}" if job.after else ""
                 typer.echo(f"# <{job.key}>: sbatch --kill-on-invalid-dep=yes{after} {job.name}.sbatch\n{job.script}")
-            typer.echo(f"{len(jobs)} jobs (dry run: nothing submitted)")
+            typer.echo(f"{len(jobs)} jobs (dry run: nothing submitted)" if jobs else
+                       f"{resolved.run_dir}: every stage is done; nothing to submit")
             return
         ids = stage.submit(resolved, jobs)
         typer.echo(f"submitted {len(ids)} jobs for {resolved.run_dir}: " + " ".join(f"{k}={v}" for k, v in ids.items()))

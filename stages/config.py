@@ -78,7 +78,8 @@ class EngineConfig:
         _check(self.request_timeout > 0, "engine.request_timeout", "must be > 0")
         _check(self.max_retries >= 0, "engine.max_retries", "must be >= 0")
         _check(self.concurrency > 0, "engine.concurrency", "must be > 0")
-        _check(not self.server or self.kind == "vllm", "engine.server", "server mode needs engine.kind: vllm")
+        serving = [kind for kind, registered in ENGINES.items() if registered.server]
+        _check(not self.server or self.kind in serving, "engine.server", f"server mode needs engine.kind: {' or '.join(serving)}")
 
 
 # Arguments of apply_chat_template that kd sets itself: a template variable of these names is refused.
@@ -202,7 +203,7 @@ class TrainConfig:
     @property
     def uses_top_k(self) -> bool:
         """Whether an active loss term (kd.stages.objective) reads the teacher's top-k."""
-        return objective.needs_top_k(self)
+        return any(term.needs_top_k for term in objective.active(self))
 
     def __post_init__(self) -> None:
         _check(self.lora_rank > 0, "train.lora_rank", "must be > 0")
@@ -216,8 +217,9 @@ class TrainConfig:
         _check(self.passes > 0, "train.passes", "must be > 0")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         _check(0 <= self.gamma <= 1, "train.gamma", "must be in [0, 1]")
-        for name in ("topk_reverse_kl", "topk_forward_kl", "topk_jsd"):
-            _check(getattr(self, name) >= 0, f"train.{name}", "must be >= 0 (0: off)")
+        for term in objective.TERMS:
+            if term is not objective.POLICY_GRADIENT:
+                _check(getattr(self, term.weight) >= 0, f"train.{term.weight}", "must be >= 0 (0: off)")
         _check(0 < self.jsd_beta < 1, "train.jsd_beta", "must be in (0, 1); use topk_forward_kl or topk_reverse_kl for 0 or 1")
         _check(0 <= self.clip_epsilon < 1, "train.clip_epsilon", "must be in [0, 1)")
         _check(self.ratio_cap == 0 or self.ratio_cap >= 1, "train.ratio_cap", "must be 0 (off) or >= 1")
@@ -397,9 +399,10 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(bool(self.run_id) and "/" not in self.run_id, "run_id", "must be a non-empty name without '/'")
-        for term in objective.top_k_terms_without_top_k(self.train, self.score.top_k):
-            _check(False, f"train.{term.weight}", f"the {term.name} term reads scored top-k columns; top-k "
-                                                  "divergences need the teacher's top-k: set score.top_k (e.g. 32)")
+        needing = [term for term in objective.active(self.train) if term.needs_top_k]
+        if needing and not self.score.top_k:
+            raise KdError(f"config field train.{needing[0].weight}: the {needing[0].name} term reads scored top-k "
+                          "columns; top-k divergences need the teacher's top-k: set score.top_k (e.g. 32)")
 
     @property
     def run_dir(self) -> Path:
@@ -410,8 +413,9 @@ class Config:
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results. Left out (NOT_RESULTS): `epochs`, so a run can be
-        extended; where the run lives (`run_id`, `runs_dir`), so a copied or moved run is the same run;
-        and the Slurm resources it is submitted with."""
+        extended (not under a decaying learning rate once trained: kd.stages.rundir.schedule_moved);
+        where the run lives (`run_id`, `runs_dir`), so a copied or moved run is the same run; and the
+        Slurm resources it is submitted with."""
         data = self.to_dict()
         for name in NOT_RESULTS:
             data.pop(name)

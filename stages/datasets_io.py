@@ -6,6 +6,11 @@ killed stage leaves nothing that a later run mistakes for output, and re-running
 
     pl.scan_ipc("runs/toy/0000/scored/*.arrow")                     # inspect with polars
     load_dataset("arrow", data_files="runs/toy/0000/scored/*.arrow")  # or with datasets
+
+Also here: the on-disk format of sharded datasets (parts and their markers, which kd.stages.shards
+writes), the verification of a dataset against its manifest (inputs are checked before a stage
+reads them; `kd verify` checks a whole run), and `stable_hash`, the hash of a stage's config.
+Torch-free.
 """
 
 from __future__ import annotations
@@ -317,6 +322,20 @@ def stable_hash(data: Any) -> str:
 
 def marker_name(shard: int, num_shards: int) -> str:
     return f"{shard:05d}-of-{num_shards:05d}.json"
+
+
+def write_marker(out: Path, shard: int, num_shards: int, rows: int, wall_seconds: float) -> None:
+    """The marker of a shard whose part is in place: size, sha256, rows, wall time; renamed into place."""
+    part = out / part_name(shard, num_shards)
+    marker = {
+        "part": part.name, "rows": rows, "bytes": part.stat().st_size, "sha256": sha256_file(part),
+        "wall_seconds": round(wall_seconds, 3), "host": os.uname().nodename,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp = out / MARKERS / f".{marker_name(shard, num_shards)}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(marker, indent=2))
+    fault_point(out, f"shard-{shard}:marker")
+    os.rename(tmp, out / MARKERS / marker_name(shard, num_shards))
 
 
 def read_markers(out: Path, num_shards: int) -> dict[int, dict]:

@@ -60,10 +60,16 @@ def is_locked(run_dir: Path, name: str) -> bool:
         return False
 
 
-def stage_lock_name(epoch: int, stage: str) -> str:
-    """The lock a stage command that writes one whole dataset holds (train, export-lora, eval)."""
-    return f"{epoch:04d}-{stage.replace('-', '_')}"
+def stage_lock_name(epoch: int, stage_key: str) -> str:
+    """The lock a stage command that writes one whole dataset holds (train, export-lora, eval);
+    `stage_key`: kd.stages.pipeline.Stage.key."""
+    return f"{epoch:04d}-{stage_key}"
 
 
 def shard_lock_name(out: Path, shard: int, num_shards: int) -> str:
     return f"{out.parent.name}-{out.name}-{shard:05d}-of-{num_shards:05d}"
+
+
+def completion_lock_name(out: Path) -> str:
+    """The lock under which the shard that completes a sharded dataset writes its manifest."""
+    return f"{out.parent.name}-{out.name}-complete"

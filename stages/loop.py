@@ -28,13 +28,15 @@ def run(config: Config, overwrite: bool = False) -> list[dict]:
     started = time.time()
     with locks.whole_run(config.run_dir), Session(config, progress=False) as session:
         for epoch in range(config.epochs + 1):
-            t0 = time.time()
-            wrote = {stage.output: stage.load().run(config, epoch, session)
-                     for stage in pipeline.STAGES if pipeline.runs_at(stage, epoch, config)}
-            if "eval" in wrote:
-                print_eval(epoch, wrote["eval"])
+            wrote, epoch_started = {}, time.time()
+            for stage in pipeline.STAGES:
+                if pipeline.runs_at(stage, epoch, config):
+                    wrote[stage.output] = stage.load().run(config, epoch, session)
+                if stage is pipeline.EVAL and "eval" in wrote:
+                    print_eval(epoch, wrote["eval"])
+                    epoch_started = time.time()  # the epoch line times the training stages
             if "train" in wrote:
-                print_epoch(config, epoch, wrote["scored"], wrote["train"], time.time() - t0)
+                print_epoch(config, epoch, wrote["scored"], wrote["train"], time.time() - epoch_started)
     rows = summary(config)
     console.print(summary_table(rows, time.time() - started))
     console.print(stage_times(config))

@@ -9,8 +9,8 @@
 The policy-gradient term always runs: its importance ratios are the step's health metrics and
 train.max_ratio's abort, and with kl_coef = reward_coef = 0 its advantages, so its loss, are 0.
 The others run at weight > 0. The config refuses a term that reads columns score will not write
-(the top-k terms without score.top_k). Adding a term: a `Term` in TERMS (its weight, columns and
-loss) and its weight field in kd.stages.config.TrainConfig.
+(the top-k terms without score.top_k). Adding a term over the columns train already collates: a
+`Term` in TERMS (its weight, columns and loss) and its weight field in kd.stages.config.TrainConfig.
 
 The declarations are torch-free, because the config validates against them; the functions that
 compute run inside train and import torch's side (kd.stages.loss, kd.stages.models) when called.
@@ -34,10 +34,13 @@ TOP_K_COLUMNS = ("teacher_top_ids", "teacher_top_logprobs")
 @dataclass(frozen=True)
 class Term:
     """A loss term. `weight`: the TrainConfig field that scales it (0: off); `columns`: the scored
-    columns it reads; `loss(student_N_K, data, cfg)`: its sum over the N completion positions of a
-    micro-batch, from the student's logprobs there ([N, 1 + K]: the sampled token, then the
-    teacher's top-k) and the scored data there ([N] or [N, K] per column). The policy gradient has
-    no `loss`: it is the base every other term is added to (`step_loss`)."""
+    columns it reads (train loads the top-k ones only when a term declares them); `loss(student_N_K,
+    data, cfg)`: its sum over the N completion positions of a micro-batch, from the student's
+    logprobs there ([N, 1 + K]: the sampled token, then the teacher's top-k) and the per-token
+    columns train collates, at those positions: sampler_logprobs, policy_logprobs,
+    teacher_logprobs, advantages [N] and, with top-k, teacher_top_ids, teacher_top_logprobs [N, K].
+    A term over another scored column also adds it to train.features and train.Collator. The policy
+    gradient has no `loss`: it is the base every other term is added to (`step_loss`)."""
 
     name: str
     weight: str
@@ -70,15 +73,6 @@ TERMS = (
 def active(cfg: "TrainConfig") -> list[Term]:
     """The terms this config trains with: the policy gradient always, the others at weight > 0."""
     return [term for term in TERMS if term is POLICY_GRADIENT or getattr(cfg, term.weight)]
-
-
-def needs_top_k(cfg: "TrainConfig") -> bool:
-    return any(term.needs_top_k for term in active(cfg))
-
-
-def top_k_terms_without_top_k(cfg: "TrainConfig", top_k: int) -> list[Term]:
-    """The active terms that read the teacher's top-k when score writes none (top_k = 0)."""
-    return [term for term in active(cfg) if term.needs_top_k and not top_k]
 
 
 def student_logprobs(model, head, batch: dict) -> tuple["torch.Tensor", float, "torch.Tensor"]:

@@ -74,6 +74,12 @@ def runs_at(stage: Stage, epoch: int, config: Config) -> bool:
     return epoch < config.epochs if stage.every_epoch else epoch in eval_epochs(config)
 
 
+def inputs_at(stage: Stage, epoch: int) -> list[tuple[int, str]]:
+    """(epoch, output) of each dataset `stage` reads at `epoch`; "name@-1" at epoch 0 reads nothing."""
+    wanted = [(epoch - 1, name.removesuffix("@-1")) if name.endswith("@-1") else (epoch, name) for name in stage.inputs]
+    return [(e, name) for e, name in wanted if e >= 0]
+
+
 def stage_dir(config: Config, epoch: int, output: str) -> Path:
     """runs/<id>/<epoch:04d>/<output>: where the stage writing `output` puts it."""
     if by_output(output) is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from kd.stages import rundir
+from kd.stages import datasets_io, rundir
 from kd.stages.errors import KdError
 
 FIGURES = {
@@ -106,6 +106,7 @@ def run(run_dir: Path) -> Path:
             (stage, series(records, stage, "tokens_per_second"), "-") for stage in ("generate", "score", "train")
         ])
         (staging / "report.md").write_text(summary_markdown(run_dir, records))
+        datasets_io.fault_point(out, "staged")  # a process sent SIGTERM publishes nothing (datasets_io.TERMINATED)
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
     finally:

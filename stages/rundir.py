@@ -23,6 +23,7 @@ from kd.stages.config import Config
 from kd.stages.errors import KdError
 from kd.stages.schemas import ADAPTER
 
+
 @contextlib.contextmanager
 def new_run_removed_on_failure(config: Config) -> Iterator[None]:
     """A command that fails leaves runs/ as it found it: a run directory it created goes again,

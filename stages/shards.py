@@ -22,7 +22,6 @@ that should have was killed first).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -33,7 +32,6 @@ import pyarrow as pa
 from kd.stages import datasets_io, locks
 from kd.stages.errors import KdError
 from kd.stages.schemas import DatasetKind
-
 
 
 def from_env(shard: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -93,15 +91,7 @@ def write_part(out: Path, kind: DatasetKind, table: pa.Table, shard: int, num_sh
         os.rename(tmp, out / name)
     finally:
         tmp.unlink(missing_ok=True)
-    marker = {
-        "part": name, "rows": table.num_rows, "bytes": (out / name).stat().st_size,
-        "sha256": datasets_io.sha256_file(out / name), "wall_seconds": round(wall_seconds, 3),
-        "host": os.uname().nodename, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    marker_tmp = out / datasets_io.MARKERS / f".{datasets_io.marker_name(shard, num_shards)}.tmp-{os.getpid()}"
-    marker_tmp.write_text(json.dumps(marker, indent=2))
-    datasets_io.fault_point(out, f"shard-{shard}:marker")
-    os.rename(marker_tmp, out / datasets_io.MARKERS / datasets_io.marker_name(shard, num_shards))
+    datasets_io.write_marker(out, shard, num_shards, table.num_rows, wall_seconds)
 
 
 def remove_dead_writers_files(out: Path) -> None:
@@ -117,7 +107,7 @@ def complete(out: Path, kind: DatasetKind, num_shards: int, stage_config: dict, 
     Files of another shard layout (an abandoned attempt with another N) are removed first: the
     manifest lists every file in the directory, and they are not part of this dataset."""
     run_dir = out.parent.parent
-    with locks.named(run_dir, f"{out.parent.name}-{out.name}-complete"):
+    with locks.named(run_dir, locks.completion_lock_name(out)):
         if datasets_io.is_complete(out):
             return None
         done = datasets_io.read_markers(out, num_shards)
@@ -136,5 +126,3 @@ def complete(out: Path, kind: DatasetKind, num_shards: int, stage_config: dict, 
         return datasets_io.write_manifest(
             out, kind, rows, stage_config, datasets_io.stable_hash(stage_config), inputs, stats, wall_seconds, out
         )
-
-

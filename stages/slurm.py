@@ -114,10 +114,6 @@ def plan(config: Config, python: str = sys.executable, workdir: Path | None = No
     jobs: list[Job] = []
     writer: dict[tuple[int, str], str] = {}  # (epoch, dataset) -> key of the job submitted to write it
 
-    def producers(stage: Stage, epoch: int) -> list[str]:
-        wanted = [(epoch - 1, name[: -len("@-1")]) if name.endswith("@-1") else (epoch, name) for name in stage.inputs]
-        return [writer[w] for w in wanted if w in writer]
-
     for epoch in range(config.epochs + 1):
         for stage in pipeline.STAGES:
             out = pipeline.stage_dir(config, epoch, stage.output)
@@ -127,7 +123,8 @@ def plan(config: Config, python: str = sys.executable, workdir: Path | None = No
             array = ",".join(map(str, missing_shards(out, tasks))) if tasks > 1 else ""
             key = f"{epoch}-{stage.command}"
             script = render(config, epoch, stage, python, workdir, array)
-            jobs.append(Job(key, job_name(config, epoch, stage.command), script, producers(stage, epoch), array))
+            after = [writer[source] for source in pipeline.inputs_at(stage, epoch) if source in writer]
+            jobs.append(Job(key, job_name(config, epoch, stage.command), script, after, array))
             writer[(epoch, stage.output)] = key
     return jobs
 

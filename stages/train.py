@@ -328,7 +328,13 @@ def previous_state(config: Config, epoch: int) -> tuple[Path | None, int]:
     if epoch == 0:
         return None, 0
     previous = pipeline.stage_dir(config, epoch - 1, "train")
-    datasets_io.require(previous, TRAIN_STEPS, f"run `kd train --epoch {epoch - 1}` first")
+    manifest = datasets_io.require(previous, TRAIN_STEPS, f"run `kd train --epoch {epoch - 1}` first")
+    stepped_for = manifest["config"].get("epochs", config.epochs)
+    if stepped_for != config.epochs and config.train.lr_scheduler != "constant":  # kd.stages.rundir.schedule_moved
+        raise KdError(
+            f"{previous}: trained for a run of {stepped_for} epochs, this config has {config.epochs}; "
+            f"train.lr_scheduler {config.train.lr_scheduler} spans the whole run, so keep epochs {stepped_for}"
+        )
     return previous, json.loads((previous / STATE).read_text())["global_step"]
 
 

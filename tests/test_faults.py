@@ -4,7 +4,9 @@ computation is deterministic on CPU: per-sample seeds, a seeded Trainer, float32
 
 from __future__ import annotations
 
-from kd.stages import pipeline, verify
+from pathlib import Path
+
+from kd.stages import config as config_lib, datasets_io, pipeline, verify
 from kd.stages.datasets_io import FAULT_POINTS
 from tests.test_loop import kd
 
@@ -42,3 +44,10 @@ def test_every_kill_point_resumes_to_the_uninterrupted_result(config_file, tmp_p
         theirs = (runs / "reference" / epoch / "adapter" / "adapter_model.safetensors").read_bytes()
         assert ours == theirs, epoch
     assert not list(runs.glob("killed/*/.*.tmp-*"))  # the next writer removed what dead ones staged
+    killed_config = config_lib.load(config)
+    for stage in pipeline.STAGES:  # what each dataset recorded reading is what the pipeline table declares
+        for epoch in range(3):
+            manifest = datasets_io.read_manifest(pipeline.stage_dir(killed_config, epoch, stage.output))
+            if manifest is not None:
+                recorded = [Path(i["path"]).parts[-2:] for i in manifest["inputs"]]
+                assert recorded == [(f"{e:04d}", name) for e, name in pipeline.inputs_at(stage, epoch)], (stage, epoch)

@@ -6,27 +6,41 @@
 
 Adding an engine: a module with a `build(engine, model_path, stop_token_ids, pad_token_id,
 lora_rank, seed, max_logprobs)` function returning an object with the protocol's three methods,
-and one line in REGISTRY (its name becomes a valid `engine.kind`). The stages never know which
+and one line in REGISTRY (its name becomes a valid `engine.kind`, and with `server=True` a valid
+kind for `engine.server`). The stages never know which
 engine they drive. This package's __init__ and base are torch-free (the config imports them).
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Sequence
 
 from kd.stages.engines.base import Completion, Engine, SamplingParams, Scores, length_batches, sample_seed
 
-# engine.kind -> the module whose `build` makes it (imported only when used: vLLM is optional).
-REGISTRY = {"hf": "kd.stages.engines.hf", "vllm": "kd.stages.engines.vllm"}
+@dataclass(frozen=True)
+class Registered:
+    """`module`: where `build` lives (imported only when used: vLLM is optional); `server`: whether
+    the engine can also be a client of a running server (`engine.server: URL`)."""
 
-__all__ = ["REGISTRY", "Completion", "Engine", "SamplingParams", "Scores", "length_batches", "make", "sample_seed"]
+    module: str
+    server: bool = False
+
+
+# engine.kind -> its registration
+REGISTRY = {
+    "hf": Registered("kd.stages.engines.hf"),
+    "vllm": Registered("kd.stages.engines.vllm", server=True),
+}
+
+__all__ = ["REGISTRY", "Completion", "Registered", "Engine", "SamplingParams", "Scores", "length_batches", "make", "sample_seed"]
 
 
 def make(engine, model_path: str, stop_token_ids: Sequence[int], pad_token_id: int, lora_rank: int | None = None,
          seed: int = 0, max_logprobs: int = 0) -> Engine:
     """The engine `engine.kind` (an EngineConfig) for `model_path`. `lora_rank`: set for a student that
     will load adapters; `max_logprobs`: for a scorer asked for that many top tokens."""
-    module = importlib.import_module(REGISTRY[engine.kind])
+    module = importlib.import_module(REGISTRY[engine.kind].module)
     return module.build(engine, model_path, stop_token_ids, pad_token_id=pad_token_id, lora_rank=lora_rank,
                         seed=seed, max_logprobs=max_logprobs)

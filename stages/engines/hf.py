@@ -57,7 +57,7 @@ class HFEngine:
         return self.base.device
 
     def close(self) -> None:
-        """Drop the model; its memory goes back when nothing else (a loop's Policy) shares the weights."""
+        """Drop the model and its head (their memory goes back once no other reference holds them)."""
         self.base = self.model = self.head = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

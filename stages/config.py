@@ -40,12 +40,14 @@ TaskName = Literal[tuple(VERIFIERS)]
 class EngineConfig:
     """Which runtime samples or scores, and how.
 
-    kind: hf (transformers in-process; CPU or GPU) or vllm (kd.stages.engines.REGISTRY).
+    kind: hf (transformers in-process; CPU or GPU), vllm (in-process or a server) or sglang (a server)
+        (kd.stages.engines.REGISTRY).
     dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16 or float16.
     device: auto, cpu, cuda, cuda:N (hf only).
     max_batch_tokens / max_batch_rows: the hf engine pads batches up to these bounds; vLLM takes
         max_batch_tokens as max_num_batched_tokens, which bounds prompt-logprob memory when scoring.
-    server: URL of a running OpenAI-compatible vLLM server (e.g. http://127.0.0.1:8000); empty: in-process.
+    server: URL of a running vLLM (OpenAI-compatible) or SGLang server (e.g. http://127.0.0.1:8000); empty:
+        in-process (hf, vllm).
     gpu_memory_utilization: vLLM's memory fraction; 0 picks 0.9 on a GPU and 0.3 on CPU (where it
         is a fraction of host memory and 0.9 fails).
     cpu_kvcache_gib: VLLM_CPU_KVCACHE_SPACE for vLLM on CPU (ignored on GPUs).
@@ -80,6 +82,8 @@ class EngineConfig:
         _check(self.concurrency > 0, "engine.concurrency", "must be > 0")
         serving = [kind for kind, registered in ENGINES.items() if registered.server]
         _check(not self.server or self.kind in serving, "engine.server", f"server mode needs engine.kind: {' or '.join(serving)}")
+        _check(bool(self.server) or ENGINES[self.kind].local, "engine.server",
+               f"engine.kind {self.kind} runs against a server only: set engine.server (e.g. http://127.0.0.1:30000)")
 
 
 # Arguments of apply_chat_template that kd sets itself: a template variable of these names is refused.

@@ -231,7 +231,7 @@ CASES = [
     ("unknown section", lambda tmp: fresh("generate", "--set", "trian.lr=1"), "did you mean train"),
     ("value out of range", lambda tmp: fresh("generate", "--set", "generate.top_p=2"), "generate.top_p: must be in (0, 1]"),
     ("value of the wrong type", lambda tmp: fresh("loop", "--set", "epochs=ten"), "config field epochs: expected int"),
-    ("unknown engine", lambda tmp: fresh("score", "--set", "score.engine.kind=tgi"), "not one of hf, vllm"),
+    ("unknown engine", lambda tmp: fresh("score", "--set", "score.engine.kind=tgi"), "not one of hf, vllm, sglang"),
     ("malformed --set", lambda tmp: fresh("generate", "--set", "epochs"), "expected section.key=value"),
     ("top-k loss without top-k scores", lambda tmp: fresh("train", "--set", "train.topk_reverse_kl=1"),
      "need the teacher's top-k: set score.top_k"),

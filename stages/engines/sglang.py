@@ -34,7 +34,7 @@ Facts this code relies on, read in the sources of SGLang 0.5.23 (wheel sglang-0.
 - LoRA: POST /load_lora_adapter {lora_name, lora_path} (LoadLoRAAdapterReqInput), POST
   /unload_lora_adapter {lora_name}; a new adapter directory is loaded under a new name and the
   previous one unloaded, so a stale adapter cannot be sampled. A student server is started with
-  --enable-lora --max-lora-rank R --lora-target-modules all (sglang/srt/server_args.py).
+  --enable-lora --max-lora-rank R --lora-target-modules all (sglang/srt/arg_groups/fields/lora.py).
 """
 
 from __future__ import annotations

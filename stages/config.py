@@ -403,6 +403,9 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(bool(self.run_id) and "/" not in self.run_id, "run_id", "must be a non-empty name without '/'")
+        _check(self.generate.engine.kind != "sglang" or self.generate.top_p == 1, "generate.top_p", (
+            "must be 1 with generate.engine.kind sglang: SGLang returns the nucleus' own logprob only under a top_k "
+            "bound (sampling masks), which would sample another distribution; use engine hf or vllm for top_p < 1"))
         needing = [term for term in objective.active(self.train) if term.needs_top_k]
         if needing and not self.score.top_k:
             raise KdError(f"config field train.{needing[0].weight}: the {needing[0].name} term reads scored top-k "

@@ -130,8 +130,14 @@ class Session:
     def close(self) -> None:
         """Stop in-process engines now: vLLM's engine-core processes, left to interpreter exit, can abort it."""
         running, self._engines = list(self._engines.values()), {}
-        for engine in running:
-            engine.close()
+        failed = None
+        for engine in running:  # every engine is closed, even when one's close fails
+            try:
+                engine.close()
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the others closed
+                failed = failed or err
+        if failed is not None:
+            raise failed
 
     def __enter__(self) -> "Session":
         return self

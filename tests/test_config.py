@@ -80,3 +80,10 @@ def test_the_registries_are_what_the_config_accepts():
     for term in objective.TERMS:  # every term's weight is a TrainConfig field
         assert term.weight in {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
     assert tasks.VERIFIERS["last-integer"]("7+8+0=15 so 615", "615") and not tasks.VERIFIERS["last-integer"]("615 or 61", "615")
+
+
+def test_sglang_sampling_is_refused_at_top_p_below_one():
+    server = ["generate.engine.kind=sglang", "generate.engine.server=http://127.0.0.1:30000"]
+    assert config_lib.load(None, server).generate.engine.kind == "sglang"
+    with pytest.raises(KdError, match="config field generate.top_p: must be 1 with generate.engine.kind sglang"):
+        config_lib.load(None, [*server, "generate.top_p=0.9"])

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,12 +37,14 @@ from kd.stages import datasets_io, generate, pipeline, rundir, score
 from kd.stages.config import EngineConfig
 from kd.stages.engines import SamplingParams
 from kd.stages.engines.hf import HFEngine
-from kd.stages.engines.sglang import SGLANG_VERSION, SGLangServerEngine, sample_request, score_request
+from kd.stages.engines.sglang import (SGLANG_VERSION, SGLangServerEngine, build, completion_from, sample_request,
+                                     score_request)
 from kd.stages.errors import KdError
 from kd.stages.schemas import SCORED
 from kd.stages.session import Session, load_tokenizer, stop_token_ids
 
 SOURCES = {
+    "api_types": "sglang/api/v1/api_types.py",
     "io_struct": "sglang/srt/managers/io_struct.py",
     "sampling_params": "sglang/srt/sampling/sampling_params.py",
     "tokenizer_manager": "sglang/srt/managers/tokenizer_manager.py",
@@ -75,14 +78,27 @@ def class_fields(source: str, name: str) -> dict[str, bool]:
             if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)}
 
 
+def http_schema(source: dict[str, str]):
+    """SGLang's /generate gate (sglang/api/v1/api_types.py, which needs only msgspec), run as its code."""
+    module = sys.modules.get("sglang_api_types")
+    if module is None:
+        module = types.ModuleType("sglang_api_types")
+        sys.modules[module.__name__] = module  # msgspec resolves the annotations in the class's module
+        exec(compile(source["api_types"], "sglang/api/v1/api_types.py", "exec"), module.__dict__)
+    return module
+
+
 def check_contract(body: dict, source: dict[str, str]) -> None:
+    """`body` passes the /generate gate's decoding (types, sampling fields) and names only fields of
+    the request class the server builds from it (the gate lets unknown top-level fields through)."""
+    http_schema(source).GenerateRequest.from_json_value(body)
     generate_fields = class_fields(source["io_struct"], "GenerateReqInput")
     sampling_fields = class_fields(source["sampling_params"], "SamplingParams")
     assert set(body) <= set(generate_fields), set(body) - set(generate_fields)
     assert set(body.get("sampling_params", {})) <= set(sampling_fields), set(body["sampling_params"]) - set(sampling_fields)
 
 
-PARAMS = [SamplingParams(16), SamplingParams(16, temperature=0.7, top_p=0.9), SamplingParams(16, greedy=True)]
+PARAMS = [SamplingParams(16), SamplingParams(16, temperature=0.7), SamplingParams(16, greedy=True)]
 
 
 def test_every_request_kd_builds_is_in_sglangs_own_request_classes(sglang_source):
@@ -96,19 +112,24 @@ def test_every_request_kd_builds_is_in_sglangs_own_request_classes(sglang_source
     assert {name for name, required in load.items() if required} == {"lora_name", "lora_path"}
     assert {name for name, required in unload.items() if required} == {"lora_name"}
     # The answer's keys kd reads, as SGLang's tokenizer manager writes them.
-    for key in ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_token_sampling_logprobs"):
+    for key in ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs"):
         assert f'meta_info["{key}"]' in sglang_source["tokenizer_manager"], key
+    # A body the gate refuses (an unknown sampling field) does fail the check.
+    with pytest.raises(Exception, match="unknown field `seed`"):
+        check_contract({**score_request([1, 2, 3], 2, 0), "sampling_params": {"seed": 1}}, sglang_source)
     # The first input logprob (and top logprobs) from logprob_start_len is None: kd drops it.
     assert "[None] + input_token_logprobs[:-1]" in sglang_source["logprob_result_processor"]
     assert "else [None]" in sglang_source["logprob_result_processor"]
+    assert "x if x < self.model_config.vocab_size - 1 else 0" in sglang_source["logprob_result_processor"]
 
 
 class StandIn:
     """An HTTP server on 127.0.0.1 answering SGLang's /generate wire format from hf engines (see the
     module docstring); it records the requests it got."""
 
-    def __init__(self, teacher: HFEngine, student: HFEngine, source: dict[str, str]):
-        self.teacher, self.student, self.source = teacher, student, source
+    def __init__(self, teacher: HFEngine, student: HFEngine, source: dict[str, str], vocab_size: int):
+        self.teacher, self.student, self.source, self.vocab_size = teacher, student, source, vocab_size
+        self.deterministic = True  # --enable-deterministic-inference
         self.requests: list[tuple[str, dict]] = []
         self.adapters: dict[str, Path] = {}
         self.violations: list[str] = []  # bodies outside SGLang's request classes (answered with HTTP 422)
@@ -129,7 +150,12 @@ class StandIn:
                 self.wfile.write(data)
 
             def do_GET(self):
-                self.answer(200, {"model_path": "tiny-teacher"}) if self.path == "/model_info" else self.answer(404, {})
+                if self.path == "/model_info":
+                    self.answer(200, {"model_path": "tiny-teacher", "is_generation": True})
+                elif self.path == "/server_info":
+                    self.answer(200, {"enable_deterministic_inference": stand_in.deterministic, "context_length": 256})
+                else:
+                    self.answer(404, {})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -147,7 +173,8 @@ class StandIn:
             self.adapters[body["lora_name"]] = Path(body["lora_path"])
             return 200, {"success": True, "loaded_adapters": {}}
         if path == "/unload_lora_adapter":
-            self.adapters.pop(body["lora_name"])
+            if self.adapters.pop(body["lora_name"], None) is None:  # as lora_registry.py answers an unknown name
+                return 400, {"success": False, "error_message": f"LoRA adapter {body['lora_name']} does not exist"}
             return 200, {"success": True}
         if path != "/generate":
             return 404, {"error": path}
@@ -167,7 +194,9 @@ class StandIn:
     def scored(self, body: dict) -> dict:
         ids, start, top_k = body["input_ids"], body["logprob_start_len"], body.get("top_logprobs_num", 0)
         (scores,) = self.teacher.score([ids], [start + 1], top_k=top_k)
-        tokens = [[None, ids[start], None]] + [[float(lp), t, None] for lp, t in zip(scores.logprobs, ids[start + 1:])]
+        # SGLang reports input ids >= vocab_size - 1 as 0 (logprob_result_processor.py)
+        shown = [t if t < self.vocab_size - 1 else 0 for t in ids]
+        tokens = [[None, shown[start], None]] + [[float(lp), t, None] for lp, t in zip(scores.logprobs, shown[start + 1:])]
         meta = {"finish_reason": {"type": "length", "length": 1}, "input_token_logprobs": tokens}
         if top_k:
             meta["input_top_logprobs"] = [None] + [
@@ -182,14 +211,10 @@ class StandIn:
                                 greedy=sampling["temperature"] == 0)
         adapter = self.adapters[body["lora_path"]] if "lora_path" in body else None
         (done,) = self.student.sample([body["input_ids"]], [sampling["sampling_seed"]], params, adapter)
-        # At top_p = 1 SGLang's output logprobs are the tempered ones hf records; at top_p < 1 kd reads
-        # the "selected" sampling logprobs instead, which the stand-in sets to hf's behaviour logprobs
-        # while output_token_logprobs get a value kd must not use.
-        entries = [[float(lp) - (1.0 if body.get("return_sampling_mask") else 0.0), t, None]
-                   for lp, t in zip(done.logprobs, done.token_ids)]
-        meta = {"finish_reason": {"type": done.finish_reason}, "output_token_logprobs": entries}
-        if body.get("return_sampling_mask"):
-            meta["output_token_sampling_logprobs"] = [float(lp) for lp in done.logprobs]
+        entries = [[float(lp), t, None] for lp, t in zip(done.logprobs, done.token_ids)]
+        finish = {"type": "stop", "matched": done.token_ids[-1]} if done.finish_reason == "stop" else \
+            {"type": "length", "length": len(done.token_ids)}
+        meta = {"finish_reason": finish, "output_token_logprobs": entries}
         return {"text": "", "output_ids": done.token_ids, "meta_info": meta}
 
     def close(self) -> None:
@@ -203,7 +228,9 @@ def stand_in(make_config, sglang_source):
     tokenizer = load_tokenizer(config.student)
     engines = [HFEngine.load(path, stop_token_ids(tokenizer, path), tokenizer.pad_token_id, dtype="float32", device="cpu")
                for path in (config.teacher, config.student)]
-    server = StandIn(*engines, sglang_source)
+    from transformers import AutoConfig
+
+    server = StandIn(*engines, sglang_source, AutoConfig.from_pretrained(config.teacher).vocab_size)
     yield server, config, engines
     server.close()
     assert server.violations == []
@@ -216,8 +243,9 @@ def engine_config(url: str, **extra) -> EngineConfig:
 def test_scores_over_the_wire_equal_the_scorers_own(stand_in):
     server, config, (teacher, _) = stand_in
     tokenizer = load_tokenizer(config.student)
-    engine = SGLangServerEngine(engine_config(server.url), stop_token_ids(tokenizer, config.teacher))
-    sequences = [[1, 5, 9, 12, 30, 31, 32], [4, 8, 15, 16, 23, 42], [7, 7, 9]]
+    engine = SGLangServerEngine(engine_config(server.url), stop_token_ids(tokenizer, config.teacher), server.vocab_size)
+    last = server.vocab_size - 1  # reported as 0 by SGLang, and still accepted
+    sequences = [[1, 5, 9, 12, 30, 31, 32], [4, 8, 15, 16, last, 42], [7, 7, 9]]
     starts = [3, 2, 3]  # the last has no completion token
     for top_k in (0, 5):
         got = engine.score(sequences, starts, top_k=top_k)
@@ -229,9 +257,12 @@ def test_scores_over_the_wire_equal_the_scorers_own(stand_in):
             np.testing.assert_array_equal(g.top_logprobs, w.top_logprobs)
     starts_sent = {tuple(body["input_ids"]): body["logprob_start_len"] for path, body in server.requests if path == "/generate"}
     assert starts_sent == {tuple(sequence): start - 1 for sequence, start in zip(sequences, starts)}
+    strict = SGLangServerEngine(engine_config(server.url), [0])  # not told the vocabulary: the 0 is a wrong token
+    with pytest.raises(KdError, match="name other tokens than the sequence's"):
+        strict.score(sequences[1:2], starts[1:2])
 
 
-@pytest.mark.parametrize("params", PARAMS, ids=["T=1", "T=0.7 top_p=0.9", "greedy"])
+@pytest.mark.parametrize("params", PARAMS, ids=["T=1", "T=0.7", "greedy"])
 def test_samples_and_their_behaviour_logprobs_over_the_wire(stand_in, params):
     server, config, (_, student) = stand_in
     tokenizer = load_tokenizer(config.student)
@@ -243,6 +274,21 @@ def test_samples_and_their_behaviour_logprobs_over_the_wire(stand_in, params):
     assert [(c.token_ids, c.logprobs, c.finish_reason) for c in got] == [(c.token_ids, c.logprobs, c.finish_reason) for c in want]
     body = next(body for path, body in server.requests if path == "/generate")
     assert body["sampling_params"]["stop_token_ids"] == stops and "lora_path" not in body
+
+
+def test_sampling_needs_a_seeded_server_and_a_whole_completion(stand_in):
+    server, config, _ = stand_in
+    engine = SGLangServerEngine(engine_config(server.url), [0])
+    server.deterministic = False
+    with pytest.raises(KdError, match="without --enable-deterministic-inference, so it ignores sampling_seed"):
+        engine.sample([[1, 5, 9]], [3], SamplingParams(8), None)
+    server.deterministic = True
+    cut = {"meta_info": {"finish_reason": {"type": "length", "length": 3}, "output_token_logprobs": [[-1.0, 5, None]] * 3}}
+    with pytest.raises(KdError, match="stopped a completion at 3 of max_new_tokens = 8 tokens"):
+        completion_from(cut, SamplingParams(8))
+    aborted = {"meta_info": {"finish_reason": {"type": "abort", "message": "queue full"}, "output_token_logprobs": []}}
+    with pytest.raises(KdError, match="aborted a sample: queue full"):
+        completion_from(aborted, SamplingParams(8))
 
 
 def test_each_adapter_is_loaded_under_a_new_name_and_the_old_one_unloaded(stand_in, tmp_path):
@@ -269,8 +315,9 @@ def test_each_adapter_is_loaded_under_a_new_name_and_the_old_one_unloaded(stand_
     assert [path for path, _ in calls] == ["/load_lora_adapter", "/load_lora_adapter", "/unload_lora_adapter"]
     assert calls[0][1] != calls[1][1] and calls[2][1] == calls[0][1]  # the first epoch's adapter went
     assert [body["lora_path"] for path, body in server.requests if path == "/generate"] == [calls[0][1], calls[1][1]]
+    server.adapters.clear()  # the server evicted it (--max-loaded-loras) or restarted: unloading is best effort
     engine.close()
-    assert server.adapters == {}
+    assert server.requests[-1][0] == "/unload_lora_adapter" and engine._adapter is None
 
 
 def test_kd_score_against_sglang_writes_the_dataset_the_hf_engine_writes(stand_in, make_config):
@@ -313,22 +360,25 @@ def test_a_server_that_is_down_refuses_or_answers_nonsense_fails_in_one_line(sta
 
 @pytest.mark.skipif(importlib.util.find_spec("sglang") is None or not torch.cuda.is_available(),
                     reason="a real SGLang server needs CUDA and `pip install sglang` (not possible on CI's CPU machines)")
-def test_real_sglang_server_scores_like_hf(make_config):
+def test_real_sglang_server_scores_and_samples_like_hf(make_config, tmp_path):
+    """On a GPU: `pip install -e ".[sglang]" && python -m pytest tests/test_sglang.py -k real_sglang`."""
     config = make_config()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", "--model-path", config.teacher,
-                               "--port", str(port), "--dtype", "float32"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    log = tmp_path / "sglang.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", "--model-path", config.teacher,
+                                   "--port", str(port), "--dtype", "float32", "--enable-deterministic-inference"],
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 600
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 600
         while True:
             try:
-                engine = SGLangServerEngine(engine_config(url, max_retries=0), [0])
+                engine = build(engine_config(url, max_retries=0), config.teacher, [0])
                 break
             except KdError:
-                assert server.poll() is None and time.time() < deadline, "the SGLang server did not start"
+                assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
                 time.sleep(2)
         tokenizer = load_tokenizer(config.teacher)
         teacher = HFEngine.load(config.teacher, stop_token_ids(tokenizer, config.teacher), tokenizer.pad_token_id,
@@ -337,6 +387,11 @@ def test_real_sglang_server_scores_like_hf(make_config):
         for got, want in zip(engine.score(sequences, starts, top_k=5), teacher.score(sequences, starts, top_k=5)):
             np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-3)
             np.testing.assert_array_equal(got.top_ids[:, 0], want.top_ids[:, 0])
+        first, again = (engine.sample([[1, 5, 9]], [3], SamplingParams(16, temperature=0.7), None)[0] for _ in range(2))
+        assert first.token_ids == again.token_ids  # sampling_seed is honoured
+        (sampled,) = engine.sample([[1, 5, 9]], [4], SamplingParams(16), None)  # at T = 1: the model's own logprobs
+        (rescored,) = teacher.score([[1, 5, 9, *sampled.token_ids]], [3])
+        np.testing.assert_allclose(sampled.logprobs, rescored.logprobs, atol=1e-3)
     finally:
-        server.terminate()
+        os.killpg(server.pid, 15)
         server.wait(60)

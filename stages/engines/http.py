@@ -7,6 +7,7 @@ bounded by engine.request_timeout), then fails with one line naming the server a
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -28,10 +29,13 @@ class ServerClient:
         self.url = engine.server.rstrip("/")
         self.engine = engine
 
-    def _request(self, method: str, path: str, body: dict | None = None, expect_json: bool = True):
+    def _request(self, method: str, path: str, body: dict | None = None, expect_json: bool = True,
+                 retries: int | None = None):
+        """`retries`: tries after the first (default engine.max_retries)."""
         data = None if body is None else json.dumps(body).encode()
         last_error = ""
-        for attempt in range(self.engine.max_retries + 1):
+        retries = self.engine.max_retries if retries is None else retries
+        for attempt in range(retries + 1):
             if attempt:
                 time.sleep(min(2 ** attempt * 0.5, 30))
             request = urllib.request.Request(
@@ -42,17 +46,17 @@ class ServerClient:
                     payload = response.read()
                 return json.loads(payload) if expect_json else payload.decode(errors="replace")
             except urllib.error.HTTPError as err:
-                detail = err.read().decode(errors="replace")[:300]
+                detail = " ".join(err.read().decode(errors="replace").split())[:300]
                 if err.code < 500:  # the request is wrong: retrying cannot help
                     raise KdError(f"{self.server_name} {self.url}{path}: HTTP {err.code}: {detail}") from None
                 last_error = f"HTTP {err.code}: {detail}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-                last_error = str(getattr(err, "reason", err))
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as err:
+                last_error = str(getattr(err, "reason", err)) or type(err).__name__
             except ValueError:
                 raise KdError(f"{self.server_name} {self.url}{path}: the answer is not JSON; "
                               f"is this a {self.server_name}?") from None
         raise KdError(
-            f"{self.server_name} {self.url}{path}: unreachable after {self.engine.max_retries + 1} tries ({last_error}); "
+            f"{self.server_name} {self.url}{path}: unreachable after {retries + 1} tries ({last_error}); "
             f"check that {self.start_hint} runs there, then re-run the same command"
         )
 

@@ -25,16 +25,21 @@ Facts this code relies on, read in the sources of SGLang 0.5.23 (wheel sglang-0.
   top logprobs). kd scores from the token before the completion, s = P - 1, and drops that None.
 - Output logprobs are of the tempered distribution, log_softmax(logits / T) (layers/sampler.py; raw
   logits only when the server runs with SGLANG_RETURN_ORIGINAL_LOGPROB=1, which must not be set for
-  kd), the opposite of vLLM's default; they are not renormalised to the top-p nucleus. So at top_p < 1
-  kd asks for `return_sampling_mask` with `sampling_logprobs_mode: "selected"` and records
-  meta_info["output_token_sampling_logprobs"], the sampled token's logprob in the distribution it
-  was drawn from (tokenizer_manager.py; sampling/sampling_mask.py): the behaviour logprob.
+  kd), the opposite of vLLM's default: at top_p = 1 that is the behaviour logprob at any T. They are
+  not renormalised to a top-p nucleus, and SGLang gives the nucleus' own logprob only with sampling
+  masks, which need a top_k bound (managers/scheduler.py, --sampling-mask-max-tokens): the config
+  refuses SGLang sampling at top_p < 1 rather than sample from another distribution than asked.
+- `sampling_seed` is honoured only by a server started with --enable-deterministic-inference
+  (sampling/sampling_batch_info.py); kd reads /server_info before sampling and refuses one without.
+- Input ids >= the model config's vocab_size - 1 come back as 0 in input_token_logprobs
+  (logprob_result_processor.py: "Clip padded hash values"); kd accepts 0 there.
 - Each sample is its own request with its own `sampling_seed` (one per (prompt, sample index), as
   every kd engine), rather than `n` samples of one request, whose draws would depend on n.
 - LoRA: POST /load_lora_adapter {lora_name, lora_path} (LoadLoRAAdapterReqInput), POST
   /unload_lora_adapter {lora_name}; a new adapter directory is loaded under a new name and the
-  previous one unloaded, so a stale adapter cannot be sampled. A student server is started with
-  --enable-lora --max-lora-rank R --lora-target-modules all (sglang/srt/arg_groups/fields/lora.py).
+  previous one unloaded (best effort: the server may have evicted it), and kd never reuses a name.
+  A student server is started with --enable-lora --max-lora-rank R --lora-target-modules all
+  (sglang/srt/arg_groups/fields/lora.py) and --enable-deterministic-inference.
 """
 
 from __future__ import annotations
@@ -49,13 +54,16 @@ from kd.stages.config import EngineConfig
 from kd.stages.engines.base import Completion, SamplingParams, Scores
 from kd.stages.engines.http import ServerClient
 from kd.stages.errors import KdError
+from kd.stages.progress import console
 
 SGLANG_VERSION = "0.5.23"  # the version whose sources the facts above were read in (and the tests check)
 
 
 def build(engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int], **_) -> "SGLangServerEngine":
     """The registry's entry (kd.stages.engines.REGISTRY); the config makes sure engine.server is set."""
-    return SGLangServerEngine(engine, stop_token_ids)
+    from transformers import AutoConfig
+
+    return SGLangServerEngine(engine, stop_token_ids, getattr(AutoConfig.from_pretrained(model_path), "vocab_size", None))
 
 
 def sample_request(prompt: Sequence[int], seed: int, params: SamplingParams, stop_token_ids: Sequence[int],
@@ -70,8 +78,6 @@ def sample_request(prompt: Sequence[int], seed: int, params: SamplingParams, sto
         },
         "return_logprob": True,
     }
-    if params.top_p < 1 and not params.greedy:  # output logprobs are tempered, not nucleus-renormalised
-        body.update(return_sampling_mask=True, sampling_logprobs_mode="selected")
     if adapter_name is not None:
         body["lora_path"] = adapter_name
     return body
@@ -93,30 +99,33 @@ def score_request(sequence: Sequence[int], prompt_length: int, top_k: int) -> di
 def completion_from(answer: dict, params: SamplingParams) -> Completion:
     """A sampled completion from a /generate answer (see the module docstring for its shape)."""
     meta = answer["meta_info"]
+    reason = meta["finish_reason"]["type"]
+    if reason == "abort":
+        raise KdError(f"SGLang server aborted a sample: {str(meta['finish_reason'].get('message'))[:200]}")
     entries = meta["output_token_logprobs"]
     ids = [int(entry[1]) for entry in entries]
     if "output_ids" in answer and [int(t) for t in answer["output_ids"]] != ids:
         raise ValueError("output_ids and output_token_logprobs name different tokens")
-    if params.top_p < 1 and not params.greedy:
-        logprobs = [float(x) for x in meta["output_token_sampling_logprobs"]]
-    else:
-        logprobs = [float(entry[0]) for entry in entries]
-    if len(logprobs) != len(ids):
-        raise ValueError(f"{len(logprobs)} logprobs for {len(ids)} tokens")
-    reason = meta["finish_reason"]["type"]
     if reason not in ("stop", "length"):
         raise ValueError(f"finish_reason {meta['finish_reason']}")
-    return Completion(ids, logprobs, reason)
+    if reason == "length" and len(ids) < params.max_new_tokens:
+        raise KdError(f"SGLang server stopped a completion at {len(ids)} of max_new_tokens = {params.max_new_tokens} "
+                      "tokens (its context length); raise its --context-length or lower generate.max_new_tokens")
+    return Completion(ids, [float(entry[0]) for entry in entries], reason)
 
 
-def scores_from(answer: dict, sequence: Sequence[int], prompt_length: int, top_k: int) -> Scores:
-    """The completion's scores from a /generate answer to `score_request`."""
+def scores_from(answer: dict, sequence: Sequence[int], prompt_length: int, top_k: int,
+                vocab_size: int | None = None) -> Scores:
+    """The completion's scores from a /generate answer to `score_request`. `vocab_size`: the model
+    config's, above which SGLang reports input ids as 0 (see the module docstring)."""
     meta = answer["meta_info"]
     entries = meta["input_token_logprobs"]
     completion = [int(t) for t in sequence[prompt_length:]]
     if len(entries) != len(completion) + 1 or entries[0][0] is not None:
         raise ValueError(f"{len(entries)} input logprobs (the first None) for {len(completion)} completion tokens")
-    if [int(entry[1]) for entry in entries[1:]] != completion:
+    reported = [int(entry[1]) for entry in entries[1:]]
+    clipped = vocab_size - 1 if vocab_size else None
+    if any(r != t and not (r == 0 and clipped is not None and t >= clipped) for r, t in zip(reported, completion)):
         raise ValueError("input_token_logprobs name other tokens than the sequence's")
     logprobs = np.array([float(entry[0]) for entry in entries[1:]], np.float32)
     if not top_k:
@@ -137,17 +146,22 @@ class SGLangServerEngine(ServerClient):
     server_name = "SGLang server"
     start_hint = "`python -m sglang.launch_server`"
 
-    def __init__(self, engine: EngineConfig, stop_token_ids: Sequence[int]):
+    def __init__(self, engine: EngineConfig, stop_token_ids: Sequence[int], vocab_size: int | None = None):
         super().__init__(engine)
         self.stop_token_ids = list(stop_token_ids)
+        self.vocab_size = vocab_size
         self.model = self._get("/model_info").get("model_path")
         self._adapter: tuple[Path, str] | None = None  # the adapter loaded now, and its name
+        self._seeded = False  # /server_info said that sampling_seed is honoured
 
     def close(self) -> None:
-        """Unload kd's adapter; the server itself outlives kd."""
+        """Unload kd's adapter, best effort (the server outlives kd and may have evicted it already)."""
         if self._adapter is not None:
-            self._post("/unload_lora_adapter", {"lora_name": self._adapter[1]})
-            self._adapter = None
+            name, self._adapter = self._adapter[1], None
+            try:
+                self._request("POST", "/unload_lora_adapter", {"lora_name": name}, retries=0)
+            except KdError as err:
+                console.print(f"[yellow]warning: could not unload adapter {name}: {err}")
 
     def _adapter_name(self, adapter: Path | None) -> str | None:
         if adapter is None:
@@ -160,7 +174,17 @@ class SGLangServerEngine(ServerClient):
             self._adapter = (adapter, name)
         return self._adapter[1]
 
+    def _require_seeded_sampling(self) -> None:
+        if not self._seeded:
+            if not self._get("/server_info").get("enable_deterministic_inference"):
+                raise KdError(
+                    f"{self.server_name} {self.url}: started without --enable-deterministic-inference, so it ignores "
+                    "sampling_seed and kd's samples would not be reproducible; restart it with that flag"
+                )
+            self._seeded = True
+
     def sample(self, prompts, seeds, params: SamplingParams, adapter: Path | None, progress=None) -> list[Completion]:
+        self._require_seeded_sampling()
         name = self._adapter_name(adapter)
 
         def one(item) -> Completion:
@@ -178,7 +202,7 @@ class SGLangServerEngine(ServerClient):
             sequence, start = item
             answer = self._post("/generate", score_request(sequence, start, top_k))
             try:
-                return scores_from(answer, sequence, start, top_k)
+                return scores_from(answer, sequence, start, top_k, self.vocab_size)
             except (KeyError, IndexError, TypeError, ValueError) as err:
                 raise KdError(f"{self.server_name} {self.url}: malformed /generate answer to a scoring ({err})") from None
 

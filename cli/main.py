@@ -50,8 +50,9 @@ def resolve_config(config: Optional[Path], overrides: Optional[List[str]], run_i
     if run_id:
         overrides.append(f"run_id={run_id}")
     if config is None:
-        probe = config_lib.load(None, overrides)
-        saved = probe.run_dir / "config.yaml"
+        # Only where the run lives locates its config.yaml; the other overrides apply to that config.
+        location = [o for o in overrides if o.split("=", 1)[0].strip() in ("run_id", "runs_dir")]
+        saved = config_lib.load(None, location).run_dir / "config.yaml"
         if saved.is_file():
             return config_lib.load(saved, overrides)
     return config_lib.load(config, overrides)

@@ -364,6 +364,8 @@ class RealConfig:
 
 # Fields that say where a run lives, how long it is, or where it runs, never what it computes.
 NOT_RESULTS = ("epochs", "run_id", "runs_dir", "slurm")
+# Engine fields that say how to reach a server, never what it computes: a run may move to another.
+ENGINE_CONNECTION = ("server", "request_timeout", "max_retries", "concurrency")
 
 
 @dataclass
@@ -421,11 +423,15 @@ class Config:
     def fingerprint(self) -> str:
         """Hash of everything that changes results. Left out (NOT_RESULTS): `epochs`, so a run can be
         extended (not under a decaying learning rate once trained: kd.stages.rundir.schedule_moved);
-        where the run lives (`run_id`, `runs_dir`), so a copied or moved run is the same run; and the
-        Slurm resources it is submitted with."""
+        where the run lives (`run_id`, `runs_dir`), so a copied or moved run is the same run; the
+        Slurm resources it is submitted with; and how the engines reach their servers (the address,
+        timeouts, retries, requests in flight: ENGINE_CONNECTION)."""
         data = self.to_dict()
         for name in NOT_RESULTS:
             data.pop(name)
+        for section in ("generate", "score"):
+            for name in ENGINE_CONNECTION:
+                data[section]["engine"].pop(name)
         return stable_hash(data)
 
 
@@ -481,7 +487,13 @@ def build(cls: type, data: Any, where: str):
             hint = f"; did you mean {where}{close[0]}?" if close else f"; known fields: {', '.join(names)}"
             raise KdError(f"config field {name}: unknown{hint}")
         kwargs[key] = convert(hints[key], value, name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except KdError as err:
+        # An engine section appears under generate and score: its checks name fields from "engine.".
+        if cls is EngineConfig and str(err).startswith("config field engine."):
+            raise KdError(str(err).replace("config field engine.", f"config field {where}", 1)) from None
+        raise
 
 
 def convert(hint: Any, value: Any, name: str) -> Any:

@@ -52,7 +52,8 @@ def test_overrides_are_typed():
         ("train.topk_reverse_kl=1", "need the teacher's top-k: set score.top_k"),
         ("train.topk_jsd=0.5", "config field train.topk_jsd: the topk_jsd term reads scored top-k columns"),
         ("task=exact-match", "config field task: 'exact-match' is not one of last-integer"),
-        ("score.engine.kind=sglang", "engine.kind sglang runs against a server only: set engine.server"),
+        ("score.engine.kind=sglang", "config field score.engine.server: engine.kind sglang runs against a server only"),
+        ("generate.engine.max_batch_tokens=0", "config field generate.engine.max_batch_tokens: must be > 0"),
         ("train.jsd_beta=1", "train.jsd_beta: must be in (0, 1)"),
         ("score.top_k=-1", "score.top_k: must be >= 0"),
     ],
@@ -67,6 +68,14 @@ def test_fingerprint_ignores_epochs_only():
     base = config_lib.load()
     assert config_lib.load(None, ["epochs=3"]).fingerprint() == base.fingerprint()
     assert config_lib.load(None, ["seed=3"]).fingerprint() != base.fingerprint()
+
+
+def test_fingerprint_ignores_how_a_server_is_reached_not_which_engine():
+    served = ["score.engine.kind=vllm", "score.engine.server=http://10.0.0.1:8000"]
+    moved = ["score.engine.kind=vllm", "score.engine.server=http://10.0.0.2:9000", "score.engine.max_retries=9",
+             "score.engine.request_timeout=600", "score.engine.concurrency=64"]
+    assert config_lib.load(None, served).fingerprint() == config_lib.load(None, moved).fingerprint()
+    assert config_lib.load(None, served).fingerprint() != config_lib.load(None, []).fingerprint()
 
 
 def test_the_registries_are_what_the_config_accepts():

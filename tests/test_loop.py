@@ -89,6 +89,18 @@ def test_epochs_of_a_run_with_a_decaying_schedule_are_fixed_once_it_trained(conf
     assert kd("export-lora", "--run", "t", "--epoch", "0", cwd=tmp_path).returncode == 0
 
 
+def test_a_run_can_move_to_another_server_of_its_engine(config_file, tmp_path):
+    config = config_file(**{"score.engine.kind": "vllm", "score.engine.server": "http://127.0.0.1:9"})
+    assert kd("generate", "--config", str(config), "--epoch", "0").returncode == 0
+    # --set is applied to the run's own config (vllm), not to the default one (hf, which has no server mode)
+    moved = kd("generate", "--run", "t", "--epoch", "0", "--set", "score.engine.server=http://127.0.0.1:10", cwd=tmp_path)
+    assert moved.returncode == 0, moved.stderr
+    assert "http://127.0.0.1:10" in (tmp_path / "runs" / "t" / "config.yaml").read_text()
+    other_engine = kd("generate", "--run", "t", "--epoch", "0", "--set", "score.engine.kind=hf",
+                      "--set", "score.engine.server=\"\"", cwd=tmp_path)
+    assert other_engine.returncode == 2 and "score.engine.kind" in other_engine.stderr  # the engine is part of the results
+
+
 def test_score_top_k_option_starts_a_top_k_run(config_file, tmp_path):
     config = config_file(epochs=1, **{"eval.every": 5, "eval.num_prompts": 4})
     assert kd("generate", "--config", str(config), "--run", "k", "--epoch", "0", "--set", "score.top_k=4").returncode == 0

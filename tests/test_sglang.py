@@ -356,6 +356,8 @@ def test_a_server_that_is_down_refuses_or_answers_nonsense_fails_in_one_line(sta
     server.malformed = False
     with pytest.raises(KdError, match="HTTP 400: .*input_ids is required"):
         engine._post("/generate", {"text": "re-tokenised text is what kd never sends"})
+    with pytest.raises(KdError, match="HTTP 404, no such endpoint; is this a SGLang server"):
+        engine._get("/v1/models")  # a vLLM server's endpoint: the wrong engine.kind for this server
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sglang") is None or not torch.cuda.is_available(),

@@ -47,6 +47,9 @@ class ServerClient:
                 return json.loads(payload) if expect_json else payload.decode(errors="replace")
             except urllib.error.HTTPError as err:
                 detail = " ".join(err.read().decode(errors="replace").split())[:300]
+                if err.code == 404:  # no such endpoint: another kind of server (or none) answers there
+                    raise KdError(f"{self.server_name} {self.url}{path}: HTTP 404, no such endpoint; is this a "
+                                  f"{self.server_name}? Check engine.kind and engine.server") from None
                 if err.code < 500:  # the request is wrong: retrying cannot help
                     raise KdError(f"{self.server_name} {self.url}{path}: HTTP {err.code}: {detail}") from None
                 last_error = f"HTTP {err.code}: {detail}"

@@ -52,23 +52,23 @@ def prepare(config: Config, overwrite: bool = False) -> Path:
     saved = run_dir / "config.yaml"
     if saved.is_file():
         existing = config_lib.build(Config, yaml.safe_load(saved.read_text()), where="")
-        if existing.fingerprint() != config.fingerprint():
-            if not overwrite:
+        same = existing.fingerprint() == config.fingerprint()
+        if not same or schedule_moved(existing, config):
+            if overwrite:
+                shutil.rmtree(run_dir)
+            elif not same:
                 changed = differing_fields(existing.to_dict(), config.to_dict())
                 raise KdError(
                     f"{run_dir}: this run was made with another config (differs in {', '.join(changed[:5])}); "
                     "use another run_id, or `kd loop --overwrite` to delete the run and start again"
                 )
-            shutil.rmtree(run_dir)
-        elif schedule_moved(existing, config) and not overwrite:
-            raise KdError(
-                f"{run_dir}: epochs {existing.epochs} -> {config.epochs}, but train.lr_scheduler "
-                f"{config.train.lr_scheduler} decays over the whole run's optimiser steps, so the steps already "
-                f"taken followed another schedule; keep epochs {existing.epochs}, use another run_id, or "
-                "`kd loop --overwrite` to start again (a constant schedule can grow)"
-            )
-        elif schedule_moved(existing, config):
-            shutil.rmtree(run_dir)
+            else:
+                raise KdError(
+                    f"{run_dir}: epochs {existing.epochs} -> {config.epochs}, but train.lr_scheduler "
+                    f"{config.train.lr_scheduler} decays over the whole run's optimiser steps, so the steps already "
+                    f"taken followed another schedule; keep epochs {existing.epochs}, use another run_id, or "
+                    "`kd loop --overwrite` to start again (a constant schedule can grow)"
+                )
     run_dir.mkdir(parents=True, exist_ok=True)
     text = config_lib.to_yaml(config)
     if not saved.is_file() or saved.read_text() != text:  # new run, or a longer one (epochs grew)

@@ -69,11 +69,20 @@ class ServerClient:
     def _post(self, path: str, body: dict) -> dict:
         return self._request("POST", path, body)
 
-    def _parallel(self, fn: Callable, items: list, progress: Callable[[int], None] | None = None) -> list:
-        """fn over items with engine.concurrency requests in flight, results in order."""
+    def _post_each(self, path: str, items: list, body: Callable, parse: Callable, what: str,
+                   progress: Callable[[int], None] | None = None) -> list:
+        """POST body(item) to `path` for every item, engine.concurrency at a time, and parse(item, answer)
+        each answer, in order; an answer parse cannot read fails in one line naming `what` it was."""
+        def one(item):
+            answer = self._post(path, body(item))
+            try:
+                return parse(item, answer)
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                raise KdError(f"{self.server_name} {self.url}: malformed {what} ({err})") from None
+
         with ThreadPoolExecutor(self.engine.concurrency) as pool:
             results = []
-            for result in pool.map(fn, items):
+            for result in pool.map(one, items):
                 results.append(result)
                 if progress is not None:
                     progress(1)

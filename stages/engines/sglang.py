@@ -187,23 +187,15 @@ class SGLangServerEngine(ServerClient):
         self._require_seeded_sampling()
         name = self._adapter_name(adapter)
 
-        def one(item) -> Completion:
-            prompt, seed = item
-            answer = self._post("/generate", sample_request(prompt, seed, params, self.stop_token_ids, name))
-            try:
-                return completion_from(answer, params)
-            except (KeyError, IndexError, TypeError, ValueError) as err:
-                raise KdError(f"{self.server_name} {self.url}: malformed /generate answer to a sample ({err})") from None
-
-        return self._parallel(one, list(zip(prompts, seeds)), progress)
+        return self._post_each(
+            "/generate", list(zip(prompts, seeds)),
+            lambda item: sample_request(item[0], item[1], params, self.stop_token_ids, name),
+            lambda item, answer: completion_from(answer, params), "/generate answer to a sample", progress,
+        )
 
     def score(self, sequences, prompt_lengths, progress=None, top_k: int = 0) -> list[Scores]:
-        def one(item) -> Scores:
-            sequence, start = item
-            answer = self._post("/generate", score_request(sequence, start, top_k))
-            try:
-                return scores_from(answer, sequence, start, top_k, self.vocab_size)
-            except (KeyError, IndexError, TypeError, ValueError) as err:
-                raise KdError(f"{self.server_name} {self.url}: malformed /generate answer to a scoring ({err})") from None
-
-        return self._parallel(one, list(zip(sequences, prompt_lengths)), progress)
+        return self._post_each(
+            "/generate", list(zip(sequences, prompt_lengths)), lambda item: score_request(item[0], item[1], top_k),
+            lambda item, answer: scores_from(answer, item[0], item[1], top_k, self.vocab_size),
+            "/generate answer to a scoring", progress,
+        )

@@ -207,46 +207,43 @@ class VLLMServerEngine(ServerClient):
     def sample(self, prompts, seeds, params: SamplingParams, adapter: Path | None, progress=None) -> list[Completion]:
         model = self._model_for(adapter)
 
-        def one(item) -> Completion:
+        def body(item) -> dict:
             prompt, seed = item
-            answer = self._post("/v1/completions", {
+            return {
                 "model": model, "prompt": list(prompt), "max_tokens": params.max_new_tokens,
                 "temperature": 0.0 if params.greedy else params.temperature, "top_p": params.top_p,
                 "seed": seed % (2**63), "logprobs": 0, "return_token_ids": True,
                 "stop_token_ids": self.stop_token_ids, "skip_special_tokens": True,
-            })
-            try:
-                choice = answer["choices"][0]
-                ids, logprobs = choice["token_ids"], choice["logprobs"]["token_logprobs"]
-                if len(ids) != len(logprobs):
-                    raise ValueError("token ids and logprobs differ in length")
-                reason = "stop" if choice["finish_reason"] == "stop" else "length"
-                return Completion([int(i) for i in ids], [float(x) for x in logprobs], reason)
-            except (KeyError, IndexError, TypeError, ValueError) as err:
-                raise KdError(f"vLLM server {self.url}: malformed completion answer ({err})") from None
+            }
 
-        return self._parallel(one, list(zip(prompts, seeds)), progress)
+        def parse(item, answer) -> Completion:
+            choice = answer["choices"][0]
+            ids, logprobs = choice["token_ids"], choice["logprobs"]["token_logprobs"]
+            if len(ids) != len(logprobs):
+                raise ValueError("token ids and logprobs differ in length")
+            reason = "stop" if choice["finish_reason"] == "stop" else "length"
+            return Completion([int(i) for i in ids], [float(x) for x in logprobs], reason)
+
+        return self._post_each("/v1/completions", list(zip(prompts, seeds)), body, parse, "completion answer", progress)
 
     def score(self, sequences, prompt_lengths, progress=None, top_k: int = 0) -> list[Scores]:
-        def one(item) -> Scores:
-            sequence, start = item
-            answer = self._post("/v1/completions", {
-                "model": self.model, "prompt": list(sequence), "max_tokens": 1, "temperature": 1.0,
-                "prompt_logprobs": top_k,
-            })
-            try:
-                entries = answer["choices"][0]["prompt_logprobs"]
-                if len(entries) != len(sequence):
-                    raise ValueError(f"{len(entries)} prompt logprobs for {len(sequence)} tokens")
-                positions = [
-                    {int(token): (float(entry["logprob"]), int(entry["rank"])) for token, entry in entries[t].items()}
-                    for t in range(start, len(sequence))
-                ]
-                return scores_from(positions, sequence[start:], top_k)
-            except (KeyError, IndexError, TypeError, ValueError) as err:
-                raise KdError(f"vLLM server {self.url}: malformed prompt_logprobs answer ({err})") from None
+        def body(item) -> dict:
+            return {"model": self.model, "prompt": list(item[0]), "max_tokens": 1, "temperature": 1.0,
+                    "prompt_logprobs": top_k}
 
-        return self._parallel(one, list(zip(sequences, prompt_lengths)), progress)
+        def parse(item, answer) -> Scores:
+            sequence, start = item
+            entries = answer["choices"][0]["prompt_logprobs"]
+            if len(entries) != len(sequence):
+                raise ValueError(f"{len(entries)} prompt logprobs for {len(sequence)} tokens")
+            positions = [
+                {int(token): (float(entry["logprob"]), int(entry["rank"])) for token, entry in entries[t].items()}
+                for t in range(start, len(sequence))
+            ]
+            return scores_from(positions, sequence[start:], top_k)
+
+        return self._post_each("/v1/completions", list(zip(sequences, prompt_lengths)), body, parse,
+                               "prompt_logprobs answer", progress)
 
 
 def serve_command(model: str, port: int, dtype: str = "auto", lora_rank: int | None = None,

@@ -131,13 +131,16 @@ def score(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: 
           top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help=(
               "Also store the teacher's K most likely tokens per position, for train's top-k divergences "
               "(same as --set score.top_k=K; part of the run's config).")),
-          shard: Optional[int] = ShardOpt, num_shards: Optional[int] = NumShardsOpt):
-    """The teacher's logprob of every sampled token (and optionally its top-k) -> <epoch>/scored."""
+          shard: Optional[int] = ShardOpt, num_shards: Optional[int] = NumShardsOpt,
+          teacher: Optional[str] = typer.Option(None, "--teacher", help=(
+              "With several teachers (score.teachers): score only the rows routed to this one (default, or a name "
+              "of score.teachers), e.g. in its own Slurm array; the dataset is complete when every teacher's are."))):
+    """The teacher's logprob of every sampled token (and optionally its top-k), and the task reward -> <epoch>/scored."""
     from kd.stages import shards
 
     shard, num_shards = shards.from_env(shard, num_shards)
     overrides = [*(overrides or []), *([f"score.top_k={top_k}"] if top_k is not None else [])]
-    run_stage("score", epoch, config, overrides, run, shard=shard, num_shards=num_shards)
+    run_stage("score", epoch, config, overrides, run, shard=shard, num_shards=num_shards, teacher=teacher)
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -130,23 +131,76 @@ class GenerateConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """A teacher of score.teachers. The prompts whose score.route_by field names it are scored by it.
+
+    model: its model directory or hub id (its vocabulary must be the student's, as for `teacher`).
+    engine, chat_template_kwargs, replica: as score.engine, score.chat_template_kwargs, score.replica.
+    kl_weight: multiplies train.kl_coef in the advantage of the samples it scores.
+    """
+
+    model: str = ""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    replica: EngineConfig | None = None
+    kl_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "score.teachers.<name>.model", "set the teacher's model directory or hub id")
+        _check(self.kl_weight >= 0, "score.teachers.<name>.kl_weight", "must be >= 0")
+        _check_template_kwargs(self.chat_template_kwargs, "score.teachers.<name>.chat_template_kwargs")
+
+
+DEFAULT_TEACHER = "default"  # the name of `teacher` (with score.engine, ...) among the routed teachers
+
+
+@dataclass
 class ScoreConfig:
     """The teacher scores every completion token (one prefill per sequence).
 
+    engine: the runtime of `teacher`, the default teacher.
     top_k: also store the teacher's top_k most likely tokens and their logprobs at every completion
         position, for train's top-k divergences (0: off; the vocabulary size: the exact distribution).
     chat_template_kwargs: extra variables of the teacher's chat template. A `messages` prompt reaches
         the teacher rendered by the teacher's own template with these (e.g. {enable_thinking: false}
         for Qwen3-32B's non-thinking format), followed by the student's completion token ids.
+    replica: a second engine of the same teacher (typically another server: {kind: vllm, server:
+        http://...}) that the self-check compares with; empty: the self-check scores twice with `engine`.
+    kl_weight: multiplies train.kl_coef in the advantage of the samples the default teacher scores.
+    route_by: the prompt field that names each prompt's teacher, a key of `teachers` (e.g. domain);
+        a prompt without it (or with null) goes to the default teacher. Empty: one teacher.
+    teachers: more teachers by name (kd.stages.config.TeacherConfig), each with its own model,
+        engine, template variables and kl_weight. The scored data records which one scored each row;
+        `kd slurm` submits one score array per teacher.
+    self_check: sequences of every score call (each shard of each teacher) scored a second time, by
+        `replica` when set, else by `engine` in a separate request; 0: off. A mean per-token
+        difference |q_t - q'_t| above self_check_tolerance stops the stage with the numbers: a
+        teacher served in another dtype, quantisation or template is caught before its scores are
+        trained on (SkyRL issue #2256: replicas that disagreed by more than the signal).
     """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
     top_k: int = 0
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    replica: EngineConfig | None = None
+    kl_weight: float = 1.0
+    route_by: str = ""
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    self_check: int = 2
+    self_check_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 0, "score.top_k", "must be >= 0 (0: off)")
         _check_template_kwargs(self.chat_template_kwargs, "score.chat_template_kwargs")
+        _check(self.kl_weight >= 0, "score.kl_weight", "must be >= 0")
+        _check(self.self_check >= 0, "score.self_check", "must be >= 0 (0: off)")
+        _check(self.self_check_tolerance > 0, "score.self_check_tolerance", "must be > 0")
+        for name in self.teachers:
+            _check(re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None and name != DEFAULT_TEACHER, f"score.teachers.{name}",
+                   f"a teacher's name is letters, digits, - and _ (it names Slurm jobs), and not {DEFAULT_TEACHER!r}")
+        _check(bool(self.route_by) == bool(self.teachers), "score.route_by" if self.teachers else "score.teachers", (
+            "set score.route_by to the prompt field that names each prompt's teacher (e.g. domain)" if self.teachers
+            else f"score.route_by {self.route_by!r} needs teachers to route to: add score.teachers.<name> {{model: ...}}, or leave route_by empty"))
 
 
 @dataclass
@@ -164,8 +218,9 @@ class TrainConfig:
     passes: passes over each epoch's scored samples (optimiser steps per epoch =
         passes x ceil(samples / (batch_size x grad_accum))).
     max_grad_norm: gradient clipping (0: off).
-    kl_coef: advantage A_t = -kl_coef (s_t - q_t) (+ reward_coef x task reward, discounted by gamma):
-        the sampled-token policy-gradient term (0 with reward_coef 0: off).
+    kl_coef, reward_coef, gamma: advantage A_t = sum_{k>=t} gamma^(k-t) (-kl_coef w (p_k - q_k))
+        + reward_coef (R - mean over the prompt's samples of R), R the task reward (score's `reward`),
+        w the scoring teacher's kl_weight: the sampled-token policy-gradient term (kd.stages.loss).
     topk_reverse_kl, topk_forward_kl, topk_jsd: coefficients of the divergences over the teacher's
         top-k support plus a tail bucket (need score.top_k > 0); jsd_beta: the generalised JSD's
         mixture weight (TRL's convention). The terms and what each reads: kd.stages.objective;
@@ -377,9 +432,11 @@ class Config:
     epochs: on-policy epochs (generate, score, train, export-lora each); may grow on resume, unless
         train.lr_scheduler decays (linear, cosine) and a train stage has run (kd.stages.rundir).
     student, teacher: model directories or hub ids. Every token id the student can emit must be the same
-        token for the teacher; their chat templates may differ (each renders its own prompt).
-    task: the answer verifier (kd.stages.tasks.VERIFIERS) that decides `correct` for prompts with an
-        `answer`: accuracy, and the task reward of train.reward_coef.
+        token for the teacher; their chat templates may differ (each renders its own prompt). `teacher`
+        is the default one; score.teachers adds more, routed by a prompt field (score.route_by).
+    task: the verifier (kd.stages.tasks.VERIFIERS: last-integer, math, humaneval) that rewards the
+        completions of prompts with an `answer`: the scored `reward` column (the task reward of
+        train.reward_coef) and eval's accuracy (pass@1 of greedy decoding).
     toy: how to build the embedded toy world (`kd toy`) into toy_dir; absent in other configs.
     real: how to build the real world (`kd real`: SmolLM2-135M-Instruct and a pruned student,
         HumanEval prompts) into real_dir; absent in other configs.
@@ -417,6 +474,14 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.run_id
 
+    @property
+    def teachers(self) -> dict[str, TeacherConfig]:
+        """Every teacher by name, the default one (`teacher`, score.engine, ...) first, then score.teachers
+        in their order: the order of the scored dataset's shards (kd.stages.score)."""
+        score = self.score
+        default = TeacherConfig(self.teacher, score.engine, score.chat_template_kwargs, score.replica, score.kl_weight)
+        return {DEFAULT_TEACHER: default, **score.teachers}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -429,9 +494,12 @@ class Config:
         data = self.to_dict()
         for name in NOT_RESULTS:
             data.pop(name)
-        for section in ("generate", "score"):
+        engines = [data["generate"]["engine"], data["score"]["engine"], data["score"]["replica"]]
+        for teacher in data["score"]["teachers"].values():
+            engines += [teacher["engine"], teacher["replica"]]
+        for engine in filter(None, engines):
             for name in ENGINE_CONNECTION:
-                data[section]["engine"].pop(name)
+                engine.pop(name)
         return stable_hash(data)
 
 
@@ -473,6 +541,10 @@ def apply_override(data: dict, override: str) -> None:
                       "quote it, e.g. --set 'score.chat_template_kwargs={enable_thinking: false}'") from None
 
 
+# Sections that appear in several places, and the field prefix their own checks name.
+GENERIC_PREFIX = {EngineConfig: "engine.", TeacherConfig: "score.teachers.<name>."}
+
+
 def build(cls: type, data: Any, where: str):
     """Construct dataclass `cls` from plain data, checking every key and type."""
     if not isinstance(data, dict):
@@ -490,9 +562,10 @@ def build(cls: type, data: Any, where: str):
     try:
         return cls(**kwargs)
     except KdError as err:
-        # An engine section appears under generate and score: its checks name fields from "engine.".
-        if cls is EngineConfig and str(err).startswith("config field engine."):
-            raise KdError(str(err).replace("config field engine.", f"config field {where}", 1)) from None
+        # An engine or teacher section appears in several places: its checks name fields from a generic prefix.
+        generic = f"config field {GENERIC_PREFIX.get(cls, '')}"
+        if cls in GENERIC_PREFIX and str(err).startswith(generic):
+            raise KdError(str(err).replace(generic, f"config field {where}", 1)) from None
         raise
 
 

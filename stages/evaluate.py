@@ -1,11 +1,13 @@
-"""eval: the policy of an epoch on held-out prompts: reverse KL to the teacher and task accuracy.
+"""eval: the policy of an epoch on held-out prompts: reverse KL to the teacher and task accuracy (pass@1).
 
     kd eval --run toy --epoch 10
 
 Evaluates the policy that samples at `epoch` (the adapter exported at epoch-1; the base student
 at epoch 0), so epoch 0 is the baseline and epoch E (after the last training epoch) the result.
-Reverse KL: one sample per prompt at T = 1, scored by the teacher, mean over tokens of
-s_t - q_t. Accuracy: greedy decoding of the prompts that have an `answer`, checked against it.
+Reverse KL: one sample per prompt at T = 1, scored by the prompt's teacher, mean over tokens of
+s_t - q_t. Accuracy: the task verifier's (config `task`) mean reward of the greedy completions of
+the prompts that have an `answer`: pass@1 for code (HumanEval) and math; `sampled_accuracy` is the
+same for the T = 1 samples.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from kd.stages.config import Config
 from kd.stages.engines import SamplingParams
 from kd.stages.generate import sample_rows
 from kd.stages.schemas import EVAL, ROLLOUTS
-from kd.stages.score import kl_stats, teacher_scores, with_teacher
+from kd.stages.score import accuracy, kl_stats, teacher_scores, with_teacher
 from kd.stages.session import Session, using
 
 
@@ -47,13 +49,14 @@ def evaluate(session: Session, adapter: Path | None, epoch: int) -> tuple[pa.Tab
     teacher_prompts, scores = teacher_scores(session, table, f"eval epoch {epoch}: score")
     logprobs = [s.logprobs for s in scores]
     decoding = pa.array(["sample"] * len(sampled) + ["greedy"] * len(greedy))
-    table = with_teacher(table, teacher_prompts, logprobs).append_column("decoding", decoding)
+    table = with_teacher(table, teacher_prompts, logprobs, session.config.task).append_column("decoding", decoding)
     kl = kl_stats([r["sampler_logprobs"] for r in sampled], logprobs[: len(sampled)])
-    checked = [r["correct"] for r in greedy if r["correct"] is not None]
+    rewards = table.column("reward").to_pylist()
     stats = {
         "heldout_reverse_kl": kl["teacher_kl"],
         "heldout_reverse_kl_per_sequence": kl["teacher_kl_per_sequence"],
-        "accuracy": sum(checked) / len(checked) if checked else None,
+        "accuracy": accuracy(rewards[len(sampled):]),
+        "sampled_accuracy": accuracy(rewards[: len(sampled)]),
         "prompts": len(heldout),
     }
     return table, stats

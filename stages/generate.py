@@ -20,7 +20,6 @@ from kd.stages.engines import SamplingParams, sample_seed
 from kd.stages.progress import bar
 from kd.stages.schemas import ROLLOUTS
 from kd.stages.session import Session, using
-from kd.stages.tasks import VERIFIERS
 
 
 def sample_rows(
@@ -41,7 +40,6 @@ def sample_rows(
     with bar(description, len(wanted), session.progress) as advance:
         completions = engine.sample([p.token_ids for p, _ in wanted], seeds, params, adapter, progress=advance)
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-    verify = VERIFIERS[config.task]
     return [
         {
             "prompt_id": p.id,
@@ -54,7 +52,7 @@ def sample_rows(
             "completion_text": text,
             "policy_version": policy_version,
             "answer": p.answer,
-            "correct": None if p.answer is None else verify(text, p.answer),
+            "teacher": p.teacher,
         }
         for (p, j), c, text in zip(wanted, completions, texts)
     ]
@@ -63,13 +61,11 @@ def sample_rows(
 def rollout_stats(table: pa.Table, wall_seconds: float) -> dict:
     completions = table.column("completion_token_ids").to_pylist()
     tokens = sum(map(len, completions))
-    checked = [c for c in table.column("correct").to_pylist() if c is not None]
     return {
         "completion_tokens": tokens,
         "tokens_per_second": tokens / max(wall_seconds, 1e-9),
         "mean_sampler_logprob": sum(map(sum, table.column("sampler_logprobs").to_pylist())) / max(tokens, 1),
         "truncated_fraction": sum(r == "length" for r in table.column("finish_reason").to_pylist()) / max(len(table), 1),
-        "accuracy": sum(checked) / len(checked) if checked else None,
     }
 
 
@@ -91,7 +87,8 @@ def run(config: Config, epoch: int, session: Session | None = None, shard: int =
                                f"generate epoch {epoch}{where}")
             return pa.Table.from_pylist(rows, schema=ROLLOUTS.schema)
 
-    stage_config = {"seed": config.seed, "student": config.student, "generate": config.to_dict()["generate"]}
+    stage_config = {"seed": config.seed, "student": config.student, "generate": config.to_dict()["generate"],
+                    "route_by": config.score.route_by, "teachers": list(config.teachers)}
     manifest = shards.write(out, ROLLOUTS, shard, num_shards, stage_config, [adapter] if adapter else [], produce, rollout_stats)
     if manifest is not None:
         rundir.log_metrics(config, {"epoch": epoch, "stage": "generate", "wall_seconds": manifest["wall_seconds"],

@@ -5,9 +5,15 @@ Per completion token t of a sample y drawn by the sampler mu from the policy pi_
     s_t   = log mu(y_t | x, y_<t)              behaviour logprob, recorded by generate
     p_t   = log pi_e(y_t | x, y_<t)            the policy's own logprob (= s_t at T = 1, top_p = 1)
     q_t   = log p_teacher(y_t | x, y_<t)       teacher logprob, recorded by score
-    a_t   = -kl_coef (p_t - q_t)               negative per-token reverse KL estimate
-            (+ reward_coef * R on the last token, R = 1 if the answer is right else 0)
-    A_t   = sum_{k >= t} gamma^(k-t) a_k        gamma = 0 (default): A_t = a_t
+    a_t   = -kl_coef w (p_t - q_t)             negative per-token reverse KL estimate (w: the kl_weight of
+                                               the teacher that scored y, score.teachers; 1 by default)
+    R     = the task verifier's reward of y    (score's `reward` column, kd.stages.tasks; in [0, 1])
+    A_t   = sum_{k >= t} gamma^(k-t) a_k + reward_coef (R - mean_G R)
+            gamma = 0 (default): the KL part is a_t. The task reward enters group-centred, as in GRPO
+            (Shao et al. 2024, arXiv:2402.03300; without its division by the group's std, as Dr. GRPO,
+            Liu et al. 2025, arXiv:2503.20783): mean_G is over the G samples of y's prompt in the epoch,
+            and every token of y gets the same reward advantage. A prompt without an answer, or whose
+            G samples all score alike (or G = 1), contributes no reward signal.
 A_t is data: no gradient flows through it.
 
 Loss over the tokens of an optimiser step (prompt and padding masked out):
@@ -79,24 +85,32 @@ from kd.stages.models import HEAD_CHUNK_VALUES
 
 
 def advantages(
-    sampler_logprobs: np.ndarray,
+    policy_logprobs: np.ndarray,
     teacher_logprobs: np.ndarray,
     kl_coef: float,
     gamma: float = 0.0,
-    reward: float | None = None,
-    reward_coef: float = 0.0,
+    reward_advantage: float = 0.0,
 ) -> np.ndarray:
-    """A_t for one sample (float32, one value per completion token)."""
-    per_token = -kl_coef * (np.asarray(sampler_logprobs, np.float64) - np.asarray(teacher_logprobs, np.float64))
-    if reward is not None and reward_coef and len(per_token):
-        per_token[-1] += reward_coef * reward
-    if gamma == 0.0:
-        return per_token.astype(np.float32)
-    discounted, running = np.empty_like(per_token), 0.0
-    for t in range(len(per_token) - 1, -1, -1):
-        running = per_token[t] + gamma * running
-        discounted[t] = running
-    return discounted.astype(np.float32)
+    """A_t for one sample (float32, one value per completion token): the discounted negative reverse
+    KL estimate plus the sample's `reward_advantage`, reward_coef (R - mean_G R) (`group_centred`)."""
+    per_token = -kl_coef * (np.asarray(policy_logprobs, np.float64) - np.asarray(teacher_logprobs, np.float64))
+    if gamma != 0.0:
+        running = 0.0
+        for t in range(len(per_token) - 1, -1, -1):
+            running = per_token[t] + gamma * running
+            per_token[t] = running
+    return (per_token + reward_advantage).astype(np.float32)
+
+
+def group_centred(rewards: list[float | None], groups: list[str], reward_coef: float) -> list[float]:
+    """reward_coef (R_i - mean of R over the samples of i's group), per sample: `groups` are the
+    samples' prompt ids; a sample without a reward (None: no answer) gets 0 and is not in the mean."""
+    sums: dict[str, list[float]] = {}
+    for reward, group in zip(rewards, groups):
+        if reward is not None:
+            sums.setdefault(group, []).append(reward)
+    return [0.0 if reward is None else reward_coef * (reward - float(np.mean(sums[group])))
+            for reward, group in zip(rewards, groups)]
 
 
 def completion_logprobs(hidden_N_H: torch.Tensor, head, targets_N_K: torch.Tensor,

@@ -1,10 +1,10 @@
 """The objective: named loss terms, each declaring the scored columns it reads, composed in one place.
 
-    term              weight (train.*)        reads (scored columns)                        math
-    policy_gradient   kl_coef, reward_coef    sampler_logprobs, teacher_logprobs, correct   loss.policy_loss
-    topk_reverse_kl   topk_reverse_kl         teacher_top_ids, teacher_top_logprobs         loss.topk_divergence
-    topk_forward_kl   topk_forward_kl         teacher_top_ids, teacher_top_logprobs         loss.topk_divergence
-    topk_jsd          topk_jsd (jsd_beta)     teacher_top_ids, teacher_top_logprobs         loss.topk_divergence
+    term              weight (train.*)        reads (scored columns)                                 math
+    policy_gradient   kl_coef, reward_coef    sampler_logprobs, teacher_logprobs, reward, teacher    loss.policy_loss
+    topk_reverse_kl   topk_reverse_kl         teacher_top_ids, teacher_top_logprobs                  loss.topk_divergence
+    topk_forward_kl   topk_forward_kl         teacher_top_ids, teacher_top_logprobs                  loss.topk_divergence
+    topk_jsd          topk_jsd (jsd_beta)     teacher_top_ids, teacher_top_logprobs                  loss.topk_divergence
 
 The policy-gradient term always runs: its importance ratios are the step's health metrics and
 train.max_ratio's abort, and with kl_coef = reward_coef = 0 its advantages, so its loss, are 0.
@@ -61,7 +61,7 @@ def topk_term(kind: str) -> Callable[["torch.Tensor", dict, "TrainConfig"], "tor
     return summed
 
 
-POLICY_GRADIENT = Term("policy_gradient", "kl_coef", ("sampler_logprobs", "teacher_logprobs", "correct"))
+POLICY_GRADIENT = Term("policy_gradient", "kl_coef", ("sampler_logprobs", "teacher_logprobs", "reward", "teacher"))
 TERMS = (
     POLICY_GRADIENT,
     Term("topk_reverse_kl", "topk_reverse_kl", TOP_K_COLUMNS, topk_term("reverse_kl")),

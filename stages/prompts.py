@@ -1,12 +1,15 @@
-"""Prompt files: rows with a `prompt` string or a chat `messages` list, an optional `id` and `answer`.
+"""Prompt files: rows with a `prompt` string or a chat `messages` list, an optional `id` and `answer`,
+and with several teachers the field score.route_by that names the row's teacher.
 
 `messages` go through each model's own chat template with the generation prompt appended: the
 student's here (with generate.chat_template_kwargs), the teacher's in `score` (with
 score.chat_template_kwargs), so each model sees the conversation in the format it was trained on
 (the fault of scoring a teacher on the student's format: tinker-cookbook issue #796). The last
 message must not be the assistant's: the model answers a turn, it does not continue one. A `prompt`
-string is used verbatim (completion-style): both models get the same token ids. Every bad row is a
-one-line error naming the file, the row and the field.
+string is used verbatim (completion-style): both models get the same token ids. An `answer` is a
+string, a number or a mapping (kept as JSON: e.g. a HumanEval problem's {prompt, test, entry_point},
+kd.stages.tasks.code); the task's verifier reads it. Every bad row is a one-line error naming the
+file, the row and the field.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from kd.stages.config import DEFAULT_TEACHER
 from kd.stages.datasets_io import read_prompt_rows
 from kd.stages.errors import KdError
 
@@ -26,8 +30,9 @@ from kd.stages.errors import KdError
 class Prompt:
     id: str
     token_ids: list[int]
-    answer: str | None
+    answer: str | None  # a mapping as JSON
     messages: str | None = None  # the chat as JSON (each model renders it with its own template); None: a plain prompt
+    teacher: str = DEFAULT_TEACHER  # the teacher that scores its samples (config score.route_by)
 
 
 def render(messages: list[dict], tokenizer, template_kwargs: dict[str, Any]) -> list[int]:
@@ -38,8 +43,11 @@ def render(messages: list[dict], tokenizer, template_kwargs: dict[str, Any]) -> 
 
 
 def load(path: str | Path, tokenizer, max_prompt_tokens: int, template_kwargs: dict[str, Any] | None = None,
-         limit: str = "the model's context leaves after max_new_tokens; shorten it or lower max_new_tokens") -> list[Prompt]:
-    """Every row of a prompt file, tokenized; `limit` says where `max_prompt_tokens` comes from."""
+         limit: str = "the model's context leaves after max_new_tokens; shorten it or lower max_new_tokens",
+         route_by: str = "", teachers: tuple[str, ...] = ()) -> list[Prompt]:
+    """Every row of a prompt file, tokenized; `limit` says where `max_prompt_tokens` comes from. With
+    `route_by`, each row's field of that name picks its teacher among `teachers` (absent or null:
+    the default teacher)."""
     rows = read_prompt_rows(path)
     if not rows:
         raise KdError(f"{path}: no prompts in the file; add rows with a `prompt` or `messages` field")
@@ -56,9 +64,15 @@ def load(path: str | Path, tokenizer, max_prompt_tokens: int, template_kwargs: d
             raise KdError(f"{where}: field id: {prompt_id!r} appears twice; ids must be unique")
         seen.add(prompt_id)
         answer = row.get("answer")
-        if answer is not None and not isinstance(answer, (str, int, float)):
-            raise KdError(f"{where}: field answer: expected a string or number, got {type(answer).__name__}")
-        prompts.append(Prompt(prompt_id, ids, None if answer is None else str(answer), messages))
+        if answer is not None and not isinstance(answer, (str, int, float, dict)):
+            raise KdError(f"{where}: field answer: expected a string, number or mapping, got {type(answer).__name__}")
+        if isinstance(answer, dict):
+            answer = json.dumps(answer, ensure_ascii=False)
+        teacher = row.get(route_by) if route_by else None
+        if teacher is not None and teacher not in teachers:
+            raise KdError(f"{where}: field {route_by}: {teacher!r} names no teacher; score.teachers has "
+                          f"{', '.join(t for t in teachers if t != DEFAULT_TEACHER)} (drop the field for the default teacher)")
+        prompts.append(Prompt(prompt_id, ids, None if answer is None else str(answer), messages, teacher or DEFAULT_TEACHER))
     return prompts
 
 

@@ -93,7 +93,7 @@ def run(run_dir: Path) -> Path:
         ])
         line_plot(staging / "accuracy.png", "task accuracy", "epoch", [
             ("held-out, greedy (eval)", series(records, "eval", "accuracy"), "o-"),
-            ("training samples (generate)", series(records, "generate", "accuracy"), "-"),
+            ("training samples (score)", series(records, "score", "accuracy"), "-"),
         ])
         line_plot(staging / "ratios.png", "importance ratio pi_theta / sampler", "optimiser step", [
             ("mean", series(records, "train_step", "ratio_mean", "global_step"), "-"),

@@ -2,9 +2,10 @@
 
 Token ids are int32, logprobs float32. A row of `rollouts` is one sample, with its prompt as the
 student saw it (`prompt_token_ids`) and, for a chat prompt, the conversation itself
-(`prompt_messages`, JSON); `scored` adds the prompt as the teacher saw it (`teacher_prompt_token_ids`:
-the teacher's own chat template; the student's ids for a plain prompt), the teacher's logprob of
-each completion token and, when score.top_k = K > 0, the teacher's K most
+(`prompt_messages`, JSON), its reference `answer` and the `teacher` it is routed to; `scored` adds
+the prompt as that teacher saw it (`teacher_prompt_token_ids`: the teacher's own chat template; the
+student's ids for a plain prompt), the teacher's logprob of each completion token, the task
+verifier's `reward` (kd.stages.tasks) and, when score.top_k = K > 0, the teacher's K most
 likely tokens at each completion position, flattened position-major (T x K values; empty for
 K = 0; K is in the manifest's stats); `eval` is rollouts plus the teacher's logprobs and which
 decoding made the row.
@@ -35,12 +36,13 @@ _ROLLOUT_FIELDS = [
     pa.field("finish_reason", pa.string(), nullable=False),
     pa.field("completion_text", pa.string(), nullable=False),
     pa.field("policy_version", pa.int32(), nullable=False),
-    pa.field("answer", pa.string()),  # null when the prompt has no reference answer
-    pa.field("correct", pa.bool_()),  # null when there is no answer to check against
+    pa.field("answer", pa.string()),  # null when the prompt has no reference answer (a mapping: as JSON)
+    pa.field("teacher", pa.string(), nullable=False),  # the teacher the prompt is routed to (score.route_by)
 ]
 _TEACHER_FIELDS = [
     pa.field("teacher_prompt_token_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("teacher_logprobs", pa.list_(pa.float32()), nullable=False),
+    pa.field("reward", pa.float32()),  # the task verifier's reward in [0, 1]; null when there is no answer
 ]
 
 _TOP_K_FIELDS = [
@@ -48,10 +50,10 @@ _TOP_K_FIELDS = [
     pa.field("teacher_top_logprobs", pa.list_(pa.float32()), nullable=False),
 ]
 
-ROLLOUTS = DatasetKind("rollouts", 2, pa.schema(_ROLLOUT_FIELDS))
-SCORED = DatasetKind("scored", 3, pa.schema(_ROLLOUT_FIELDS + _TEACHER_FIELDS + _TOP_K_FIELDS))
+ROLLOUTS = DatasetKind("rollouts", 3, pa.schema(_ROLLOUT_FIELDS))
+SCORED = DatasetKind("scored", 4, pa.schema(_ROLLOUT_FIELDS + _TEACHER_FIELDS + _TOP_K_FIELDS))
 EVAL = DatasetKind(
-    "eval", 2, pa.schema(_ROLLOUT_FIELDS + _TEACHER_FIELDS + [pa.field("decoding", pa.string(), nullable=False)])
+    "eval", 3, pa.schema(_ROLLOUT_FIELDS + _TEACHER_FIELDS + [pa.field("decoding", pa.string(), nullable=False)])
 )
 TRAIN_STEPS = DatasetKind(
     "train",

@@ -10,6 +10,16 @@ completion token ids; a plain prompt string as the student's ids. Scoring the te
 student's rendering would bias q_t towards a format the teacher was never trained on
 (tinker-cookbook issue #796). Every id the student can emit must be the same token for the teacher;
 that is checked before the teacher is loaded.
+
+Also, per row:
+- reward: the task verifier's reward (config `task`, kd.stages.tasks) of the completion against the
+  prompt's `answer` (null without one): train's task reward, and the training samples' accuracy.
+- teacher: with several teachers (score.teachers, routed by the prompt field score.route_by), the
+  one that scored the row. Each teacher writes its own shards of the dataset: with T teachers and
+  N shards each, teacher t's shard i is the dataset's shard t x N + i of T x N (the default
+  teacher first), so `kd score --teacher NAME` (one Slurm array per teacher) fills in its part.
+- self-check: score.self_check rows of every call are scored again (by score.replica when set) and
+  a mean difference above score.self_check_tolerance stops the stage with the numbers.
 """
 
 from __future__ import annotations
@@ -18,40 +28,84 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from kd.stages import datasets_io, pipeline, rundir, shards
+from kd.stages import datasets_io, pipeline, rundir, shards, tasks
 from kd.stages.config import Config
 from kd.stages.engines import Scores
+from kd.stages.errors import KdError
 from kd.stages.progress import bar
 from kd.stages.schemas import ROLLOUTS, SCORED
 from kd.stages.session import Session, using
 
 
-def teacher_scores(session: Session, table: pa.Table, description: str, top_k: int = 0) -> tuple[list[list[int]], list[Scores]]:
-    """The teacher's prompt ids of every row, and its scores of the row's completion after them."""
-    engine = session.engine("teacher", session.config.score.engine)
-    rendered: dict[str, list[int]] = {}  # the samples of one chat share its rendering
+def teacher_prompts(session: Session, table: pa.Table, teacher: str) -> list[list[int]]:
+    """Each row's prompt as `teacher` sees it (the samples of one chat share its rendering)."""
+    rendered: dict[str, list[int]] = {}
     prompts = []
     for ids, messages in zip(table.column("prompt_token_ids").to_pylist(), table.column("prompt_messages").to_pylist()):
         if messages is not None and messages not in rendered:
-            rendered[messages] = session.teacher_prompt_ids(ids, messages)
+            rendered[messages] = session.teacher_prompt_ids(ids, messages, teacher)
         prompts.append(ids if messages is None else rendered[messages])
+    return prompts
+
+
+def teacher_scores(session: Session, table: pa.Table, description: str, top_k: int = 0) -> tuple[list[list[int]], list[Scores]]:
+    """The prompt ids of every row as its teacher (the `teacher` column) sees them, and that teacher's
+    scores of the row's completion after them."""
+    names = table.column("teacher").to_pylist()
+    prompts: list = [None] * len(names)
+    scores: list = [None] * len(names)
+    with bar(description, len(names), session.progress) as advance:
+        for teacher in dict.fromkeys(names):
+            rows = [i for i, name in enumerate(names) if name == teacher]
+            part = table.take(rows)
+            ids = teacher_prompts(session, part, teacher)
+            engine = session.engine("teacher", session.config.teachers[teacher].engine, teacher)
+            got = engine.score([p + c for p, c in zip(ids, part.column("completion_token_ids").to_pylist())],
+                               [len(p) for p in ids], progress=advance, top_k=top_k)
+            for i, prompt, score in zip(rows, ids, got):
+                prompts[i], scores[i] = prompt, score
+    return prompts, scores
+
+
+def self_check(session: Session, table: pa.Table, prompts: list[list[int]], scores: list[Scores], teacher: str,
+               where: str) -> dict | None:
+    """Score score.self_check of `table`'s rows (all of one teacher) again, by the teacher's replica when
+    it has one, and compare: the numbers, or a KdError when the mean |q - q'| per token is above
+    score.self_check_tolerance. None when off or nothing to check."""
+    cfg, spec = session.config.score, session.config.teachers[teacher]
+    rows = [i for i, s in enumerate(scores) if len(s.logprobs)]
+    if not cfg.self_check or not rows:
+        return None
+    picked = [rows[int(i)] for i in np.unique(np.linspace(0, len(rows) - 1, min(cfg.self_check, len(rows))).round())]
     completions = table.column("completion_token_ids").to_pylist()
-    with bar(description, len(prompts), session.progress) as advance:
-        return prompts, engine.score(
-            [p + c for p, c in zip(prompts, completions)], [len(p) for p in prompts], progress=advance, top_k=top_k
+    engine = session.engine("teacher", spec.replica or spec.engine, teacher)
+    again = engine.score([prompts[i] + completions[i] for i in picked], [len(prompts[i]) for i in picked])
+    gaps = np.concatenate([np.abs(scores[i].logprobs.astype(np.float64) - s.logprobs) for i, s in zip(picked, again)])
+    against = "its replica (score.replica)" if spec.replica else "itself (a second request to the same engine)"
+    result = {"teacher": teacher, "against": "replica" if spec.replica else "same engine", "sequences": len(picked),
+              "tokens": int(len(gaps)), "mean_abs_diff": float(gaps.mean()), "max_abs_diff": float(gaps.max())}
+    if result["mean_abs_diff"] > cfg.self_check_tolerance:
+        raise KdError(
+            f"{where}: teacher {teacher} disagrees with {against}: mean |q - q'| {result['mean_abs_diff']:.4g} per token "
+            f"(max {result['max_abs_diff']:.4g}) over {result['tokens']} tokens of {len(picked)} sequences, above "
+            f"score.self_check_tolerance {cfg.self_check_tolerance:g}; check that both serve the same weights, dtype, "
+            "quantisation and chat template (or raise the tolerance)"
         )
+    return result
 
 
 def template_probe(table: pa.Table, session: Session) -> dict | None:
     """The first chat prompt as each model sees it (decoded by its own tokenizer, special tokens
     shown), for a glance at the two formats in the manifest and `kd inspect`; None when every prompt
     is a plain string."""
-    for row in table.select(["prompt_messages", "prompt_token_ids", "teacher_prompt_token_ids"]).to_pylist():
+    for row in table.select(["prompt_messages", "prompt_token_ids", "teacher_prompt_token_ids", "teacher"]).to_pylist():
         if row["prompt_messages"] is not None:
             return {
                 "student": session.tokenizer.decode(row["prompt_token_ids"], skip_special_tokens=False),
-                "teacher": session.teacher_tokenizer.decode(row["teacher_prompt_token_ids"], skip_special_tokens=False),
+                "teacher": session.teacher_tokenizer(row["teacher"]).decode(row["teacher_prompt_token_ids"],
+                                                                             skip_special_tokens=False),
             }
     return None
 
@@ -67,10 +121,19 @@ def kl_stats(sampler: list[list[float]], teacher: list[np.ndarray]) -> dict:
     }
 
 
-def with_teacher(table: pa.Table, prompts: list[list[int]], logprobs: list[np.ndarray]) -> pa.Table:
+def accuracy(rewards: list[float | None]) -> float | None:
+    """Mean reward of the rows that have one (the verifier's accuracy, pass@1 for code); None if none has."""
+    checked = [r for r in rewards if r is not None]
+    return sum(checked) / len(checked) if checked else None
+
+
+def with_teacher(table: pa.Table, prompts: list[list[int]], logprobs: list[np.ndarray], task: str) -> pa.Table:
+    """`table` with the teacher's prompt ids and logprobs and the `task` verifier's reward of each row."""
     column = pa.array([q.astype(np.float32) for q in logprobs], type=pa.list_(pa.float32()))
     prompt_column = pa.array(prompts, type=pa.list_(pa.int32()))
-    return table.append_column("teacher_prompt_token_ids", prompt_column).append_column("teacher_logprobs", column)
+    rewards = tasks.rewards(task, table.column("completion_text").to_pylist(), table.column("answer").to_pylist())
+    return (table.append_column("teacher_prompt_token_ids", prompt_column).append_column("teacher_logprobs", column)
+            .append_column("reward", pa.array(rewards, type=pa.float32())))
 
 
 def with_top_k(table: pa.Table, scores: list[Scores]) -> pa.Table:
@@ -81,8 +144,17 @@ def with_top_k(table: pa.Table, scores: list[Scores]) -> pa.Table:
 
 def scored_stats(table: pa.Table, wall_seconds: float, top_k: int, session: Session) -> dict:
     teacher = [np.asarray(q) for q in table.column("teacher_logprobs").to_pylist()]
-    stats = kl_stats(table.column("sampler_logprobs").to_pylist(), teacher)
+    sampler = table.column("sampler_logprobs").to_pylist()
+    stats = kl_stats(sampler, teacher)
     stats["tokens_per_second"] = stats["completion_tokens"] / max(wall_seconds, 1e-9)
+    rewards = table.column("reward").to_pylist()
+    stats["accuracy"] = accuracy(rewards)
+    names = table.column("teacher").to_pylist()
+    stats["teachers"] = {}  # the split: rows, reverse KL and accuracy of each teacher's rows
+    for name in dict.fromkeys(names):
+        rows = [i for i, n in enumerate(names) if n == name]
+        kl = kl_stats([sampler[i] for i in rows], [teacher[i] for i in rows])["teacher_kl"]
+        stats["teachers"][name] = {"rows": len(rows), "teacher_kl": kl, "accuracy": accuracy([rewards[i] for i in rows])}
     stats["top_k"] = top_k
     # Mean teacher probability mass inside the top-K, over completion positions (None without top-k).
     top = table.column("teacher_top_logprobs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -91,26 +163,45 @@ def scored_stats(table: pa.Table, wall_seconds: float, top_k: int, session: Sess
     return stats
 
 
-def run(config: Config, epoch: int, session: Session | None = None, shard: int = 0, num_shards: int = 1) -> Path:
-    """Write <epoch>/scored, or shard `shard` of `num_shards` of it (see kd.stages.shards)."""
+def run(config: Config, epoch: int, session: Session | None = None, shard: int = 0, num_shards: int = 1,
+        teacher: str | None = None) -> Path:
+    """Write <epoch>/scored, or shard `shard` of `num_shards` of it (see kd.stages.shards), of every
+    teacher's rows or, with `teacher`, of that teacher's only."""
     out = pipeline.stage_dir(config, epoch, "scored")
+    names = list(config.teachers)
+    if teacher is not None and teacher not in names:
+        raise KdError(f"--teacher {teacher}: this run has no such teacher; its teachers are {', '.join(names)}")
     if datasets_io.is_complete(out):
         return out
     source = pipeline.stage_dir(config, epoch, "rollouts")
 
-    def produce(select) -> pa.Table:
-        rollouts = datasets_io.read_table(source, ROLLOUTS, f"run `kd generate --epoch {epoch}` first")
-        rows = select(len(rollouts))
-        rollouts = rollouts.slice(rows.start, rows.stop - rows.start)
-        where = f" shard {shard}/{num_shards}" if num_shards > 1 else ""
-        prompts, scores = teacher_scores(own, rollouts, f"score epoch {epoch}{where}", config.score.top_k)
-        return with_top_k(with_teacher(rollouts, prompts, [s.logprobs for s in scores]), scores)
+    def produce_for(name: str):
+        def produce(_dataset_share) -> pa.Table:
+            # This teacher's share of its own rows: the dataset-wide share would cut across teachers.
+            rollouts = datasets_io.read_table(source, ROLLOUTS, f"run `kd generate --epoch {epoch}` first")
+            mine = rollouts.filter(pc.equal(rollouts.column("teacher"), name))
+            rows = shards.block(len(mine), shard, num_shards)
+            mine = mine.slice(rows.start, rows.stop - rows.start)
+            where = f"score epoch {epoch}" + (f" teacher {name}" if len(names) > 1 else "") + (
+                f" shard {shard}/{num_shards}" if num_shards > 1 else "")
+            prompts, scores = teacher_scores(own, mine, where, config.score.top_k)
+            checked = self_check(own, mine, prompts, scores, name, where)
+            if checked is not None:
+                rundir.log_metrics(config, {"epoch": epoch, "stage": "score_self_check", "shard": shard, **checked})
+            return with_top_k(with_teacher(mine, prompts, [s.logprobs for s in scores], config.task), scores)
 
-    stage_config = {"teacher": config.teacher, "score": config.to_dict()["score"]}
+        return produce
+
+    stage_config = {"teacher": config.teacher, "task": config.task, "score": config.to_dict()["score"]}
+    manifest = None
     with using(config, session) as own:
-        manifest = shards.write(out, SCORED, shard, num_shards, stage_config, [source], produce,
-                                lambda table, seconds: scored_stats(table, seconds, config.score.top_k, own))
+        for name in [teacher] if teacher else names:
+            position = names.index(name) * num_shards + shard
+            manifest = shards.write(out, SCORED, position, len(names) * num_shards, stage_config, [source], produce_for(name),
+                                    lambda table, seconds: scored_stats(table, seconds, config.score.top_k, own))
+            if manifest is not None:
+                break
     if manifest is not None:
-        numbers = {k: v for k, v in manifest["stats"].items() if k != "template_probe"}
+        numbers = {k: v for k, v in manifest["stats"].items() if k not in ("template_probe", "teachers")}
         rundir.log_metrics(config, {"epoch": epoch, "stage": "score", "wall_seconds": manifest["wall_seconds"], **numbers})
     return out

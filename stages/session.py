@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 from kd.stages import engines, prompts as prompts_lib
-from kd.stages.config import Config, EngineConfig
+from kd.stages.config import DEFAULT_TEACHER, Config, EngineConfig
 from kd.stages.errors import KdError
 
 
@@ -89,6 +89,7 @@ class Session:
         if not progress:
             quiet_transformers()
         self._engines: dict[tuple, object] = {}
+        self._teacher_tokenizers: dict[str, object] = {}
         self._prompts: dict[tuple, list] = {}
         self._policy = None
 
@@ -96,27 +97,29 @@ class Session:
     def tokenizer(self):
         return load_tokenizer(self.config.student)
 
-    @cached_property
-    def teacher_tokenizer(self):
-        teacher = load_tokenizer(self.config.teacher)
-        check_same_vocabulary(self.config.student, self.tokenizer, self.config.teacher, teacher)
-        return teacher
+    def teacher_tokenizer(self, teacher: str = DEFAULT_TEACHER):
+        """The tokenizer of teacher `teacher` (a name of config.teachers), refused unless it shares the
+        student's vocabulary."""
+        path = self.config.teachers[teacher].model
+        if path not in self._teacher_tokenizers:
+            loaded = load_tokenizer(path)
+            check_same_vocabulary(self.config.student, self.tokenizer, path, loaded)
+            self._teacher_tokenizers[path] = loaded
+        return self._teacher_tokenizers[path]
 
-    def engine(self, role: str, engine: EngineConfig):
-        """The engine for `role` ('student' or 'teacher'), built once per engine config."""
-        key = (role, repr(engine))
+    def engine(self, role: str, engine: EngineConfig, teacher: str = DEFAULT_TEACHER):
+        """The engine for `role` ('student' or 'teacher': then the teacher named `teacher`), built once
+        per engine config."""
+        key = (role, teacher if role == "teacher" else "", repr(engine))
         if key not in self._engines:
-            if role == "teacher":
-                self.teacher_tokenizer  # refuse a mismatched teacher before loading its weights
             if role == "student":
                 self._engines[key] = make_engine(
                     engine, self.config.student, self.tokenizer, self.config.train.lora_rank, self.config.seed
                 )
             else:
-                self._engines[key] = make_engine(
-                    engine, self.config.teacher, self.teacher_tokenizer, seed=self.config.seed,
-                    max_logprobs=self.config.score.top_k,
-                )
+                tokenizer = self.teacher_tokenizer(teacher)  # refuse a mismatched teacher before loading its weights
+                self._engines[key] = make_engine(engine, self.config.teachers[teacher].model, tokenizer,
+                                                 seed=self.config.seed, max_logprobs=self.config.score.top_k)
         return self._engines[key]
 
     def policy(self):
@@ -146,48 +149,60 @@ class Session:
         self.close()
 
     def prompts(self, path: str, max_new_tokens: int, budget_field: str = "generate.max_new_tokens") -> list:
-        """The tokenized prompt file, loaded once per process (the loop reads it every epoch). Every
-        prompt plus `max_new_tokens` (the config field `budget_field`) must fit both models' contexts
-        (and their engines' max_model_len), each in its own template: checked before anything is sampled."""
+        """The tokenized prompt file, loaded once per process (the loop reads it every epoch), each
+        prompt routed to its teacher (score.route_by). Every prompt plus `max_new_tokens` (the config
+        field `budget_field`) must fit the student's and its teacher's contexts (and their engines'
+        max_model_len), each in its own template: checked before anything is sampled."""
         key = (path, max_new_tokens)
         if key not in self._prompts:
             fix = f"after {budget_field} = {max_new_tokens}; shorten the prompt or lower {budget_field}"
-            limits = {role: self.context(role) for role in ("student", "teacher")}
-            for positions, why in limits.values():
+
+            def room(role: str, teacher: str = DEFAULT_TEACHER) -> tuple[int, str]:
+                positions, why = self.context(role, teacher)
                 if positions <= max_new_tokens:
                     raise KdError(f"config field {budget_field}: {max_new_tokens} new tokens leave no room for a prompt in "
                                   f"{why}; lower {budget_field}")
-            positions, why = limits["student"]
-            loaded = prompts_lib.load(path, self.tokenizer, positions - max_new_tokens,
-                                      self.config.generate.chat_template_kwargs, f"{why} leaves {fix}")
-            positions, why = limits["teacher"]
-            for prompt in loaded:
-                length = len(self.teacher_prompt_ids(prompt.token_ids, prompt.messages))
-                if length > positions - max_new_tokens:
-                    raise KdError(f"{path}: prompt {prompt.id!r} is {length} tokens in the teacher's template, more than "
-                                  f"the {positions - max_new_tokens} that {why} leaves {fix}")
+                return positions - max_new_tokens, why
+
+            positions, why = room("student")
+            loaded = prompts_lib.load(path, self.tokenizer, positions, self.config.generate.chat_template_kwargs,
+                                      f"{why} leaves {fix}", self.config.score.route_by, tuple(self.config.teachers))
+            for teacher in dict.fromkeys(prompt.teacher for prompt in loaded):  # only the teachers prompts go to
+                positions, why = room("teacher", teacher)
+                for prompt in (prompt for prompt in loaded if prompt.teacher == teacher):
+                    length = len(self.teacher_prompt_ids(prompt.token_ids, prompt.messages, teacher))
+                    if length > positions:
+                        raise KdError(f"{path}: prompt {prompt.id!r} is {length} tokens in the teacher's template, more "
+                                      f"than the {positions} that {why} leaves {fix}")
             self._prompts[key] = loaded
         return self._prompts[key]
 
-    def context(self, role: str) -> tuple[int, str]:
-        """The positions the `role` model ('student' or 'teacher') can attend to, and what sets them:
-        its max_position_embeddings, or its engine's max_model_len when that is smaller."""
+    def context(self, role: str, teacher: str = DEFAULT_TEACHER) -> tuple[int, str]:
+        """The positions the `role` model ('student' or 'teacher', then the one named `teacher`) can
+        attend to, and what sets them: its max_position_embeddings, or its engine's max_model_len when
+        that is smaller."""
         from transformers import AutoConfig
 
-        path, section = (self.config.student, "generate") if role == "student" else (self.config.teacher, "score")
-        self.tokenizer if role == "student" else self.teacher_tokenizer  # a missing or mismatched model: one line first
+        if role == "student":
+            path, engine, section, who = self.config.student, self.config.generate.engine, "generate.engine", "student"
+            self.tokenizer  # a missing model: one line first
+        else:
+            path, engine = self.config.teachers[teacher].model, self.config.teachers[teacher].engine
+            section = "score.engine" if teacher == DEFAULT_TEACHER else f"score.teachers.{teacher}.engine"
+            who = "teacher" if teacher == DEFAULT_TEACHER else f"teacher {teacher}"
+            self.teacher_tokenizer(teacher)  # a missing or mismatched model: one line first
         positions = int(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 4096))
-        engine_limit = getattr(self.config, section).engine.max_model_len
-        if engine_limit and engine_limit < positions:
-            return engine_limit, f"{section}.engine.max_model_len = {engine_limit} (the {role}'s engine)"
-        return positions, f"the {role}'s context ({path}: {positions} positions)"
+        if engine.max_model_len and engine.max_model_len < positions:
+            return engine.max_model_len, f"{section}.max_model_len = {engine.max_model_len} (the {who}'s engine)"
+        return positions, f"the {who}'s context ({path}: {positions} positions)"
 
-    def teacher_prompt_ids(self, student_ids: list[int], messages: str | None) -> list[int]:
-        """The prompt as the teacher sees it: a chat (`messages`, JSON) in the teacher's own template
-        with score.chat_template_kwargs; a plain prompt as the student's very ids."""
+    def teacher_prompt_ids(self, student_ids: list[int], messages: str | None, teacher: str = DEFAULT_TEACHER) -> list[int]:
+        """The prompt as teacher `teacher` sees it: a chat (`messages`, JSON) in the teacher's own
+        template with its chat_template_kwargs; a plain prompt as the student's very ids."""
         if messages is None:
             return student_ids
-        return prompts_lib.render(json.loads(messages), self.teacher_tokenizer, self.config.score.chat_template_kwargs)
+        spec = self.config.teachers[teacher]
+        return prompts_lib.render(json.loads(messages), self.teacher_tokenizer(teacher), spec.chat_template_kwargs)
 
 
 @contextmanager

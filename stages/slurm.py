@@ -4,7 +4,8 @@
     kd slurm --run toy --dry-run              # print the sbatch scripts instead
     kd slurm --run toy --resources configs/slurm/cluster.yaml --wait
 
-Per epoch e: generate (an array job, one task per shard) -> score (an array job) -> train (one job;
+Per epoch e: generate (an array job, one task per shard) -> score (an array job; one per teacher
+with score.teachers, each filling in its teacher's shards, kd.stages.score) -> train (one job;
 with slurm.train.tasks > 1, that many processes under `accelerate launch`) -> export-lora, each
 `--dependency=afterok` on the job before it; generate of e waits for export-lora of e-1, and eval
 runs at the loop's eval epochs once the adapter it evaluates exists. Jobs are submitted with
@@ -55,10 +56,13 @@ def resources_of(config: Config, stage: Stage) -> SlurmJob:
     return getattr(config.slurm, stage.key)
 
 
-def stage_command(config: Config, stage: Stage, epoch: int, python: str) -> str:
-    """The shell line a job runs: kd itself, under accelerate for a multi-process train."""
+def stage_command(config: Config, stage: Stage, epoch: int, python: str, teacher: str | None = None) -> str:
+    """The shell line a job runs: kd itself, under accelerate for a multi-process train; `teacher`:
+    score that teacher's rows only."""
     config_file = (config.run_dir / "config.yaml").resolve()
     kd_args = f"-m kd.cli.main {stage.command} --config {shlex.quote(str(config_file))} --epoch {epoch}"
+    if teacher is not None:
+        kd_args += f" --teacher {teacher}"
     job = resources_of(config, stage)
     if stage.shardable and job.tasks > 1:
         # The array index is the shard, explicitly: a resubmission of missing shards only
@@ -75,7 +79,8 @@ def stage_command(config: Config, stage: Stage, epoch: int, python: str) -> str:
     return f"{python} {kd_args}"
 
 
-def render(config: Config, epoch: int, stage: Stage, python: str, workdir: Path, array: str) -> str:
+def render(config: Config, epoch: int, stage: Stage, python: str, workdir: Path, array: str,
+           teacher: str | None = None) -> str:
     job = resources_of(config, stage)
     directives = [f"#SBATCH --array={array}"] if array else []
     directives += [f"#SBATCH --gres=gpu:{job.gpus}"] if job.gpus else []
@@ -86,14 +91,14 @@ def render(config: Config, epoch: int, stage: Stage, python: str, workdir: Path,
         template = Template(template_path.read_text())
     except OSError:
         raise KdError(f"{template_path}: sbatch template not found; fix slurm.template or leave it empty") from None
-    name = job_name(config, epoch, stage.command)
+    name = job_name(config, epoch, stage.command if teacher is None else f"{stage.command}-{teacher}")
     values = {
-        "description": f"run {config.run_id}, epoch {epoch}: kd {stage.command}",
+        "description": f"run {config.run_id}, epoch {epoch}: kd {stage.command}" + (f" --teacher {teacher}" if teacher else ""),
         "job_name": name, "log_dir": (config.run_dir / "slurm" / "logs").resolve(),
         "log_name": f"{name}-%A_%a.out" if array else f"{name}-%j.out",
         "cpus": job.cpus, "mem": job.mem, "time": job.time, "directives": "\n".join(directives),
         "workdir": shlex.quote(str(workdir)), "setup": config.slurm.setup.strip(),
-        "command": stage_command(config, stage, epoch, python),
+        "command": stage_command(config, stage, epoch, python, teacher),
     }
     try:
         return template.substitute(values)
@@ -103,8 +108,11 @@ def render(config: Config, epoch: int, stage: Stage, python: str, workdir: Path,
         ) from None
 
 
-def missing_shards(out: Path, tasks: int) -> list[int]:
-    return [s for s in range(tasks) if s not in datasets_io.read_markers(out, tasks)]
+def missing_shards(out: Path, tasks: int, first: int = 0, layout: int | None = None) -> list[int]:
+    """Which of the `tasks` shards first, first + 1, ... of a `layout`-shard dataset (default: tasks)
+    are not done, numbered from 0 (array task ids)."""
+    done = datasets_io.read_markers(out, layout or tasks)
+    return [s for s in range(tasks) if first + s not in done]
 
 
 def plan(config: Config, python: str = sys.executable, workdir: Path | None = None) -> list[Job]:
@@ -112,7 +120,8 @@ def plan(config: Config, python: str = sys.executable, workdir: Path | None = No
     (pipeline.Stage.inputs); a stage whose dataset is complete is not submitted, nor waited for."""
     workdir = (workdir or Path.cwd()).resolve()
     jobs: list[Job] = []
-    writer: dict[tuple[int, str], str] = {}  # (epoch, dataset) -> key of the job submitted to write it
+    writers: dict[tuple[int, str], list[str]] = {}  # (epoch, dataset) -> keys of the jobs submitted to write it
+    teachers = list(config.teachers)
 
     for epoch in range(config.epochs + 1):
         for stage in pipeline.STAGES:
@@ -120,12 +129,19 @@ def plan(config: Config, python: str = sys.executable, workdir: Path | None = No
             if not pipeline.runs_at(stage, epoch, config) or datasets_io.is_complete(out):
                 continue
             tasks = resources_of(config, stage).tasks if stage.shardable else 1
-            array = ",".join(map(str, missing_shards(out, tasks))) if tasks > 1 else ""
-            key = f"{epoch}-{stage.command}"
-            script = render(config, epoch, stage, python, workdir, array)
-            after = [writer[source] for source in pipeline.inputs_at(stage, epoch) if source in writer]
-            jobs.append(Job(key, job_name(config, epoch, stage.command), script, after, array))
-            writer[(epoch, stage.output)] = key
+            after = [key for source in pipeline.inputs_at(stage, epoch) for key in writers.get(source, [])]
+            # Several teachers: one score job (array) per teacher, each over its own shards of the dataset.
+            parts = [(t, i * tasks) for i, t in enumerate(teachers)] if stage is pipeline.SCORE and len(teachers) > 1 else [(None, 0)]
+            for teacher, first in parts:
+                missing = missing_shards(out, tasks, first, tasks * len(parts))
+                if not missing:
+                    continue
+                array = ",".join(map(str, missing)) if tasks > 1 else ""
+                command = stage.command if teacher is None else f"{stage.command}-{teacher}"
+                key = f"{epoch}-{command}"
+                script = render(config, epoch, stage, python, workdir, array, teacher)
+                jobs.append(Job(key, job_name(config, epoch, command), script, after, array))
+                writers.setdefault((epoch, stage.output), []).append(key)
     return jobs
 
 

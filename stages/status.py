@@ -2,8 +2,9 @@
 
     kd status runs/toy
 
-A dataset is done when its manifest exists; a sharded one shows how many of its shards are done
-and how many are being written (their shard locks are held); a stage being written by a live
+A dataset is done when its manifest exists (a scored one of several teachers shows how many rows
+each scored); a sharded one shows how many of its shards are done and how many are being written
+(their shard locks are held); a stage being written by a live
 process on this host shows "writing"; a stage with a job of `kd slurm` still in the queue shows
 its Slurm state (pending, running, ...).
 """
@@ -40,9 +41,14 @@ def stage_state(config: Config, epoch: int, stage: Stage, queue: dict[str, str])
     out = pipeline.stage_dir(config, epoch, stage.output)
     manifest = datasets_io.read_manifest(out)
     if manifest is not None:
-        count = manifest["stats"].get("shards", 1) if isinstance(manifest.get("stats"), dict) else 1
-        return "done" if count == 1 else f"done ({count} shards)"
-    state = queue.get(slurm.job_name(config, epoch, stage.command))
+        stats = manifest["stats"] if isinstance(manifest.get("stats"), dict) else {}
+        details = [f"{stats['shards']} shards"] if stats.get("shards", 1) > 1 else []
+        if len(stats.get("teachers") or {}) > 1:  # the rows each teacher scored
+            details.append(", ".join(f"{name} {split['rows']}" for name, split in stats["teachers"].items()))
+        return f"done ({'; '.join(details)})" if details else "done"
+    name = slurm.job_name(config, epoch, stage.command)
+    # A score of several teachers is one job per teacher, named <name>-<teacher>.
+    state = queue.get(name) or next((s for job, s in queue.items() if job.startswith(f"{name}-")), None)
     counts = datasets_io.layouts(out) if out.is_dir() else []
     if counts:
         num_shards = counts[-1]

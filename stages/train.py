@@ -57,17 +57,23 @@ def ragged(table: pa.Table, name: str) -> list[np.ndarray]:
     return np.split(values, offsets[1:-1] - offsets[0])
 
 
-def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0) -> list[dict]:
+def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0,
+             kl_weights: dict[str, float] | None = None) -> list[dict]:
     """One training example per sample: token ids plus per-target-position logprobs and advantages
     (and the teacher's top-k ids and logprobs, [T, K], when the top-k divergences are on).
     `policy_logprobs` (the policy's own T = 1 logprobs, p_t of kd.stages.loss) start as the sampler's;
-    `untempered` replaces them when the sampler drew from another distribution."""
+    `untempered` replaces them when the sampler drew from another distribution. `kl_weights`: each
+    teacher's kl_weight by name (config.teachers; absent: 1). The task reward is centred over the
+    samples of each prompt in `table` (the whole epoch's scored dataset: all G samples of a prompt)."""
     columns = ["prompt_token_ids", "completion_token_ids", "sampler_logprobs", "teacher_logprobs"]
     if cfg.uses_top_k:
         columns += ["teacher_top_ids", "teacher_top_logprobs"]
     values = {name: ragged(table, name) for name in columns}
+    reward_advantages = loss_lib.group_centred(table.column("reward").to_pylist(), table.column("prompt_id").to_pylist(),
+                                               cfg.reward_coef)
+    teachers = table.column("teacher").to_pylist()
     rows = []
-    for index, correct in enumerate(table.column("correct").to_pylist()):
+    for index, reward_advantage in enumerate(reward_advantages):
         prompt, completion = values["prompt_token_ids"][index], values["completion_token_ids"][index]
         sampler, teacher = values["sampler_logprobs"][index], values["teacher_logprobs"][index]
         if not (len(completion) == len(sampler) == len(teacher)):
@@ -76,11 +82,12 @@ def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0) ->
             raise KdError(f"{source}: row {index}: non-finite logprob; the sampler or teacher diverged, regenerate it")
         if not len(completion):
             continue
-        reward = None if correct is None else float(correct)
-        adv = loss_lib.advantages(sampler, teacher, cfg.kl_coef, cfg.gamma, reward, cfg.reward_coef)
+        kl_coef = cfg.kl_coef * (kl_weights or {}).get(teachers[index], 1.0)
         example = {
-            "input_ids": np.concatenate([prompt, completion]), "prompt_length": len(prompt), "reward": reward,
-            "sampler_logprobs": sampler, "policy_logprobs": sampler, "teacher_logprobs": teacher, "advantages": adv,
+            "input_ids": np.concatenate([prompt, completion]), "prompt_length": len(prompt),
+            "kl_coef": kl_coef, "reward_advantage": reward_advantage,
+            "sampler_logprobs": sampler, "policy_logprobs": sampler, "teacher_logprobs": teacher,
+            "advantages": loss_lib.advantages(sampler, teacher, kl_coef, cfg.gamma, reward_advantage),
         }
         if cfg.uses_top_k:
             top_ids, top_logprobs = values["teacher_top_ids"][index], values["teacher_top_logprobs"][index]
@@ -305,8 +312,8 @@ def untempered(trainer: "DistillTrainer", examples: list[dict], cfg: TrainConfig
         counts = mask_B_T.sum(1).cpu().numpy()
         for example, policy in zip(chunk, np.split(picked_N_K[:, 0].float().cpu().numpy(), np.cumsum(counts)[:-1])):
             example["policy_logprobs"] = policy
-            example["advantages"] = loss_lib.advantages(policy, example["teacher_logprobs"], cfg.kl_coef, cfg.gamma,
-                                                        example["reward"], cfg.reward_coef)
+            example["advantages"] = loss_lib.advantages(policy, example["teacher_logprobs"], example["kl_coef"], cfg.gamma,
+                                                        example["reward_advantage"])
 
 
 def save_adapter(policy: Policy, directory: Path) -> None:
@@ -350,7 +357,8 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
     source = pipeline.stage_dir(config, epoch, "scored")
     table = datasets_io.read_table(source, SCORED, f"run `kd score --epoch {epoch}` first")
     top_k = scored_top_k(source, config.train)
-    examples = features(table, config.train, source, top_k)
+    examples = features(table, config.train, source, top_k,
+                        {name: teacher.kl_weight for name, teacher in config.teachers.items()})
     if not examples:
         raise KdError(f"{source}: no sample has a completion token; check generate.max_new_tokens and the prompts")
     previous, global_step = previous_state(config, epoch)

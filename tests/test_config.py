@@ -88,7 +88,7 @@ def test_the_registries_are_what_the_config_accepts():
     assert [t.name for t in objective.TERMS if t.needs_top_k] == ["topk_reverse_kl", "topk_forward_kl", "topk_jsd"]
     for term in objective.TERMS:  # every term's weight is a TrainConfig field
         assert term.weight in {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
-    assert tasks.VERIFIERS["last-integer"]("7+8+0=15 so 615", "615") and not tasks.VERIFIERS["last-integer"]("615 or 61", "615")
+    assert tasks.VERIFIERS["last-integer"](["7+8+0=15 so 615", "615 or 61"], ["615", "615"]) == [1.0, 0.0]
 
 
 def test_sglang_sampling_is_refused_at_top_p_below_one():

@@ -19,7 +19,7 @@ def rollout_table(rows: int = 3) -> pa.Table:
             {
                 "prompt_id": f"p{i}", "sample_index": 0, "prompt_token_ids": [1, 2], "completion_token_ids": [3, 4],
                 "sampler_logprobs": [-0.5, -0.25], "finish_reason": "stop", "completion_text": "x",
-                "policy_version": 0, "answer": None, "correct": None,
+                "policy_version": 0, "answer": None, "teacher": "default",
             }
             for i in range(rows)
         ],

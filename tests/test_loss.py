@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd.stages.loss import advantages, completion_logprobs, policy_loss, topk_divergence
+from kd.stages.loss import advantages, completion_logprobs, group_centred, policy_loss, topk_divergence
 
 
 def test_advantage_is_negative_reverse_kl_per_token():
@@ -16,9 +16,22 @@ def test_advantage_is_negative_reverse_kl_per_token():
 
 def test_advantage_discount_and_reward():
     s, q = np.array([-1.0, -1.0]), np.array([-2.0, -1.5])  # a = [-1, -0.5]
-    # reward 1 with coefficient 0.25 lands on the last token: a = [-1, -0.25]
-    out = advantages(s, q, kl_coef=1.0, gamma=0.5, reward=1.0, reward_coef=0.25)
-    np.testing.assert_allclose(out, [-1.0 + 0.5 * -0.25, -0.25])
+    # the KL part is discounted: [-1 + 0.5 x -0.5, -0.5]; the reward advantage 0.2 is added to every token
+    out = advantages(s, q, kl_coef=1.0, gamma=0.5, reward_advantage=0.2)
+    np.testing.assert_allclose(out, [-1.25 + 0.2, -0.5 + 0.2], rtol=1e-6)
+
+
+def test_reward_enters_group_centred():
+    # prompt a: rewards 1, 0, 0, 1 (mean 0.5); prompt b: 1, 1 (mean 1: no signal); c: no answer
+    rewards = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, None]
+    groups = ["a", "a", "b", "a", "a", "b", "c"]
+    assert group_centred(rewards, groups, reward_coef=2.0) == [1.0, -1.0, 0.0, -1.0, 1.0, 0.0, 0.0]
+    # A_t = reward_coef (R - mean_G R) - kl_coef (s_t - q_t), by hand: s - q = [0.5, -1]
+    s, q = np.array([-0.5, -2.0]), np.array([-1.0, -1.0])
+    centred = group_centred([1.0, 0.0, 0.0], ["p", "p", "p"], reward_coef=0.3)  # 0.3 x (1 - 1/3) = 0.2
+    np.testing.assert_allclose(advantages(s, q, kl_coef=2.0, reward_advantage=centred[0]), [0.2 - 1.0, 0.2 + 2.0],
+                               rtol=1e-6)
+    np.testing.assert_allclose(centred[1:], [-0.1, -0.1])
 
 
 def test_zero_advantage_and_loss_when_teacher_equals_student():

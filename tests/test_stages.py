@@ -242,7 +242,7 @@ def test_readme_inspection_lines_and_kd_inspect(make_config, capsys):
         assert len(eval(expression, namespace)) == 16
     summary = inspect_stage.run(scored)
     assert summary["rows"] == 16 and summary["completion_tokens"] > 0 and "mean_kl_per_token" in summary
-    assert "correct=" in capsys.readouterr().err
+    assert "reward=" in capsys.readouterr().err
 
 
 def test_toy_world_is_deterministic_from_its_seed(tmp_path):

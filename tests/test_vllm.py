@@ -81,11 +81,12 @@ def check_sampler_matches_trainer(config, engine, adapter, seed_base, tolerance=
     rows = [
         {"prompt_id": str(i), "sample_index": 0, "prompt_token_ids": p, "completion_token_ids": c.token_ids,
          "sampler_logprobs": c.logprobs, "finish_reason": c.finish_reason, "completion_text": "", "policy_version": 0,
-         "answer": None, "correct": None}
+         "answer": None, "teacher": "default"}
         for i, (p, c) in enumerate(zip(prompts, completions))
     ]
     rollouts = pa.Table.from_pylist(rows, schema=ROLLOUTS.schema)
-    table = rollouts.append_column("teacher_logprobs", rollouts.column("sampler_logprobs"))
+    table = (rollouts.append_column("teacher_logprobs", rollouts.column("sampler_logprobs"))
+             .append_column("reward", pa.nulls(len(rollouts), pa.float32())))
     recomputed, recorded = recomputed_logprobs(config, adapter, table)
     assert torch.max(torch.abs(recomputed - recorded)) < tolerance
     return completions

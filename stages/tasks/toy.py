@@ -170,7 +170,7 @@ def greedy_accuracy(model, tokenizer, examples, max_new_tokens: int = 48) -> flo
     prompts = [prompt_ids(tokenizer, p) for p, _, _ in examples]
     outs = engine.sample(prompts, [0] * len(prompts), SamplingParams(max_new_tokens, greedy=True), adapter=None)
     texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
-    return sum(last_integer(t, a) for t, (_, _, a) in zip(texts, examples)) / len(examples)
+    return sum(last_integer(texts, [a for _, _, a in examples])) / len(examples)
 
 
 def write_prompts(path: Path, examples) -> None:

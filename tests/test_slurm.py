@@ -113,3 +113,34 @@ def test_cancelled_array_task_leaves_no_part_and_resubmitting_finishes(cluster, 
     assert datasets_io.read_manifest(rollouts)["rows"] == 1024
     report = verify.run(run_dir)
     assert not any(report["datasets"].values()), report
+
+
+def test_each_teacher_scores_in_its_own_array(cluster, toy_config_file, toy_world, tmp_path):
+    """Two teachers (the toy teacher, and the toy student as `echo` for every third prompt), two
+    array tasks each: the scored dataset equals `kd loop`'s, row for row and teacher for teacher."""
+    rows = datasets_io.read_prompt_rows(toy_world / "prompts" / "train.jsonl.zst")
+    for number, row in enumerate(rows):
+        if number % 3 == 0:
+            row["domain"] = "echo"
+    prompts = tmp_path / "routed.jsonl.zst"
+    datasets_io.write_jsonl_zst(prompts, rows)
+    settings = {**SETTINGS, "epochs": 1, "generate.prompts_per_epoch": 32, "eval.num_prompts": 16,
+                "slurm.train.tasks": 1, "generate.prompts": str(prompts), "score.route_by": "domain",
+                "score.teachers": f"{{echo: {{model: {toy_world / 'student'}, engine: {{device: cpu, dtype: float32}}}}}}"}
+    config = str(toy_config_file(**settings))
+    runs = tmp_path / "runs"
+    reference = kd("loop", "--config", config, "--run", "loop")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    submitted = kd("slurm", "--config", config, "--run", "teachers", "--wait", env=slurm_env(cluster), cwd=os.getcwd())
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+    assert "submitted 7 jobs" in submitted.stdout  # eval, generate, score x 2 teachers, train, export-lora, eval
+
+    scored = runs / "teachers" / "0000" / "scored"
+    assert datasets_io.read_manifest(scored)["stats"]["shards"] == 4  # 2 teachers x 2 array tasks
+    logs = sorted(p.name for p in (runs / "teachers" / "slurm" / "logs").glob("kd-teachers-0000-score-*"))
+    assert [name.rsplit("-", 1)[0] for name in logs] == ["kd-teachers-0000-score-default"] * 2 + ["kd-teachers-0000-score-echo"] * 2
+    ours, theirs = (datasets_io.read_table(d, SCORED) for d in (scored, runs / "loop" / "0000" / "scored"))
+    for column in ("prompt_id", "sample_index", "teacher", "completion_token_ids"):
+        assert ours.column(column).to_pylist() == theirs.column(column).to_pylist(), column
+    assert set(ours.column("teacher").to_pylist()) == {"default", "echo"}
+    assert not any(verify.run(runs / "teachers")["datasets"].values())

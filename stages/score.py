@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kd.stages import datasets_io, pipeline, rundir, shards, tasks
-from kd.stages.config import Config
+from kd.stages.config import DEFAULT_TEACHER, Config
 from kd.stages.engines import Scores
 from kd.stages.errors import KdError
 from kd.stages.progress import bar
@@ -83,7 +83,8 @@ def self_check(session: Session, table: pa.Table, prompts: list[list[int]], scor
     engine = session.engine("teacher", spec.replica or spec.engine, teacher)
     again = engine.score([prompts[i] + completions[i] for i in picked], [len(prompts[i]) for i in picked])
     gaps = np.concatenate([np.abs(scores[i].logprobs.astype(np.float64) - s.logprobs) for i, s in zip(picked, again)])
-    against = "its replica (score.replica)" if spec.replica else "itself (a second request to the same engine)"
+    field = "score.replica" if teacher == DEFAULT_TEACHER else f"score.teachers.{teacher}.replica"
+    against = f"its replica ({field})" if spec.replica else "itself (a second request to the same engine)"
     result = {"teacher": teacher, "against": "replica" if spec.replica else "same engine", "sequences": len(picked),
               "tokens": int(len(gaps)), "mean_abs_diff": float(gaps.mean()), "max_abs_diff": float(gaps.max())}
     if result["mean_abs_diff"] > cfg.self_check_tolerance:

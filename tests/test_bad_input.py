@@ -200,6 +200,13 @@ def short_context_teacher(tmp: Path):
         settings = json.loads((teacher / "config.json").read_text())
         (teacher / "config.json").write_text(json.dumps({**settings, "max_position_embeddings": 48}))
     return fresh("generate", "--set", f"teacher={teacher}")
+def routed_to_no_teacher(tmp: Path):
+    """Two teachers routed by `domain`; a prompt names a third (refused before any model loads)."""
+    prompts = write(tmp / "routed.jsonl", '{"prompt": "1+1"}\n{"prompt": "2+2", "domain": "math"}\n')
+    return fresh("generate", "--set", f"generate.prompts={prompts}", "--set", "score.route_by=domain",
+                 "--set", "score.teachers={code: {model: code-model}}")
+
+
 CASES = [
     ("missing prompt file", lambda tmp: fresh("generate", "--set", f"generate.prompts={tmp}/none.jsonl"), "prompt file not found"),
     ("empty prompt file", prompts_case(""), "no prompts in the file"),
@@ -210,7 +217,7 @@ CASES = [
     ("message without content", prompts_case('{"messages": [{"role": "user"}]}\n'), "field messages"),
     ("empty prompt", prompts_case('{"prompt": ""}\n'), "field prompt: empty"),
     ("only empty messages", prompts_case('{"messages": [{"role": "user", "content": " "}]}\n'), "every message is empty"),
-    ("answer of the wrong type", prompts_case('{"prompt": "1+1", "answer": {"x": 1}}\n'), "field answer"),
+    ("answer of the wrong type", prompts_case('{"prompt": "1+1", "answer": [1, 2]}\n'), "field answer"),
     ("duplicate ids", prompts_case('{"id": "a", "prompt": "1"}\n{"id": "a", "prompt": "2"}\n'), "field id: 'a' appears twice"),
     ("row that is not an object", prompts_case("[1, 2]\n"), ":1: expected a JSON object"),
     ("prompt longer than the context", prompts_case(LONG_PROMPT), "more than the"),
@@ -258,6 +265,12 @@ CASES = [
      lambda tmp: ["slurm", "--run", "base", "--dry-run", "--resources", str(write(tmp / "res.yaml", "partition: gpu\n"))],
      "no `slurm:` mapping"),
     ("status of a directory that is not a run", lambda tmp: ["status", str(tmp)], "not a kd run (no config.yaml)"),
+    ("prompt routed to no teacher", routed_to_no_teacher, "routed.jsonl:2: field domain: 'math' names no teacher; score.teachers has code"),
+    ("teachers without a routing field", lambda tmp: fresh("score", "--set", "score.teachers={code: {model: m}}"),
+     "set score.route_by to the prompt field"),
+    ("score --teacher that the run does not have", lambda tmp: ["score", "--run", "base", "--epoch", "1", "--teacher", "code"],
+     "--teacher code: this run has no such teacher; its teachers are default"),
+    ("unknown task", lambda tmp: fresh("generate", "--set", "task=gsm8k"), "not one of last-integer, math, humaneval"),
     ("read-only run directory", read_only_run, "Read-only file system"),
 ]
 

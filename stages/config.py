@@ -154,6 +154,11 @@ class TeacherConfig:
 DEFAULT_TEACHER = "default"  # the name of `teacher` (with score.engine, ...) among the routed teachers
 
 
+def teacher_field(teacher: str, name: str) -> str:
+    """The config field `name` (engine, replica, ...) of teacher `teacher`, as errors name it."""
+    return f"score.{name}" if teacher == DEFAULT_TEACHER else f"score.teachers.{teacher}.{name}"
+
+
 @dataclass
 class ScoreConfig:
     """The teacher scores every completion token (one prefill per sequence).
@@ -424,6 +429,9 @@ class RealConfig:
 NOT_RESULTS = ("epochs", "run_id", "runs_dir", "slurm")
 # Engine fields that say how to reach a server, never what it computes: a run may move to another.
 ENGINE_CONNECTION = ("server", "request_timeout", "max_retries", "concurrency")
+# Teacher fields of the self-check: it stops a stage or lets it write, never changes what is written,
+# so a run may raise the tolerance or fix its replica and resume.
+SELF_CHECK = ("replica", "self_check", "self_check_tolerance")
 
 
 @dataclass
@@ -480,10 +488,11 @@ class Config:
     @property
     def teachers(self) -> dict[str, TeacherConfig]:
         """Every teacher by name, the default one (`teacher`, score.engine, ...) first, then score.teachers
-        in their order: the order of the scored dataset's shards (kd.stages.score)."""
+        by name: the order of the scored dataset's shards (kd.stages.score), which reordering the YAML
+        (the fingerprint does not see it) must not change."""
         score = self.score
         default = TeacherConfig(self.teacher, score.engine, score.chat_template_kwargs, score.replica, score.kl_weight)
-        return {DEFAULT_TEACHER: default, **score.teachers}
+        return {DEFAULT_TEACHER: default, **dict(sorted(score.teachers.items()))}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -493,16 +502,18 @@ class Config:
         extended (not under a decaying learning rate once trained: kd.stages.rundir.schedule_moved);
         where the run lives (`run_id`, `runs_dir`), so a copied or moved run is the same run; the
         Slurm resources it is submitted with; and how the engines reach their servers (the address,
-        timeouts, retries, requests in flight: ENGINE_CONNECTION)."""
+        timeouts, retries, requests in flight: ENGINE_CONNECTION), and the teachers' self-check
+        (SELF_CHECK)."""
         data = self.to_dict()
         for name in NOT_RESULTS:
             data.pop(name)
-        engines = [data["generate"]["engine"], data["score"]["engine"], data["score"]["replica"]]
-        for teacher in data["score"]["teachers"].values():
-            engines += [teacher["engine"], teacher["replica"]]
-        for engine in filter(None, engines):
+        teachers = [data["score"], *data["score"]["teachers"].values()]
+        for engine in [data["generate"]["engine"], *(teacher["engine"] for teacher in teachers)]:
             for name in ENGINE_CONNECTION:
                 engine.pop(name)
+        for teacher in teachers:
+            for name in SELF_CHECK:
+                teacher.pop(name, None)
         return stable_hash(data)
 
 

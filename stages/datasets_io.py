@@ -365,13 +365,34 @@ def missing_message(out: Path, kind_name: str) -> str | None:
         return None
     command = f"kd {stage.command} --run {out.parent.parent.name} --epoch {int(out.parent.name)}"
     num_shards = counts[-1]
+    teachers = shard_teachers(out, num_shards) if stage is pipeline.SCORE else [None]
+    per_teacher = num_shards // len(teachers)
+
+    def rerun(position: int) -> str:
+        """The command that writes the dataset's shard `position` (a teacher's own shard with several)."""
+        teacher, shard = teachers[position // per_teacher], position % per_teacher
+        options = f" --teacher {teacher}" if teacher else ""
+        return f"`{command}{options}" + (f" --shard {shard} --num-shards {per_teacher}`" if per_teacher > 1 else "`")
+
     missing = [s for s in range(num_shards) if s not in read_markers(out, num_shards)]
     if not missing:
         return (f"{out}: all {num_shards} shards are done but the manifest was never written (the task that "
-                f"finished last was killed); re-run any of them, e.g. `{command} --shard 0 --num-shards {num_shards}`")
+                f"finished last was killed); re-run any of them, e.g. {rerun(0)}")
     shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
     return (f"{out}: {len(missing)} of {num_shards} shards missing ({shown}); run them, e.g. "
-            f"`{command} --shard {missing[0]} --num-shards {num_shards}` (or resubmit those array tasks)")
+            f"{rerun(missing[0])} (or resubmit those array tasks)")
+
+
+def shard_teachers(out: Path, num_shards: int) -> list[str | None]:
+    """The teachers whose shards make up a scored dataset of `num_shards` (kd.stages.score), from its
+    run's config.yaml; [None] for one teacher, or when the config cannot tell."""
+    from kd.stages import config as config_lib  # the config imports this module
+
+    try:
+        names = list(config_lib.load(out.parent.parent / "config.yaml").teachers)
+    except KdError:
+        return [None]
+    return names if len(names) > 1 and num_shards % len(names) == 0 else [None]
 
 
 def dataset_problems(directory: Path, hashes: bool = True, read_parts: bool = True) -> list[str]:

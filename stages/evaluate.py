@@ -22,7 +22,7 @@ from kd.stages.config import Config
 from kd.stages.engines import SamplingParams
 from kd.stages.generate import sample_rows
 from kd.stages.schemas import EVAL, ROLLOUTS
-from kd.stages.score import accuracy, kl_stats, teacher_scores, with_teacher
+from kd.stages.score import accuracy, kl_stats, split_stats, teacher_scores, with_reward, with_teacher
 from kd.stages.session import Session, using
 
 
@@ -49,7 +49,7 @@ def evaluate(session: Session, adapter: Path | None, epoch: int) -> tuple[pa.Tab
     teacher_prompts, scores = teacher_scores(session, table, f"eval epoch {epoch}: score")
     logprobs = [s.logprobs for s in scores]
     decoding = pa.array(["sample"] * len(sampled) + ["greedy"] * len(greedy))
-    table = with_teacher(table, teacher_prompts, logprobs, session.config.task).append_column("decoding", decoding)
+    table = with_reward(with_teacher(table, teacher_prompts, logprobs), session.config.task).append_column("decoding", decoding)
     kl = kl_stats([r["sampler_logprobs"] for r in sampled], logprobs[: len(sampled)])
     rewards = table.column("reward").to_pylist()
     stats = {
@@ -59,6 +59,8 @@ def evaluate(session: Session, adapter: Path | None, epoch: int) -> tuple[pa.Tab
         "sampled_accuracy": accuracy(rewards[: len(sampled)]),
         "prompts": len(heldout),
     }
+    if len(session.config.teachers) > 1:  # the held-out KL of the samples each teacher scored
+        stats["teachers"] = split_stats(table, list(range(len(sampled))))
     return table, stats
 
 

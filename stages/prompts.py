@@ -24,6 +24,7 @@ import numpy as np
 from kd.stages.config import DEFAULT_TEACHER
 from kd.stages.datasets_io import read_prompt_rows
 from kd.stages.errors import KdError
+from kd.stages.tasks import ANSWER_FORMATS
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,11 @@ def render(messages: list[dict], tokenizer, template_kwargs: dict[str, Any]) -> 
 
 def load(path: str | Path, tokenizer, max_prompt_tokens: int, template_kwargs: dict[str, Any] | None = None,
          limit: str = "the model's context leaves after max_new_tokens; shorten it or lower max_new_tokens",
-         route_by: str = "", teachers: tuple[str, ...] = ()) -> list[Prompt]:
+         route_by: str = "", teachers: tuple[str, ...] = (), task: str = "") -> list[Prompt]:
     """Every row of a prompt file, tokenized; `limit` says where `max_prompt_tokens` comes from. With
     `route_by`, each row's field of that name picks its teacher among `teachers` (absent or null:
-    the default teacher)."""
+    the default teacher). An answer must have the structure `task`'s verifier reads (if any)."""
+    structure, has_it = ANSWER_FORMATS.get(task, ("", lambda answer: True))
     rows = read_prompt_rows(path)
     if not rows:
         raise KdError(f"{path}: no prompts in the file; add rows with a `prompt` or `messages` field")
@@ -68,6 +70,8 @@ def load(path: str | Path, tokenizer, max_prompt_tokens: int, template_kwargs: d
             raise KdError(f"{where}: field answer: expected a string, number or mapping, got {type(answer).__name__}")
         if isinstance(answer, dict):
             answer = json.dumps(answer, ensure_ascii=False)
+        if answer is not None and not has_it(str(answer)):
+            raise KdError(f"{where}: field answer: task {task} checks answers that are {structure}, got {str(answer)[:40]!r}")
         teacher = row.get(route_by) if route_by else None
         if teacher is not None and teacher not in teachers:
             raise KdError(f"{where}: field {route_by}: {teacher!r} names no teacher; score.teachers has "

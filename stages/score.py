@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kd.stages import datasets_io, pipeline, rundir, shards, tasks
-from kd.stages.config import DEFAULT_TEACHER, Config
+from kd.stages.config import Config, teacher_field
 from kd.stages.engines import Scores
 from kd.stages.errors import KdError
 from kd.stages.progress import bar
@@ -50,15 +50,21 @@ def teacher_prompts(session: Session, table: pa.Table, teacher: str) -> list[lis
     return prompts
 
 
+def by_teacher(table: pa.Table) -> dict[str, list[int]]:
+    """The row indices of each teacher's rows (the `teacher` column), teachers in order of appearance."""
+    rows: dict[str, list[int]] = {}
+    for index, name in enumerate(table.column("teacher").to_pylist()):
+        rows.setdefault(name, []).append(index)
+    return rows
+
+
 def teacher_scores(session: Session, table: pa.Table, description: str, top_k: int = 0) -> tuple[list[list[int]], list[Scores]]:
     """The prompt ids of every row as its teacher (the `teacher` column) sees them, and that teacher's
     scores of the row's completion after them."""
-    names = table.column("teacher").to_pylist()
-    prompts: list = [None] * len(names)
-    scores: list = [None] * len(names)
-    with bar(description, len(names), session.progress) as advance:
-        for teacher in dict.fromkeys(names):
-            rows = [i for i, name in enumerate(names) if name == teacher]
+    prompts: list = [None] * len(table)
+    scores: list = [None] * len(table)
+    with bar(description, len(table), session.progress) as advance:
+        for teacher, rows in by_teacher(table).items():
             part = table.take(rows)
             ids = teacher_prompts(session, part, teacher)
             engine = session.engine("teacher", session.config.teachers[teacher].engine, teacher)
@@ -83,8 +89,7 @@ def self_check(session: Session, table: pa.Table, prompts: list[list[int]], scor
     engine = session.engine("teacher", spec.replica or spec.engine, teacher)
     again = engine.score([prompts[i] + completions[i] for i in picked], [len(prompts[i]) for i in picked])
     gaps = np.concatenate([np.abs(scores[i].logprobs.astype(np.float64) - s.logprobs) for i, s in zip(picked, again)])
-    field = "score.replica" if teacher == DEFAULT_TEACHER else f"score.teachers.{teacher}.replica"
-    against = f"its replica ({field})" if spec.replica else "itself (a second request to the same engine)"
+    against = f"its replica ({teacher_field(teacher, 'replica')})" if spec.replica else "itself (a second request to the same engine)"
     result = {"teacher": teacher, "against": "replica" if spec.replica else "same engine", "sequences": len(picked),
               "tokens": int(len(gaps)), "mean_abs_diff": float(gaps.mean()), "max_abs_diff": float(gaps.max())}
     if result["mean_abs_diff"] > cfg.self_check_tolerance:
@@ -128,13 +133,29 @@ def accuracy(rewards: list[float | None]) -> float | None:
     return sum(checked) / len(checked) if checked else None
 
 
-def with_teacher(table: pa.Table, prompts: list[list[int]], logprobs: list[np.ndarray], task: str) -> pa.Table:
-    """`table` with the teacher's prompt ids and logprobs and the `task` verifier's reward of each row."""
+def with_teacher(table: pa.Table, prompts: list[list[int]], logprobs: list[np.ndarray]) -> pa.Table:
     column = pa.array([q.astype(np.float32) for q in logprobs], type=pa.list_(pa.float32()))
     prompt_column = pa.array(prompts, type=pa.list_(pa.int32()))
+    return table.append_column("teacher_prompt_token_ids", prompt_column).append_column("teacher_logprobs", column)
+
+
+def with_reward(table: pa.Table, task: str) -> pa.Table:
+    """`table` with the `task` verifier's reward of each row's completion (kd.stages.tasks)."""
     rewards = tasks.rewards(task, table.column("completion_text").to_pylist(), table.column("answer").to_pylist())
-    return (table.append_column("teacher_prompt_token_ids", prompt_column).append_column("teacher_logprobs", column)
-            .append_column("reward", pa.array(rewards, type=pa.float32())))
+    return table.append_column("reward", pa.array(rewards, type=pa.float32()))
+
+
+def split_stats(table: pa.Table, rows: list[int] | None = None) -> dict:
+    """Rows, reverse KL per token and accuracy of each teacher's rows among `rows` (default: all)."""
+    wanted = set(range(len(table)) if rows is None else rows)
+    sampler, teacher = table.column("sampler_logprobs").to_pylist(), table.column("teacher_logprobs").to_pylist()
+    rewards = table.column("reward").to_pylist()
+    split = {}
+    for name, mine in by_teacher(table).items():
+        mine = [i for i in mine if i in wanted]
+        kl = kl_stats([sampler[i] for i in mine], [np.asarray(teacher[i]) for i in mine])["teacher_kl"]
+        split[name] = {"rows": len(mine), "teacher_kl": kl, "accuracy": accuracy([rewards[i] for i in mine])}
+    return split
 
 
 def with_top_k(table: pa.Table, scores: list[Scores]) -> pa.Table:
@@ -148,14 +169,8 @@ def scored_stats(table: pa.Table, wall_seconds: float, top_k: int, session: Sess
     sampler = table.column("sampler_logprobs").to_pylist()
     stats = kl_stats(sampler, teacher)
     stats["tokens_per_second"] = stats["completion_tokens"] / max(wall_seconds, 1e-9)
-    rewards = table.column("reward").to_pylist()
-    stats["accuracy"] = accuracy(rewards)
-    names = table.column("teacher").to_pylist()
-    stats["teachers"] = {}  # the split: rows, reverse KL and accuracy of each teacher's rows
-    for name in dict.fromkeys(names):
-        rows = [i for i, n in enumerate(names) if n == name]
-        kl = kl_stats([sampler[i] for i in rows], [teacher[i] for i in rows])["teacher_kl"]
-        stats["teachers"][name] = {"rows": len(rows), "teacher_kl": kl, "accuracy": accuracy([rewards[i] for i in rows])}
+    stats["accuracy"] = accuracy(table.column("reward").to_pylist())
+    stats["teachers"] = split_stats(table)
     stats["top_k"] = top_k
     # Mean teacher probability mass inside the top-K, over completion positions (None without top-k).
     top = table.column("teacher_top_logprobs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -189,7 +204,7 @@ def run(config: Config, epoch: int, session: Session | None = None, shard: int =
             checked = self_check(own, mine, prompts, scores, name, where)
             if checked is not None:
                 rundir.log_metrics(config, {"epoch": epoch, "stage": "score_self_check", "shard": shard, **checked})
-            return with_top_k(with_teacher(mine, prompts, [s.logprobs for s in scores], config.task), scores)
+            return with_top_k(with_reward(with_teacher(mine, prompts, [s.logprobs for s in scores]), config.task), scores)
 
         return produce
 

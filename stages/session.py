@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 from kd.stages import engines, prompts as prompts_lib
-from kd.stages.config import DEFAULT_TEACHER, Config, EngineConfig
+from kd.stages.config import DEFAULT_TEACHER, Config, EngineConfig, teacher_field
 from kd.stages.errors import KdError
 
 
@@ -166,7 +166,8 @@ class Session:
 
             positions, why = room("student")
             loaded = prompts_lib.load(path, self.tokenizer, positions, self.config.generate.chat_template_kwargs,
-                                      f"{why} leaves {fix}", self.config.score.route_by, tuple(self.config.teachers))
+                                      f"{why} leaves {fix}", self.config.score.route_by, tuple(self.config.teachers),
+                                      self.config.task)
             for teacher in dict.fromkeys(prompt.teacher for prompt in loaded):  # only the teachers prompts go to
                 positions, why = room("teacher", teacher)
                 for prompt in (prompt for prompt in loaded if prompt.teacher == teacher):
@@ -188,7 +189,7 @@ class Session:
             self.tokenizer  # a missing model: one line first
         else:
             path, engine = self.config.teachers[teacher].model, self.config.teachers[teacher].engine
-            section = "score.engine" if teacher == DEFAULT_TEACHER else f"score.teachers.{teacher}.engine"
+            section = teacher_field(teacher, "engine")
             who = "teacher" if teacher == DEFAULT_TEACHER else f"teacher {teacher}"
             self.teacher_tokenizer(teacher)  # a missing or mismatched model: one line first
         positions = int(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 4096))

@@ -5,7 +5,8 @@
 Shard i of N takes the i-th contiguous block of the rows the unsharded stage would produce (the
 chosen prompts for generate, the rollouts' rows for score). Which prompts are chosen and each
 sample's seed depend on (seed, epoch, prompt, sample index) only, so the shards' union is the
-unsharded dataset, row for row in the same order.
+unsharded dataset, row for row in the same order. (With several teachers each teacher has its own
+N shards of the scored dataset, kd.stages.score: its rows are then in teacher order.)
 
 On disk, a sharded dataset fills in place:
 

@@ -131,12 +131,14 @@ def plan(config: Config, python: str = sys.executable, workdir: Path | None = No
             tasks = resources_of(config, stage).tasks if stage.shardable else 1
             after = [key for source in pipeline.inputs_at(stage, epoch) for key in writers.get(source, [])]
             # Several teachers: one score job (array) per teacher, each over its own shards of the dataset.
-            parts = [(t, i * tasks) for i, t in enumerate(teachers)] if stage is pipeline.SCORE and len(teachers) > 1 else [(None, 0)]
-            for teacher, first in parts:
-                missing = missing_shards(out, tasks, first, tasks * len(parts))
-                if not missing:
+            parts = teachers if stage is pipeline.SCORE and len(teachers) > 1 else [None]
+            missing = {t: missing_shards(out, tasks, i * tasks, tasks * len(parts)) for i, t in enumerate(parts)}
+            if not any(missing.values()):  # every shard done, the manifest never written: a re-run writes it
+                missing[parts[0]] = [0]
+            for teacher, shards in missing.items():
+                if not shards:
                     continue
-                array = ",".join(map(str, missing)) if tasks > 1 else ""
+                array = ",".join(map(str, shards)) if tasks > 1 else ""
                 command = stage.command if teacher is None else f"{stage.command}-{teacher}"
                 key = f"{epoch}-{command}"
                 script = render(config, epoch, stage, python, workdir, array, teacher)

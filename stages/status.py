@@ -56,7 +56,9 @@ def stage_state(config: Config, epoch: int, stage: Stage, queue: dict[str, str])
         writing = sum(locks.is_locked(config.run_dir, locks.shard_lock_name(out, s, num_shards)) for s in range(num_shards))
         text = f"{done}/{num_shards} shards" + (f", {writing} writing" if writing else "")
         return f"{text}, {state}" if state else text
-    own_lock = locks.shard_lock_name(out, 0, 1) if stage.shardable else locks.stage_lock_name(epoch, stage.key)
+    # Unsharded, a stage of one teacher writes shard 0 of 1; of T teachers, the first writes shard 0 of T.
+    layout = len(config.teachers) if stage is pipeline.SCORE else 1
+    own_lock = locks.shard_lock_name(out, 0, layout) if stage.shardable else locks.stage_lock_name(epoch, stage.key)
     if being_written(out) or locks.is_locked(config.run_dir, own_lock):
         return "writing"
     return state or "missing"

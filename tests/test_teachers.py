@@ -144,3 +144,26 @@ def test_a_prompt_naming_no_teacher_is_refused(make_config, tiny_world, tmp_path
         generate.run(config, 0, session)
     assert str(refused.value) == f"{path}:5: field domain: 'ehco' names no teacher; score.teachers has echo (drop the field for the default teacher)"
     assert not pipeline.stage_dir(config, 0, "rollouts").exists()
+
+
+def test_self_check_compares_a_replica_and_stops_on_disagreement(make_config):
+    """The tiny teacher against a bfloat16 replica of itself: a mean |q - q'| of about 1e-4 on this
+    confident toy model, caught at a tolerance of 1e-5; a float32 replica agrees to float rounding."""
+    bf16 = make_config(**{"score.replica": "{kind: hf, device: cpu, dtype: bfloat16}", "score.self_check_tolerance": 1e-5})
+    rundir.prepare(bf16)
+    with Session(bf16, progress=False) as session:
+        generate.run(bf16, 0, session)
+        with pytest.raises(KdError, match=r"^score epoch 0: teacher default disagrees with its replica \(score.replica\): "
+                                          r"mean \|q - q'\| [\d.e-]+ per token \(max [\d.e-]+\) over \d+ tokens of 2 "
+                                          r"sequences, above score.self_check_tolerance 1e-05; check that both serve"):
+            score.run(bf16, 0, session)
+    assert not pipeline.stage_dir(bf16, 0, "scored").exists()
+
+    # Raising the tolerance is no other run: the self-check is not part of the fingerprint.
+    looser = make_config(**{"score.replica": "{kind: hf, device: cpu, dtype: float32}", "score.self_check_tolerance": 1e-5})
+    assert looser.fingerprint() == bf16.fingerprint()
+    rundir.prepare(looser)
+    with Session(looser, progress=False) as session:
+        assert datasets_io.is_complete(score.run(looser, 0, session))
+    (check,) = [r for r in rundir.read_metrics(looser.run_dir) if r["stage"] == "score_self_check"]
+    assert (check["against"], check["sequences"]) == ("replica", 2) and check["mean_abs_diff"] < 1e-6  # batch rounding

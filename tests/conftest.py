@@ -70,6 +70,19 @@ def tiny_config(world: Path, runs: Path, **overrides) -> config_lib.Config:
     return config_lib.build(config_lib.Config, data, where="")
 
 
+def routed_prompts(world: Path, path: Path) -> dict[str, str]:
+    """Writes `world`'s train prompts to `path` with every third one routed to the teacher named echo
+    (field `domain`); returns each prompt id's teacher."""
+    from kd.stages import datasets_io
+
+    rows = datasets_io.read_prompt_rows(world / "prompts" / "train.jsonl.zst")
+    for number, row in enumerate(rows):
+        if number % 3 == 0:
+            row["domain"] = "echo"
+    datasets_io.write_jsonl_zst(path, rows)
+    return {str(row.get("id", f"row-{n}")): row.get("domain", "default") for n, row in enumerate(rows, 1)}
+
+
 @pytest.fixture
 def make_config(tiny_world, tmp_path):
     return lambda **overrides: tiny_config(tiny_world, tmp_path / "runs", **overrides)

@@ -13,6 +13,7 @@ import pytest
 
 from kd.stages import datasets_io, locks, verify
 from kd.stages.schemas import ROLLOUTS, SCORED
+from tests.conftest import routed_prompts
 from tests.slurm_cluster import LocalSlurm, cannot_start
 from tests.test_loop import heldout_kl, kd
 
@@ -42,14 +43,18 @@ def keys_and_tokens(directory, kind) -> tuple[list, list]:
     return keys, table.column("completion_token_ids").to_pylist()
 
 
-def test_kd_slurm_two_epochs_cover_kd_loops_samples_and_lower_kl(cluster, toy_config_file, tmp_path):
-    config = str(toy_config_file(**SETTINGS))
-    runs = tmp_path / "runs"
+def loop_and_slurm(cluster, config: str, run_id: str) -> str:
+    """`kd loop` of `config` as run `loop`, then `kd slurm --wait` of it as `run_id`; kd slurm's output."""
     reference = kd("loop", "--config", config, "--run", "loop")
     assert reference.returncode == 0, reference.stderr[-2000:]
-    submitted = kd("slurm", "--config", config, "--run", "arrays", "--wait", env=slurm_env(cluster), cwd=os.getcwd())
+    submitted = kd("slurm", "--config", config, "--run", run_id, "--wait", env=slurm_env(cluster), cwd=os.getcwd())
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
-    assert "submitted 11 jobs" in submitted.stdout
+    return submitted.stdout
+
+
+def test_kd_slurm_two_epochs_cover_kd_loops_samples_and_lower_kl(cluster, toy_config_file, tmp_path):
+    runs = tmp_path / "runs"
+    assert "submitted 11 jobs" in loop_and_slurm(cluster, str(toy_config_file(**SETTINGS)), "arrays")
 
     for epoch in ("0000", "0001"):
         for stage, kind in (("rollouts", ROLLOUTS), ("scored", SCORED)):
@@ -118,22 +123,14 @@ def test_cancelled_array_task_leaves_no_part_and_resubmitting_finishes(cluster, 
 def test_each_teacher_scores_in_its_own_array(cluster, toy_config_file, toy_world, tmp_path):
     """Two teachers (the toy teacher, and the toy student as `echo` for every third prompt), two
     array tasks each: the scored dataset equals `kd loop`'s, row for row and teacher for teacher."""
-    rows = datasets_io.read_prompt_rows(toy_world / "prompts" / "train.jsonl.zst")
-    for number, row in enumerate(rows):
-        if number % 3 == 0:
-            row["domain"] = "echo"
     prompts = tmp_path / "routed.jsonl.zst"
-    datasets_io.write_jsonl_zst(prompts, rows)
+    routed_prompts(toy_world, prompts)
     settings = {**SETTINGS, "epochs": 1, "generate.prompts_per_epoch": 32, "eval.num_prompts": 16,
                 "slurm.train.tasks": 1, "generate.prompts": str(prompts), "score.route_by": "domain",
                 "score.teachers": f"{{echo: {{model: {toy_world / 'student'}, engine: {{device: cpu, dtype: float32}}}}}}"}
-    config = str(toy_config_file(**settings))
     runs = tmp_path / "runs"
-    reference = kd("loop", "--config", config, "--run", "loop")
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    submitted = kd("slurm", "--config", config, "--run", "teachers", "--wait", env=slurm_env(cluster), cwd=os.getcwd())
-    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
-    assert "submitted 7 jobs" in submitted.stdout  # eval, generate, score x 2 teachers, train, export-lora, eval
+    submitted = loop_and_slurm(cluster, str(toy_config_file(**settings)), "teachers")
+    assert "submitted 7 jobs" in submitted  # eval, generate, score x 2 teachers, train, export-lora, eval
 
     scored = runs / "teachers" / "0000" / "scored"
     assert datasets_io.read_manifest(scored)["stats"]["shards"] == 4  # 2 teachers x 2 array tasks

@@ -18,19 +18,23 @@ from kd.stages.schemas import ROLLOUTS, SCORED
 from kd.stages.session import Session
 from kd.stages.train import features
 
+from tests.conftest import routed_prompts
 from tests.test_loop import kd
 
 
 @pytest.fixture
 def routed(tiny_world, tmp_path):
     """The tiny world's train prompts, every third one with domain: echo; returns (file, {id: teacher})."""
-    rows = datasets_io.read_prompt_rows(tiny_world / "prompts" / "train.jsonl.zst")
-    for number, row in enumerate(rows):
-        if number % 3 == 0:
-            row["domain"] = "echo"
     path = tmp_path / "routed.jsonl.zst"
-    datasets_io.write_jsonl_zst(path, rows)
-    return path, {str(row.get("id", f"row-{n}")): row.get("domain", "default") for n, row in enumerate(rows, 1)}
+    return path, routed_prompts(tiny_world, path)
+
+
+def generated(config):
+    """`config`'s run with epoch 0 generated, and the session that did it (to go on with)."""
+    rundir.prepare(config)
+    session = Session(config, progress=False)
+    generate.run(config, 0, session)
+    return session
 
 
 def two_teachers(make_config, tiny_world, prompts, **overrides):
@@ -45,9 +49,7 @@ def two_teachers(make_config, tiny_world, prompts, **overrides):
 def test_each_row_is_scored_by_its_teacher_and_the_union_is_every_prompt(make_config, tiny_world, routed, capsys):
     prompts, teacher_of = routed
     config = two_teachers(make_config, tiny_world, prompts)
-    rundir.prepare(config)
-    with Session(config, progress=False) as session:
-        generate.run(config, 0, session)
+    with generated(config) as session:
         out = score.run(config, 0, session)
     rollouts = datasets_io.read_table(pipeline.stage_dir(config, 0, "rollouts"), ROLLOUTS)
     table = datasets_io.read_table(out, SCORED)
@@ -80,9 +82,7 @@ def test_each_row_is_scored_by_its_teacher_and_the_union_is_every_prompt(make_co
 def test_a_teacher_scores_its_own_shards_from_the_command_line(make_config, tiny_world, routed, tmp_path):
     prompts, _ = routed
     config = two_teachers(make_config, tiny_world, prompts)
-    rundir.prepare(config)
-    with Session(config, progress=False) as session:
-        generate.run(config, 0, session)
+    generated(config).close()
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     out = pipeline.stage_dir(config, 0, "scored")
@@ -101,9 +101,7 @@ def test_a_teacher_scores_its_own_shards_from_the_command_line(make_config, tiny
     assert datasets_io.is_complete(out)
 
     alone = two_teachers(make_config, tiny_world, prompts, run_id="alone")
-    rundir.prepare(alone)
-    with Session(alone, progress=False) as session:
-        generate.run(alone, 0, session)
+    with generated(alone) as session:
         reference = datasets_io.read_table(score.run(alone, 0, session), SCORED)
     sharded = datasets_io.read_table(out, SCORED)
 
@@ -150,9 +148,7 @@ def test_self_check_compares_a_replica_and_stops_on_disagreement(make_config):
     """The tiny teacher against a bfloat16 replica of itself: a mean |q - q'| of about 1e-4 on this
     confident toy model, caught at a tolerance of 1e-5; a float32 replica agrees to float rounding."""
     bf16 = make_config(**{"score.replica": "{kind: hf, device: cpu, dtype: bfloat16}", "score.self_check_tolerance": 1e-5})
-    rundir.prepare(bf16)
-    with Session(bf16, progress=False) as session:
-        generate.run(bf16, 0, session)
+    with generated(bf16) as session:
         with pytest.raises(KdError, match=r"^score epoch 0: teacher default disagrees with its replica \(score.replica\): "
                                           r"mean \|q - q'\| [\d.e-]+ per token \(max [\d.e-]+\) over \d+ tokens of 2 "
                                           r"sequences, above score.self_check_tolerance 1e-05; check that both serve"):

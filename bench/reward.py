@@ -2,11 +2,11 @@
 held-out greedy accuracy and reverse KL at each evaluation. Real world: pass@1 on the held-out
 HumanEval problems before and after distillation, with the teacher's own beside it.
 
-    python bench/reward.py [--seeds 0 1] [--reward-coef 0.5] [--real-epochs 8] [--toy-only | --real-only]
+    python bench/reward.py [--seeds 0 1] [--reward-coefs 0.5 2] [--real-epochs 8] [--toy-only | --real-only]
 
 Toy: `kd loop` of configs/toy.yaml (100 epochs; evaluations every 5), once with train.reward_coef 0
-(the KL alone) and once with --reward-coef, for each seed (the seed draws the prompts and samples;
-the world is the same). Real: `kd loop` of configs/smollm2-humaneval.yaml (task humaneval) over
+(the KL alone) and once with each of --reward-coefs, for each seed (the seed draws the prompts and
+samples; the world is the same). Real: `kd loop` of configs/smollm2-humaneval.yaml (task humaneval) over
 --real-epochs, evaluating on all 32 held-out problems with up to 320 new tokens (whole functions fit),
 and `kd eval` of the teacher as the student on the same problems. pass@1 is greedy decoding's
 (one completion per problem, run against the problem's unit tests); "sampled" is one T = 1 sample's.
@@ -53,11 +53,11 @@ def curve(run_id: str) -> list[dict]:
              "train_accuracy": trained.get(r["epoch"] - 1)} for r in found if r["stage"] == "eval"]
 
 
-def toy(seeds: list[int], reward_coef: float) -> dict:
+def toy(seeds: list[int], reward_coefs: list[float]) -> dict:
     kd("toy")
     runs = {}
     for seed in seeds:
-        for name, coef in (("KL alone", 0.0), (f"KL + reward x {reward_coef:g}", reward_coef)):
+        for name, coef in [("KL alone", 0.0), *((f"KL + reward x {c:g}", c) for c in reward_coefs)]:
             run_id = f"bench-reward-toy-{seed}-{coef:g}"
             kd("loop", "--run", run_id, "--overwrite",
                *sets([f"seed={seed}", f"train.reward_coef={coef}", "eval.every=5"]))
@@ -124,7 +124,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--reward-coef", type=float, default=0.5)
+    parser.add_argument("--reward-coefs", type=float, nargs="+", default=[0.5, 2.0])
     parser.add_argument("--real-epochs", type=int, default=8)
     parser.add_argument("--toy-only", action="store_true")
     parser.add_argument("--real-only", action="store_true")
@@ -132,7 +132,7 @@ def main() -> None:
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
               "argv": sys.argv[1:]}
     if not args.real_only:
-        result["toy"] = toy(args.seeds, args.reward_coef)
+        result["toy"] = toy(args.seeds, args.reward_coefs)
         result["curves"] = {f"{name}, seed {seed}": points for name, by_seed in result["toy"].items()
                             for seed, points in by_seed.items()}
     if not args.toy_only:

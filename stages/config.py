@@ -208,7 +208,8 @@ class ScoreConfig:
                    f"a teacher's name is letters, digits, - and _ (it names Slurm jobs), and not {DEFAULT_TEACHER!r}")
         _check(bool(self.route_by) == bool(self.teachers), "score.route_by" if self.teachers else "score.teachers", (
             "set score.route_by to the prompt field that names each prompt's teacher (e.g. domain)" if self.teachers
-            else f"score.route_by {self.route_by!r} needs teachers to route to: add score.teachers.<name> {{model: ...}}, or leave route_by empty"))
+            else f"score.route_by {self.route_by!r} needs teachers to route to: add score.teachers.<name> {{model: ...}}, "
+                 "or leave route_by empty"))
 
 
 @dataclass

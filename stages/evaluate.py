@@ -49,7 +49,8 @@ def evaluate(session: Session, adapter: Path | None, epoch: int) -> tuple[pa.Tab
     teacher_prompts, scores = teacher_scores(session, table, f"eval epoch {epoch}: score")
     logprobs = [s.logprobs for s in scores]
     decoding = pa.array(["sample"] * len(sampled) + ["greedy"] * len(greedy))
-    table = with_reward(with_teacher(table, teacher_prompts, logprobs), session.config.task).append_column("decoding", decoding)
+    table = with_reward(with_teacher(table, teacher_prompts, logprobs), session.config.task)
+    table = table.append_column("decoding", decoding)
     kl = kl_stats([r["sampler_logprobs"] for r in sampled], logprobs[: len(sampled)])
     rewards = table.column("reward").to_pylist()
     stats = {

@@ -89,7 +89,8 @@ def self_check(session: Session, table: pa.Table, prompts: list[list[int]], scor
     engine = session.engine("teacher", spec.replica or spec.engine, teacher)
     again = engine.score([prompts[i] + completions[i] for i in picked], [len(prompts[i]) for i in picked])
     gaps = np.concatenate([np.abs(scores[i].logprobs.astype(np.float64) - s.logprobs) for i, s in zip(picked, again)])
-    against = f"its replica ({teacher_field(teacher, 'replica')})" if spec.replica else "itself (a second request to the same engine)"
+    against = (f"its replica ({teacher_field(teacher, 'replica')})" if spec.replica
+               else "itself (a second request to the same engine)")
     result = {"teacher": teacher, "against": "replica" if spec.replica else "same engine", "sequences": len(picked),
               "tokens": int(len(gaps)), "mean_abs_diff": float(gaps.mean()), "max_abs_diff": float(gaps.max())}
     if result["mean_abs_diff"] > cfg.self_check_tolerance:

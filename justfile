@@ -34,7 +34,7 @@ bench-engines:
     python bench/engines.py
 
 # Every benchmark, one after another (results in bench/results/, summary in BENCHMARKS.md)
-bench: bench-engines bench-topk bench-vs-trl bench-efficiency bench-offpolicy bench-slurm bench-memory bench-real
+bench: bench-engines bench-topk bench-vs-trl bench-efficiency bench-offpolicy bench-slurm bench-memory bench-real bench-reward
 
 # One toy epoch as Slurm jobs: 1 vs 2 array tasks, 1 vs 2 training processes, Slurm's overhead -> bench/results/slurm.md
 bench-slurm: install-slurm toy
@@ -89,6 +89,10 @@ real *args:
 # Real world: held-out reverse KL vs loop time, stage wall time and peak memory, sampled token vs top-32 -> bench/results/real.md
 bench-real *args:
     python bench/real.py {{args}}
+
+# Task rewards: the toy's exact-answer reward mixed with the KL vs the KL alone; real-world HumanEval pass@1 before/after -> bench/results/reward.md
+bench-reward *args:
+    python bench/reward.py {{args}}
 
 # One train step at a 151,936-token vocabulary: peak memory and speed, kd before/now vs TRL's DistillationTrainer loss -> bench/results/memory.md
 bench-memory:

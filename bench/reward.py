@@ -10,8 +10,7 @@ samples; the world is the same). Real: `kd loop` of configs/smollm2-humaneval.ya
 --real-epochs, evaluating on all 32 held-out problems with up to 320 new tokens (whole functions fit),
 and `kd eval` of the teacher as the student on the same problems. pass@1 is greedy decoding's
 (one completion per problem, run against the problem's unit tests); "sampled" is one T = 1 sample's.
-Runs go one after the other, each with both cores. Writes bench/results/reward.json, reward.md and
-the toy curves.
+Runs go one after the other, each with both cores. Writes bench/results/reward.json and reward.md.
 """
 
 from __future__ import annotations

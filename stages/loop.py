@@ -27,6 +27,8 @@ def run(config: Config, overwrite: bool = False) -> list[dict]:
     rundir.prepare(config, overwrite)
     started = time.time()
     with locks.whole_run(config.run_dir), Session(config, progress=False) as session:
+        # A bad train prompt file fails now, not after the first evaluation has written a dataset.
+        session.prompts(config.generate.prompts, config.generate.max_new_tokens)
         for epoch in range(config.epochs + 1):
             wrote, epoch_started = {}, time.time()
             for stage in pipeline.STAGES:

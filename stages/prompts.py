@@ -15,6 +15,7 @@ file, the row and the field.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,9 @@ def load(path: str | Path, tokenizer, max_prompt_tokens: int, template_kwargs: d
             raise KdError(f"{where}: field {route_by}: {teacher!r} names no teacher; score.teachers has "
                           f"{', '.join(t for t in teachers if t != DEFAULT_TEACHER)} (drop the field for the default teacher)")
         prompts.append(Prompt(prompt_id, ids, None if answer is None else str(answer), messages, teacher or DEFAULT_TEACHER))
+    if route_by and not any(route_by in row for row in rows):  # a misspelt field would route everything silently
+        print(f"kd: warning: {path}: no row has the field {route_by!r} (score.route_by), so every prompt of it goes "
+              "to the default teacher", file=sys.stderr)
     return prompts
 
 

@@ -76,14 +76,14 @@ def teacher_scores(session: Session, table: pa.Table, description: str, top_k: i
 
 
 def self_check(session: Session, table: pa.Table, prompts: list[list[int]], scores: list[Scores], teacher: str,
-               where: str) -> dict | None:
+               where: str, log) -> None:
     """Score score.self_check of `table`'s rows (all of one teacher) again, by the teacher's replica when
-    it has one, and compare: the numbers, or a KdError when the mean |q - q'| per token is above
-    score.self_check_tolerance. None when off or nothing to check."""
+    it has one, and compare: `log(numbers)`, then a KdError when the mean |q - q'| per token is above
+    score.self_check_tolerance. Nothing when off or nothing to check."""
     cfg, spec = session.config.score, session.config.teachers[teacher]
     rows = [i for i, s in enumerate(scores) if len(s.logprobs)]
     if not cfg.self_check or not rows:
-        return None
+        return
     picked = [rows[int(i)] for i in np.unique(np.linspace(0, len(rows) - 1, min(cfg.self_check, len(rows))).round())]
     completions = table.column("completion_token_ids").to_pylist()
     engine = session.engine("teacher", spec.replica or spec.engine, teacher)
@@ -93,6 +93,7 @@ def self_check(session: Session, table: pa.Table, prompts: list[list[int]], scor
                else "itself (a second request to the same engine)")
     result = {"teacher": teacher, "against": "replica" if spec.replica else "same engine", "sequences": len(picked),
               "tokens": int(len(gaps)), "mean_abs_diff": float(gaps.mean()), "max_abs_diff": float(gaps.max())}
+    log(result)
     if result["mean_abs_diff"] > cfg.self_check_tolerance:
         raise KdError(
             f"{where}: teacher {teacher} disagrees with {against}: mean |q - q'| {result['mean_abs_diff']:.4g} per token "
@@ -100,7 +101,6 @@ def self_check(session: Session, table: pa.Table, prompts: list[list[int]], scor
             f"score.self_check_tolerance {cfg.self_check_tolerance:g}; check that both serve the same weights, dtype, "
             "quantisation and chat template (or raise the tolerance)"
         )
-    return result
 
 
 def template_probe(table: pa.Table, session: Session) -> dict | None:
@@ -202,9 +202,8 @@ def run(config: Config, epoch: int, session: Session | None = None, shard: int =
             where = f"score epoch {epoch}" + (f" teacher {name}" if len(names) > 1 else "") + (
                 f" shard {shard}/{num_shards}" if num_shards > 1 else "")
             prompts, scores = teacher_scores(own, mine, where, config.score.top_k)
-            checked = self_check(own, mine, prompts, scores, name, where)
-            if checked is not None:
-                rundir.log_metrics(config, {"epoch": epoch, "stage": "score_self_check", "shard": shard, **checked})
+            self_check(own, mine, prompts, scores, name, where, lambda numbers: rundir.log_metrics(
+                config, {"epoch": epoch, "stage": "score_self_check", "shard": shard, **numbers}))
             return with_top_k(with_reward(with_teacher(mine, prompts, [s.logprobs for s in scores]), config.task), scores)
 
         return produce

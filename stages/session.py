@@ -30,7 +30,9 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     local = Path(path)
-    if (path.startswith((".", "/")) or local.exists()) and not local.is_dir():
+    # A hub id is org/name; a path whose first folder exists here (runs/...) is a local one, missing.
+    looks_local = path.startswith((".", "/")) or local.exists() or (len(local.parts) > 1 and Path(local.parts[0]).is_dir())
+    if looks_local and not local.is_dir():
         raise KdError(f"{path}: model directory not found; build the toy world with `kd toy` or fix the path")
     try:
         return AutoTokenizer.from_pretrained(path)

@@ -271,6 +271,9 @@ CASES = [
     ("score --teacher that the run does not have", lambda tmp: ["score", "--run", "base", "--epoch", "1", "--teacher", "code"],
      "--teacher code: this run has no such teacher; its teachers are default"),
     ("unknown task", lambda tmp: fresh("generate", "--set", "task=gsm8k"), "not one of last-integer, math, humaneval"),
+    ("bad train prompt file for a new kd loop",  # refused before the first evaluation writes anything
+     lambda tmp: fresh("loop", "--set", f"generate.prompts={write(tmp / 'loop.jsonl', chr(123) + '}' + chr(10))}"),
+     "loop.jsonl:1: missing field"),
     ("code task with a plain answer", lambda tmp: fresh("generate", "--set", "task=humaneval"),
      ":1: field answer: task humaneval checks answers that are a mapping {prompt, test, entry_point}, got '"),
     ("read-only run directory", read_only_run, "Read-only file system"),

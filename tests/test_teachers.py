@@ -154,6 +154,8 @@ def test_self_check_compares_a_replica_and_stops_on_disagreement(make_config):
                                           r"sequences, above score.self_check_tolerance 1e-05; check that both serve"):
             score.run(bf16, 0, session)
     assert not pipeline.stage_dir(bf16, 0, "scored").exists()
+    (stopped,) = [r for r in rundir.read_metrics(bf16.run_dir) if r["stage"] == "score_self_check"]
+    assert stopped["mean_abs_diff"] > 1e-5  # the numbers of the check that stopped the stage are kept
 
     # Raising the tolerance is no other run: the self-check is not part of the fingerprint.
     looser = make_config(**{"score.replica": "{kind: hf, device: cpu, dtype: float32}", "score.self_check_tolerance": 1e-5})
@@ -161,5 +163,14 @@ def test_self_check_compares_a_replica_and_stops_on_disagreement(make_config):
     rundir.prepare(looser)
     with Session(looser, progress=False) as session:
         assert datasets_io.is_complete(score.run(looser, 0, session))
-    (check,) = [r for r in rundir.read_metrics(looser.run_dir) if r["stage"] == "score_self_check"]
+    check = [r for r in rundir.read_metrics(looser.run_dir) if r["stage"] == "score_self_check"][-1]
     assert (check["against"], check["sequences"]) == ("replica", 2) and check["mean_abs_diff"] < 1e-6  # batch rounding
+
+
+def test_a_routing_field_that_no_prompt_has_is_warned_about(make_config, tiny_world, routed, capsys):
+    prompts, _ = routed
+    config = two_teachers(make_config, tiny_world, prompts, **{"score.route_by": "domian"})
+    generated(config).close()
+    assert f"kd: warning: {prompts}: no row has the field 'domian' (score.route_by)" in capsys.readouterr().err
+    table = datasets_io.read_table(pipeline.stage_dir(config, 0, "rollouts"), ROLLOUTS)
+    assert set(table.column("teacher").to_pylist()) == {"default"}

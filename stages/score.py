@@ -25,6 +25,7 @@ Also, per row:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -76,7 +77,7 @@ def teacher_scores(session: Session, table: pa.Table, description: str, top_k: i
 
 
 def self_check(session: Session, table: pa.Table, prompts: list[list[int]], scores: list[Scores], teacher: str,
-               where: str, log) -> None:
+               where: str, log: Callable[[dict], None]) -> None:
     """Score score.self_check of `table`'s rows (all of one teacher) again, by the teacher's replica when
     it has one, and compare: `log(numbers)`, then a KdError when the mean |q - q'| per token is above
     score.self_check_tolerance. Nothing when off or nothing to check."""

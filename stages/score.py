@@ -24,6 +24,7 @@ Also, per row:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
@@ -192,12 +193,13 @@ def run(config: Config, epoch: int, session: Session | None = None, shard: int =
     if datasets_io.is_complete(out):
         return out
     source = pipeline.stage_dir(config, epoch, "rollouts")
+    # Read (and verified) once however many teachers this call scores.
+    rollouts = functools.cache(lambda: datasets_io.read_table(source, ROLLOUTS, f"run `kd generate --epoch {epoch}` first"))
 
     def produce_for(name: str):
         def produce(_dataset_share) -> pa.Table:
             # This teacher's share of its own rows: the dataset-wide share would cut across teachers.
-            rollouts = datasets_io.read_table(source, ROLLOUTS, f"run `kd generate --epoch {epoch}` first")
-            mine = rollouts.filter(pc.equal(rollouts.column("teacher"), name))
+            mine = rollouts().filter(pc.equal(rollouts().column("teacher"), name))
             rows = shards.block(len(mine), shard, num_shards)
             mine = mine.slice(rows.start, rows.stop - rows.start)
             where = f"score epoch {epoch}" + (f" teacher {name}" if len(names) > 1 else "") + (

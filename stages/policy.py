@@ -7,12 +7,13 @@ checkpoint a later train stage resumes from. Both hold the same weights.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from kd.stages.config import Config, TrainConfig
-from kd.stages.models import OutputHead, adapter_misfit, load_causal_lm
+from kd.stages.models import OutputHead, adapter_misfit, disable_dropout, load_causal_lm, resolve_attention
 
 OPTIMIZER = "optimizer.pt"  # in <epoch>/train/: the AdamW state the next epoch resumes
 
@@ -30,7 +31,10 @@ class Policy:
         cfg = config.train
         # The frozen base in the training precision (bf16 halves it); PEFT keeps the LoRA weights, and
         # so the optimiser state, in float32 (get_peft_model's autocast_adapter_dtype).
-        base = load_causal_lm(config.student, dtype="bfloat16" if uses_bf16(cfg) else "float32", device="cpu")
+        # Loaded on the CPU: Trainer (or accelerate, one device per process) moves it to its device.
+        base = load_causal_lm(config.student, dtype="bfloat16" if uses_bf16(cfg) else "float32", device="cpu",
+                              attn_implementation=resolve_attention(cfg.attn_implementation, train_device(cfg)))
+        disable_dropout(base)
         torch.manual_seed(config.seed)  # LoRA A is random: same seed, same initial adapter
         lora = LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -103,6 +107,15 @@ class Policy:
 def policy_model(config: Config, previous_adapter: Path | None):
     """The student with a trainable LoRA: the previous epoch's adapter, or a fresh one (equal to the base)."""
     return Policy(config).load(previous_adapter)
+
+
+def train_device(cfg: TrainConfig) -> torch.device:
+    """Where this process trains: train.device, or under `accelerate launch` its own GPU (LOCAL_RANK)."""
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def uses_bf16(cfg: TrainConfig) -> bool:

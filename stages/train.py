@@ -23,6 +23,7 @@ steps do not depend on how many there are either.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -39,7 +40,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from kd.stages import datasets_io, loss as loss_lib, objective, pipeline, rundir
 from kd.stages.config import Config, TrainConfig
 from kd.stages.models import OutputHead
-from kd.stages.policy import OPTIMIZER, Policy, uses_bf16
+from kd.stages.policy import OPTIMIZER, Policy, train_device, uses_bf16
 from kd.stages.schedule import lr_factor, steps_per_epoch
 from kd.stages.errors import KdError
 from kd.stages.schemas import SCORED, TRAIN_STEPS
@@ -114,40 +115,86 @@ def scored_top_k(source: Path, cfg: TrainConfig) -> int:
 
 
 class Collator:
-    """Right-pads a batch; per-token tensors are aligned to logits positions 0..L-2 (predicting 1..L-1).
+    """Collates the examples of one micro-batch of Trainer (batch_size sequences per process).
 
+    micro_batch_tokens = 0: one right-padded [B, L] batch. > 0 (padding-free): {"packs": [...]}, the
+    sequences packed into rows of at most micro_batch_tokens tokens (`pack_rows`), each row [1, N]
+    with `position_ids` restarting at 0 for each sequence and no attention mask, so that transformers
+    masks attention block-diagonally; DistillTrainer.training_step runs one forward and backward per row.
+    Per-token tensors are aligned to logits positions 0..L-2 (predicting 1..L-1): a packed sequence's
+    first token is a prompt token, never a target, so no position predicts across sequences.
     `labels` / `shift_labels` (-100 off the completion) exist so that Trainer counts the completion
-    tokens of the effective batch for the loss normaliser.
+    tokens of the effective batch for the loss normaliser. `sequences`: the examples' indices in the
+    order their completion tokens appear in the batch (each row in turn).
     """
 
-    def __init__(self, pad_token_id: int, top_k: int = 0):
+    PER_TOKEN = ("sampler_logprobs", "policy_logprobs", "teacher_logprobs", "advantages")
+
+    def __init__(self, pad_token_id: int, top_k: int = 0, micro_batch_tokens: int = 0):
         self.pad_token_id = pad_token_id
         self.top_k = top_k
+        self.micro_batch_tokens = micro_batch_tokens
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        rows, longest = len(examples), max(len(e["input_ids"]) for e in examples)
+    def __call__(self, examples: list[dict]) -> dict:
+        if not self.micro_batch_tokens:
+            lengths = np.array([len(e["input_ids"]) for e in examples])
+            batch = self.fill(examples, [(r, 0) for r in range(len(examples))], len(examples), int(lengths.max()))
+            batch["attention_mask"] = torch.from_numpy(
+                (np.arange(batch["input_ids"].shape[1]) < lengths[:, None]).astype(np.int64))
+            batch["sequences"] = torch.arange(len(examples))
+            return batch
+        packs = []
+        for rows in pack_rows([len(e["input_ids"]) for e in examples], self.micro_batch_tokens):
+            members = [examples[i] for i in rows]
+            lengths = [len(e["input_ids"]) for e in members]
+            pack = self.fill(members, [(0, at) for at in np.cumsum([0, *lengths[:-1]])], 1, sum(lengths))
+            pack["position_ids"] = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))[None]
+            pack["sequences"] = torch.tensor(rows)
+            packs.append(pack)
+        # Trainer counts the step's completion tokens from each drawn batch's shift_labels (and wants labels).
+        return {"packs": packs, **{name: torch.cat([pack[name] for pack in packs], 1) for name in ("labels", "shift_labels")}}
+
+    def fill(self, examples: list[dict], places: list[tuple[int, int]], rows: int, width: int) -> dict[str, torch.Tensor]:
+        """[rows, width] tensors with example i at row places[i][0], from column places[i][1]."""
         # Filled as numpy arrays and handed to torch at the end: a torch slice assignment per row and
         # field cost more than the arrays' contents.
-        batch = {
-            "input_ids": np.full((rows, longest), self.pad_token_id, dtype=np.int64),
-            "attention_mask": np.zeros((rows, longest), dtype=np.int64),
-            "labels": np.full((rows, longest), objective.IGNORE, dtype=np.int64),
-        }
-        per_token = {name: np.zeros((rows, longest - 1), dtype=np.float32)
-                     for name in ("sampler_logprobs", "policy_logprobs", "teacher_logprobs", "advantages")}
+        batch = {"input_ids": np.full((rows, width), self.pad_token_id, dtype=np.int64),
+                 "labels": np.full((rows, width), objective.IGNORE, dtype=np.int64)}
+        per_token = {name: np.zeros((rows, width - 1), dtype=np.float32) for name in self.PER_TOKEN}
         if self.top_k:
-            per_token["teacher_top_ids"] = np.zeros((rows, longest - 1, self.top_k), dtype=np.int64)
-            per_token["teacher_top_logprobs"] = np.zeros((rows, longest - 1, self.top_k), dtype=np.float32)
-        for r, e in enumerate(examples):
-            ids, start = e["input_ids"], e["prompt_length"]
-            batch["input_ids"][r, : len(ids)] = ids
-            batch["attention_mask"][r, : len(ids)] = 1
-            batch["labels"][r, start : len(ids)] = ids[start:]
+            per_token["teacher_top_ids"] = np.zeros((rows, width - 1, self.top_k), dtype=np.int64)
+            per_token["teacher_top_logprobs"] = np.zeros((rows, width - 1, self.top_k), dtype=np.float32)
+        for e, (r, at) in zip(examples, places):
+            ids, start, end = e["input_ids"], at + e["prompt_length"], at + len(e["input_ids"])
+            batch["input_ids"][r, at:end] = ids
+            batch["labels"][r, start:end] = ids[e["prompt_length"]:]
             for name, values in per_token.items():
-                values[r, start - 1 : len(ids) - 1] = e[name]
+                values[r, start - 1 : end - 1] = e[name]
         batch = {name: torch.from_numpy(values) for name, values in {**batch, **per_token}.items()}
         batch["shift_labels"] = batch["labels"][:, 1:].contiguous()
         return batch
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into rows of at most `capacity` tokens: first-fit decreasing (the
+    longest sequence first, each into the first row with room; a sequence longer than `capacity`
+    gets a row of its own). Deterministic: ties keep their order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([index])
+            room.append(capacity - lengths[index])
+        else:
+            rows[row].append(index)
+            room[row] -= lengths[index]
+    return rows
+
+
+def micro_batches(batch: dict) -> list[dict]:
+    """The forward passes of a collated batch: its packed rows, or the padded batch itself."""
+    return batch["packs"] if "packs" in batch else [batch]
 
 
 def world_size() -> int:
@@ -177,7 +224,10 @@ def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], 
         logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=config.seed + epoch,
         remove_unused_columns=False, bf16=use_bf16, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, disable_tqdm=not progress, average_tokens_across_devices=True,
+        # Non-reentrant: the frozen base's inputs need no requires_grad, and DDP may take unused parameters.
+        gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+    place_on_one_device(args, cfg)
     total_steps = config.epochs * steps_per_epoch(config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -188,7 +238,8 @@ def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], 
     )
     recorder = StepRecorder(global_step)
     trainer = DistillTrainer(
-        model=model, args=args, train_dataset=examples, data_collator=Collator(model.config.pad_token_id or 0, top_k),
+        model=model, args=args, train_dataset=examples,
+        data_collator=Collator(model.config.pad_token_id or 0, top_k, cfg.micro_batch_tokens),
         optimizers=(optimizer, schedule), callbacks=[recorder], train_config=cfg, recorder=recorder, head=policy.head,
     )
     plugin = trainer.accelerator.state.deepspeed_plugin
@@ -198,9 +249,34 @@ def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], 
             "(completion positions only, a chunk at a time), where a sharded lm_head is not gathered; use DDP "
             "(configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml)"
         )
+    if cfg.micro_batch_tokens and plugin is not None:
+        raise KdError(
+            "config field train.micro_batch_tokens: packed micro-batches take several backward passes per Trainer "
+            "micro-batch, which DeepSpeed counts as micro-steps of their own; use DDP (configs/accelerate/ddp.yaml) "
+            "or train.micro_batch_tokens 0"
+        )
     if not progress:
         trainer.remove_callback(PrinterCallback)  # the driver prints its own line per epoch
     return trainer
+
+
+def place_on_one_device(args: TrainingArguments, cfg: TrainConfig) -> None:
+    """Without `accelerate launch`, train on one device, train.device: Trainer would otherwise take
+    cuda:0 and, with several GPUs visible, wrap the model in torch.nn.DataParallel, under which kd's
+    output head (applied outside the model's forward) and its hooks would run on one replica's view."""
+    if world_size() > 1:
+        if cfg.device != "auto":
+            raise KdError(f"config field train.device: {cfg.device} under `accelerate launch` ({world_size()} processes), "
+                          "which gives each process its own GPU; leave train.device auto")
+        return
+    device = train_device(cfg)
+    if device.type == "cuda":
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise KdError(f"config field train.device: {cfg.device}, but {torch.cuda.device_count()} GPUs are visible; "
+                          f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        torch.cuda.set_device(device)
+        args.__dict__["_setup_devices"] = device  # TrainingArguments.device (a cached property) says cuda:0
+    args._n_gpu = 1 if device.type == "cuda" else 0  # never DataParallel
 
 
 class StepRecorder(TrainerCallback):
@@ -274,12 +350,22 @@ class DistillTrainer(Trainer):
         # stage) for a `total_flos` that kd neither saves nor reports: throughput is in tokens/s.
         return 0
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's step on a padded micro-batch; on packed rows (train.micro_batch_tokens), Trainer's
+        step once per row, gradients all-reduced (DDP) with the last row only."""
+        if "packs" not in inputs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        losses = []
+        for index, pack in enumerate(inputs["packs"]):
+            last = index == len(inputs["packs"]) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                losses.append(super().training_step(model, pack, num_items_in_batch))
+        return torch.stack(losses).sum()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg: TrainConfig = self.train_config
-        # Trainer put the model in training mode; every dropout (LoRA's, the model's own) would then make
-        # this forward another policy than the one that sampled (first-step ratios != 1). TRL's
-        # trainers disable dropout for the same reason; eval mode turns off any train-time randomness.
-        model.eval()
+        # The model is in training mode (Trainer's), which activation checkpointing needs; every dropout
+        # is off (kd.stages.models.disable_dropout), so this forward is the policy that sampled.
         normaliser = num_items_in_batch if num_items_in_batch is not None else (inputs["shift_labels"] != objective.IGNORE).sum()
         result = objective.step_loss(model, self.head, inputs, cfg, normaliser, self.accelerator.num_processes)
         stats, step = result.stats, self.state.global_step + 1
@@ -306,14 +392,16 @@ def untempered(trainer: "DistillTrainer", examples: list[dict], cfg: TrainConfig
     size = per_process_batch(cfg, world_size())
     for first in range(0, len(examples), size):
         chunk = examples[first : first + size]
-        batch = {name: value.to(trainer.args.device) for name, value in collate(chunk).items()}
-        with trainer.autocast_smart_context_manager():
-            picked_N_K, _, mask_B_T = objective.student_logprobs(model, trainer.head, batch)
-        counts = mask_B_T.sum(1).cpu().numpy()
-        for example, policy in zip(chunk, np.split(picked_N_K[:, 0].float().cpu().numpy(), np.cumsum(counts)[:-1])):
-            example["policy_logprobs"] = policy
-            example["advantages"] = loss_lib.advantages(policy, example["teacher_logprobs"], example["kl_coef"], cfg.gamma,
-                                                        example["reward_advantage"])
+        for batch in micro_batches(collate(chunk)):
+            batch = {name: value.to(trainer.args.device) for name, value in batch.items()}
+            with trainer.autocast_smart_context_manager():
+                picked_N_K, _, _ = objective.student_logprobs(model, trainer.head, batch)
+            members = [chunk[i] for i in batch["sequences"].tolist()]
+            counts = [len(example["teacher_logprobs"]) for example in members]
+            for example, policy in zip(members, np.split(picked_N_K[:, 0].float().cpu().numpy(), np.cumsum(counts)[:-1])):
+                example["policy_logprobs"] = policy
+                example["advantages"] = loss_lib.advantages(policy, example["teacher_logprobs"], example["kl_coef"],
+                                                            cfg.gamma, example["reward_advantage"])
 
 
 def save_adapter(policy: Policy, directory: Path) -> None:

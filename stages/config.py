@@ -28,16 +28,32 @@ from kd.stages.tasks import VERIFIERS
 
 
 def retunable(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A field that does not change what a run writes (memory, batching, kernels, guards, logging):
-    left out of the run's fingerprint (`Config.fingerprint`), so a run may change it and resume, e.g.
-    after an out-of-memory error. Declared here, on the field, and read from here by the fingerprint,
-    the changed-config error and the docs."""
+    """A field that does not change what a run writes: memory, batching, kernels, guards, logging,
+    how a server is reached, where the run lives, how long it is, where it is submitted. Left out of
+    the run's fingerprint (`Config.fingerprint`), so a run may change it and resume, e.g. after an
+    out-of-memory error. Declared here, on the field, and read from here by the fingerprint, the
+    changed-config error and the docs."""
     return field(default=default, metadata={"results": False}, **kwargs)
 
 
 def changes_results(cls: type, name: str) -> bool:
     """Whether field `name` of config dataclass `cls` is part of the run's fingerprint."""
     return next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("results", True)
+
+
+def results_part(value: Any) -> Any:
+    """`value` as plain data (a config dataclass: a dict, as dataclasses.asdict), without the fields
+    marked `retunable`, found in every dataclass within: nested (score.engine), in a dict
+    (score.teachers) or optional (score.replica). What the fingerprint hashes and the
+    changed-config error compares."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: results_part(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.metadata.get("results", True)}
+    if isinstance(value, dict):
+        return {key: results_part(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [results_part(item) for item in value]
+    return value
 
 
 def _check(condition: bool, field_name: str, message: str) -> None:
@@ -155,7 +171,7 @@ class TeacherConfig:
     model: str = ""
     engine: EngineConfig = field(default_factory=EngineConfig)
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    replica: EngineConfig | None = None
+    replica: EngineConfig | None = retunable(None)
     kl_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -203,12 +219,12 @@ class ScoreConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     top_k: int = 0
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    replica: EngineConfig | None = None
+    replica: EngineConfig | None = retunable(None)
     kl_weight: float = 1.0
     route_by: str = ""
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
-    self_check: int = 2
-    self_check_tolerance: float = 0.02
+    self_check: int = retunable(2)
+    self_check_tolerance: float = retunable(0.02)
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 0, "score.top_k", "must be >= 0 (0: off)")
@@ -465,15 +481,6 @@ class RealConfig:
             raise KdError("config field real.heldout_prompts: must be in [1, 163] (HumanEval has 164 problems)")
 
 
-# Fields that say where a run lives, how long it is, or where it runs, never what it computes.
-NOT_RESULTS = ("epochs", "run_id", "runs_dir", "slurm")
-# Engine fields that say how to reach a server, never what it computes: a run may move to another.
-ENGINE_CONNECTION = ("server", "request_timeout", "max_retries", "concurrency")
-# Teacher fields of the self-check: it stops a stage or lets it write, never changes what is written,
-# so a run may raise the tolerance or fix its replica and resume.
-SELF_CHECK = ("replica", "self_check", "self_check_tolerance")
-
-
 @dataclass
 class Config:
     """A whole run.
@@ -493,10 +500,10 @@ class Config:
         HumanEval prompts) into real_dir; absent in other configs.
     """
 
-    run_id: str = "toy"
-    runs_dir: str = "runs"
+    run_id: str = retunable("toy")
+    runs_dir: str = retunable("runs")
     seed: int = 0
-    epochs: int = 100
+    epochs: int = retunable(100)
     student: str = "runs/toy-world/student"
     teacher: str = "runs/toy-world/teacher"
     task: TaskName = "last-integer"
@@ -508,7 +515,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    slurm: SlurmConfig = retunable(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
@@ -538,23 +545,13 @@ class Config:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results. Left out (NOT_RESULTS): `epochs`, so a run can be
-        extended (not under a decaying learning rate once trained: kd.stages.rundir.schedule_moved);
-        where the run lives (`run_id`, `runs_dir`), so a copied or moved run is the same run; the
-        Slurm resources it is submitted with; and how the engines reach their servers (the address,
-        timeouts, retries, requests in flight: ENGINE_CONNECTION), and the teachers' self-check
-        (SELF_CHECK)."""
-        data = self.to_dict()
-        for name in NOT_RESULTS:
-            data.pop(name)
-        teachers = [data["score"], *data["score"]["teachers"].values()]
-        for engine in [data["generate"]["engine"], *(teacher["engine"] for teacher in teachers)]:
-            for name in ENGINE_CONNECTION:
-                engine.pop(name)
-        for teacher in teachers:
-            for name in SELF_CHECK:
-                teacher.pop(name, None)
-        return stable_hash(data)
+        """Hash of everything that changes results: every field but those marked `retunable`
+        (results_part). Among them `epochs`, so a run can be extended (not under a decaying learning
+        rate once trained: kd.stages.rundir.schedule_moved); where the run lives (`run_id`,
+        `runs_dir`), so a copied or moved run is the same run; the Slurm resources it is submitted
+        with; how the engines reach their servers and how they batch; the teachers' self-check; and
+        train's memory, kernel and guard settings."""
+        return stable_hash(results_part(self))
 
 
 def default_config_path(name: str = "toy.yaml") -> Path:

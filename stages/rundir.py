@@ -1,9 +1,10 @@
 """A run on disk: runs/<run-id>/{config.yaml, metrics.jsonl, tb/, <epoch:04d>/<stage>/}.
 
-The run's resolved config is written once; a later command with a different config is refused
-(unless the user asks to overwrite), because mixing two configs in one run makes every
-number in it meaningless. Where each stage's dataset lives is kd.stages.pipeline's; the locks are
-kd.stages.locks'.
+The run's resolved config is written by its first command; a later command with a config that
+changes results is refused (unless the user asks to overwrite), because mixing two configs in one
+run makes every number in it meaningless. Fields marked `retunable` (kd.stages.config) may change:
+the saved config then takes their new values. Where each stage's dataset lives is
+kd.stages.pipeline's; the locks are kd.stages.locks'.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def prepare(config: Config, overwrite: bool = False) -> Path:
             if overwrite:
                 shutil.rmtree(run_dir)
             elif not same:
-                changed = differing_fields(existing.to_dict(), config.to_dict())
+                changed = differing_fields(config_lib.results_part(existing), config_lib.results_part(config))
                 raise KdError(
                     f"{run_dir}: this run was made with another config (differs in {', '.join(changed[:5])}); "
                     "use another run_id, or `kd loop --overwrite` to delete the run and start again"
@@ -71,7 +72,7 @@ def prepare(config: Config, overwrite: bool = False) -> Path:
                 )
     run_dir.mkdir(parents=True, exist_ok=True)
     text = config_lib.to_yaml(config)
-    if not saved.is_file() or saved.read_text() != text:  # new run, or a longer one (epochs grew)
+    if not saved.is_file() or saved.read_text() != text:  # new run, or a retuned one (epochs grew, ...)
         tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"  # array tasks may start a run together
         tmp.write_text(text)
         tmp.replace(saved)
@@ -87,10 +88,9 @@ def schedule_moved(existing: Config, config: Config) -> bool:
 
 
 def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the fields whose values differ between two configs' `results_part`s."""
     out = []
     for key in sorted(set(a) | set(b)):
-        if key in config_lib.NOT_RESULTS and not prefix:
-            continue
         x, y = a.get(key), b.get(key)
         if isinstance(x, dict) and isinstance(y, dict):
             out += differing_fields(x, y, f"{prefix}{key}.")

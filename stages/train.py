@@ -221,7 +221,9 @@ def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], 
         output_dir=str(output_dir), per_device_train_batch_size=per_process_batch(cfg, world_size()),
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.passes,
         max_grad_norm=cfg.max_grad_norm, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-        logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=config.seed + epoch,
+        # Every optimiser step is a row of the train dataset (StepRecorder logs at each); train.logging_steps
+        # thins only the lines of metrics.jsonl and TensorBoard, so it changes nothing a run writes.
+        logging_steps=1, save_strategy="no", report_to=[], seed=config.seed + epoch,
         remove_unused_columns=False, bf16=use_bf16, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, disable_tqdm=not progress, average_tokens_across_devices=True,
         # Non-reentrant: the frozen base's inputs need no requires_grad, and DDP may take unused parameters.
@@ -499,7 +501,8 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
         datasets_io.write_dataset(out, TRAIN_STEPS, table, stage_config, inputs, stats, started, write_files)
         rundir.log_metrics(config, {"epoch": epoch, "stage": "train", "wall_seconds": time.time() - started, **stats})
         for row in steps:
-            rundir.log_metrics(config, {"epoch": epoch, "stage": "train_step", **row})
+            if row["global_step"] % config.train.logging_steps == 0:
+                rundir.log_metrics(config, {"epoch": epoch, "stage": "train_step", **row})
     trainer.accelerator.wait_for_everyone()
     policy.trained(out, final_optimizer_state)
     return out

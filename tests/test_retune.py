@@ -215,10 +215,6 @@ def test_retuned_guards_and_connection_write_the_same_bytes(runs, tiny_world):
     assert_same_run(resumed(runs, tiny_world, "guards", retuned), runs / "reference")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stages/train.py's StepRecorder writes one row of the train dataset per logging_steps optimiser steps (their "
-    "sums), not one per step, and train's summary reads the first row: with 1 step per epoch and logging_steps 2 "
-    "no row is written and train fails (IndexError)"))
 def test_retuned_logging_steps_writes_the_same_bytes(runs, tiny_world):
     assert_same_run(resumed(runs, tiny_world, "logging", {"train.logging_steps": 2}), runs / "reference")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from kd.stages.config import Config, TrainConfig
+from kd.stages.errors import KdError
 from kd.stages.models import OutputHead, adapter_misfit, disable_dropout, load_causal_lm, resolve_attention
 
 OPTIMIZER = "optimizer.pt"  # in <epoch>/train/: the AdamW state the next epoch resumes
@@ -110,12 +111,15 @@ def policy_model(config: Config, previous_adapter: Path | None):
 
 
 def train_device(cfg: TrainConfig) -> torch.device:
-    """Where this process trains: train.device, or under `accelerate launch` its own GPU (LOCAL_RANK)."""
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    """Where this process trains: train.device, or under `accelerate launch` its own GPU (LOCAL_RANK).
+    A GPU this process cannot see is refused in one line."""
+    if cfg.device == "auto":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+    device, visible = torch.device(cfg.device), torch.cuda.device_count()
+    if device.type == "cuda" and (not visible or (device.index or 0) >= visible):
+        raise KdError(f"config field train.device: {cfg.device}, but {visible} GPUs are visible to this process; "
+                      + (f"use cuda:0 .. cuda:{visible - 1}" if visible else "use cpu or auto"))
+    return device
 
 
 def uses_bf16(cfg: TrainConfig) -> bool:

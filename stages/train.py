@@ -39,7 +39,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from kd.stages import datasets_io, loss as loss_lib, objective, pipeline, rundir
 from kd.stages.config import Config, TrainConfig
-from kd.stages.models import OutputHead
+from kd.stages.models import OutputHead, resolve_attention
 from kd.stages.policy import OPTIMIZER, Policy, train_device, uses_bf16
 from kd.stages.schedule import lr_factor, steps_per_epoch
 from kd.stages.errors import KdError
@@ -273,9 +273,6 @@ def place_on_one_device(args: TrainingArguments, cfg: TrainConfig) -> None:
         return
     device = train_device(cfg)
     if device.type == "cuda":
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise KdError(f"config field train.device: {cfg.device}, but {torch.cuda.device_count()} GPUs are visible; "
-                          f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
         torch.cuda.set_device(device)
         args.__dict__["_setup_devices"] = device  # TrainingArguments.device (a cached property) says cuda:0
     args._n_gpu = 1 if device.type == "cuda" else 0  # never DataParallel
@@ -443,6 +440,8 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
     if datasets_io.is_complete(out):
         return out
     datasets_io.fault_point(out, "start")
+    # A GPU this process cannot see, or an attention kernel not installed: one line before anything loads.
+    resolve_attention(config.train.attn_implementation, train_device(config.train))
     started = time.time()
     source = pipeline.stage_dir(config, epoch, "scored")
     table = datasets_io.read_table(source, SCORED, f"run `kd score --epoch {epoch}` first")

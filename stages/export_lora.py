@@ -4,8 +4,9 @@
 
 Writes <epoch>/adapter/ in the PEFT format (adapter_config.json, adapter_model.safetensors) that
 vLLM's LoRARequest(name, id, path) and SGLang's --lora-paths load, with base_model_name_or_path
-pointing at the student. --merge also writes merged/: full weights (base + LoRA) with the
-tokenizer, loadable by any engine as a plain model.
+pointing at the student. --merge also writes merged/: full weights (base + LoRA) in the student's
+own dtype (bfloat16 for a bfloat16 checkpoint) with the tokenizer, loadable by any engine as a
+plain model.
 """
 
 from __future__ import annotations
@@ -50,10 +51,20 @@ def run(config: Config, epoch: int, session: Session | None = None, merge: bool 
 
 
 def write_merged(student: str, adapter: Path, target: Path) -> None:
-    from transformers import AutoTokenizer
+    """base + LoRA as full weights, in the base's own dtypes: each tensor as transformers loads the
+    student with dtype="auto" (its config.json dtype / torch_dtype, modules it keeps in float32 kept
+    so). The merge itself is done in float32 and rounded once to that dtype, on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kd.stages.models import load_adapter, load_causal_lm
+    from kd.stages.models import load_adapter
 
-    merged = load_adapter(load_causal_lm(student, "float32", "cpu"), adapter).merge_and_unload()
+    base = AutoModelForCausalLM.from_pretrained(student, dtype="auto")
+    dtypes = {name: tensor.dtype for name, tensor in base.state_dict().items()}
+    merged = load_adapter(base.float(), adapter).merge_and_unload()
+    with torch.no_grad():
+        for name, tensor in merged.state_dict(keep_vars=True).items():
+            if name in dtypes and tensor.dtype != dtypes[name]:
+                tensor.data = tensor.data.to(dtypes[name])
     merged.save_pretrained(target)
     AutoTokenizer.from_pretrained(student).save_pretrained(target)

@@ -8,8 +8,11 @@ support of train's top-k divergences). The teacher reads the prompt in its own f
 rendered by the teacher's chat template (score.chat_template_kwargs), then exactly the student's
 completion token ids; a plain prompt string as the student's ids. Scoring the teacher on the
 student's rendering would bias q_t towards a format the teacher was never trained on
-(tinker-cookbook issue #796). Every id the student can emit must be the same token for the teacher;
-that is checked before the teacher is loaded.
+(tinker-cookbook issue #796). Every id the student can emit must be the same token for the teacher,
+and the teacher's output head must have a row for each of them; both are checked before the teacher
+is loaded. A teacher with more rows than the student (a larger model of the same family: Qwen2.5's
+152,064 against 151,936) has its top-k taken over the student's ids, the rest of its mass in the tail
+bucket of train's divergences (kd.stages.engines.base); score.top_k is at most the student's rows.
 
 Also, per row:
 - reward: the task verifier's reward (config `task`, kd.stages.tasks) of the completion against the

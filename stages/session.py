@@ -56,6 +56,27 @@ def check_same_vocabulary(student_path: str, student, teacher_path: str, teacher
         )
 
 
+def check_output_rows(student_path: str, teacher_path: str) -> int:
+    """The rows of the student's output head (its config's vocab_size), after refusing a teacher with
+    fewer: the student could sample ids that the teacher has no logprob for. A teacher with more rows
+    (a larger model of the same family, its embedding padded further) is fine: its top-k is taken
+    over the student's ids (kd.stages.engines.base)."""
+    rows = {}
+    for path in (student_path, teacher_path):
+        try:
+            rows[path] = engines.output_rows(path)
+        except (OSError, ValueError) as err:
+            raise KdError(f"{path}: cannot read the model's config.json ({str(err).splitlines()[0][:200]})") from None
+    student, teacher = rows[student_path], rows[teacher_path]
+    if teacher < student:
+        raise KdError(
+            f"{teacher_path}/config.json: the teacher's output head has {teacher} rows (vocab_size), fewer than the "
+            f"student's {student} ({student_path}/config.json); the student could sample ids the teacher cannot score: "
+            f"use a teacher with at least {student} rows"
+        )
+    return student
+
+
 def stop_token_ids(tokenizer, model_path: str) -> list[int]:
     """Every id that ends a turn: the tokenizer's eos and each id of the model's
     `generation_config.eos_token_id` (instruct models often list several; transformers and vLLM stop
@@ -76,12 +97,13 @@ def stop_token_ids(tokenizer, model_path: str) -> list[int]:
 
 
 def make_engine(engine: EngineConfig, model_path: str, tokenizer, lora_rank: int | None = None, seed: int = 0,
-                max_logprobs: int = 0) -> engines.Engine:
+                max_logprobs: int = 0, student_rows: int | None = None) -> engines.Engine:
     """The engine `engine.kind` (kd.stages.engines.REGISTRY) for `model_path`, stopping at its end ids;
     `lora_rank` is set for a student that will load adapters, `max_logprobs` for a scorer asked for
-    that many top tokens."""
+    that many top tokens, `student_rows` for a scorer whose top-k is over the student's ids (the rows
+    of the student's output head; kd.stages.engines.base)."""
     return engines.make(engine, model_path, stop_token_ids(tokenizer, model_path),
-                        tokenizer.pad_token_id or tokenizer.eos_token_id, lora_rank, seed, max_logprobs)
+                        tokenizer.pad_token_id or tokenizer.eos_token_id, lora_rank, seed, max_logprobs, student_rows)
 
 
 class Session:
@@ -92,6 +114,7 @@ class Session:
             quiet_transformers()
         self._engines: dict[tuple, object] = {}
         self._teacher_tokenizers: dict[str, object] = {}
+        self._student_rows: int | None = None  # the rows of the student's output head, once a teacher was checked
         self._prompts: dict[tuple, list] = {}
         self._policy = None
 
@@ -101,11 +124,12 @@ class Session:
 
     def teacher_tokenizer(self, teacher: str = DEFAULT_TEACHER):
         """The tokenizer of teacher `teacher` (a name of config.teachers), refused unless it shares the
-        student's vocabulary."""
+        student's vocabulary and has a row for every id of the student's output head."""
         path = self.config.teachers[teacher].model
         if path not in self._teacher_tokenizers:
             loaded = load_tokenizer(path)
             check_same_vocabulary(self.config.student, self.tokenizer, path, loaded)
+            self._student_rows = check_output_rows(self.config.student, path)
             self._teacher_tokenizers[path] = loaded
         return self._teacher_tokenizers[path]
 
@@ -120,8 +144,12 @@ class Session:
                 )
             else:
                 tokenizer = self.teacher_tokenizer(teacher)  # refuse a mismatched teacher before loading its weights
+                rows, top_k = self._student_rows, self.config.score.top_k
+                if top_k > rows:
+                    raise KdError(f"score.top_k = {top_k} exceeds the teacher's vocabulary over the student's ids: the "
+                                  f"student's output head has {rows} rows ({self.config.student}); use at most {rows}")
                 self._engines[key] = make_engine(engine, self.config.teachers[teacher].model, tokenizer,
-                                                 seed=self.config.seed, max_logprobs=self.config.score.top_k)
+                                                 seed=self.config.seed, max_logprobs=top_k, student_rows=rows)
         return self._engines[key]
 
     def policy(self):

@@ -126,6 +126,23 @@ def other_tokenizer(tmp: Path):
     return ["score", "--run", "vocab", "--epoch", "0"]
 
 
+def narrow_teacher(tmp: Path):
+    """The teacher with 8 rows fewer than the student's output head (its tokenizer unchanged): the
+    student could sample ids it cannot score."""
+    from transformers import AutoModelForCausalLM
+
+    run = copy_run(tmp, "rows")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    teacher = tmp / "narrow-teacher"
+    shutil.copytree(config["teacher"], teacher)
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    model.resize_token_embeddings(model.config.vocab_size - 8)
+    model.save_pretrained(teacher)
+    save_config(run, {**config, "teacher": str(teacher)})
+    shutil.rmtree(run / "0000" / "scored")
+    return ["score", "--run", "rows", "--epoch", "0"]
+
+
 def bad_yaml(tmp: Path):
     return ["loop", "--config", str(write(tmp / "bad.yaml", "epochs: [1,\n"))]
 
@@ -247,6 +264,8 @@ CASES = [
     ("missing config file", lambda tmp: ["loop", "--config", f"{tmp}/nope.yaml"], "config file not found"),
     ("missing model directory", lambda tmp: fresh("generate", "--set", f"student={tmp}/no-model"), "model directory not found"),
     ("teacher with another tokenizer", other_tokenizer, "vocabulary differs"),
+    ("teacher with fewer output rows than the student", narrow_teacher,
+     "narrow-teacher/config.json: the teacher's output head has 264 rows (vocab_size), fewer than the student's 272"),
     ("adapter for another base model", foreign_adapter, "does not fit the student"),
     ("corrupted Arrow part", corrupt_part, "sha256 differs"),
     ("manifest hash that does not match", manifest_hash_mismatch, "sha256 differs"),

@@ -7,10 +7,10 @@
     http.py   what the server engines share: JSON over HTTP, retries, timeouts, bounded concurrency
 
 Adding an engine: a module with a `build(engine, model_path, stop_token_ids, pad_token_id,
-lora_rank, seed, max_logprobs)` function returning an object with the protocol's three methods,
-and one line in REGISTRY (its name becomes a valid `engine.kind`, and with `server=True` a valid
-kind for `engine.server`). The stages never know which
-engine they drive. This package's __init__ and base are torch-free (the config imports them).
+lora_rank, seed, max_logprobs, student_rows)` function returning an object with the protocol's three
+methods (a scorer takes its top-k among ids < student_rows: see base.py), and one line in REGISTRY
+(its name becomes a valid `engine.kind`, and with `server=True` a valid kind for `engine.server`).
+The stages never know which engine they drive. This package's __init__ and base are torch-free (the config imports them).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Sequence
 
-from kd.stages.engines.base import Completion, Engine, SamplingParams, Scores, length_batches, sample_seed
+from kd.stages.engines.base import (Completion, Engine, SamplingParams, Scores, length_batches, output_rows,
+                                    sample_seed, student_top_k, top_k_asked, top_k_rows)
 
 @dataclass(frozen=True)
 class Registered:
@@ -39,13 +40,16 @@ REGISTRY = {
     "sglang": Registered("kd.stages.engines.sglang", server=True, local=False),
 }
 
-__all__ = ["REGISTRY", "Completion", "Registered", "Engine", "SamplingParams", "Scores", "length_batches", "make", "sample_seed"]
+__all__ = ["REGISTRY", "Completion", "Registered", "Engine", "SamplingParams", "Scores", "length_batches", "make",
+           "output_rows", "sample_seed", "student_top_k", "top_k_asked", "top_k_rows"]
 
 
 def make(engine, model_path: str, stop_token_ids: Sequence[int], pad_token_id: int, lora_rank: int | None = None,
-         seed: int = 0, max_logprobs: int = 0) -> Engine:
+         seed: int = 0, max_logprobs: int = 0, student_rows: int | None = None) -> Engine:
     """The engine `engine.kind` (an EngineConfig) for `model_path`. `lora_rank`: set for a student that
-    will load adapters; `max_logprobs`: for a scorer asked for that many top tokens."""
+    will load adapters; `max_logprobs`: for a scorer asked for that many top tokens (K); `student_rows`:
+    for a scorer, the rows of the student's output head, among whose ids its top-k is taken (None: all
+    of the model's; see base.py)."""
     module = importlib.import_module(REGISTRY[engine.kind].module)
     return module.build(engine, model_path, stop_token_ids, pad_token_id=pad_token_id, lora_rank=lora_rank,
-                        seed=seed, max_logprobs=max_logprobs)
+                        seed=seed, max_logprobs=max_logprobs, student_rows=student_rows)

@@ -9,16 +9,16 @@ import numpy as np
 import torch
 
 from kd.stages.config import EngineConfig
-from kd.stages.engines.base import Completion, SamplingParams, Scores, length_batches
-from kd.stages.errors import KdError
+from kd.stages.engines.base import Completion, SamplingParams, Scores, length_batches, top_k_rows
 from kd.stages.models import HEAD_CHUNK_VALUES, OutputHead, hidden_states, load_adapter, load_causal_lm
 
 
-def build(engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int], pad_token_id: int, **_) -> "HFEngine":
+def build(engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int], pad_token_id: int,
+          student_rows: int | None = None, **_) -> "HFEngine":
     """The registry's entry (kd.stages.engines.REGISTRY); adapters and top-k need no set-up here."""
     return HFEngine.load(
         model_path, stop_token_ids, pad_token_id, dtype=engine.dtype, device=engine.device,
-        max_batch_tokens=engine.max_batch_tokens, max_batch_rows=engine.max_batch_rows,
+        max_batch_tokens=engine.max_batch_tokens, max_batch_rows=engine.max_batch_rows, student_rows=student_rows,
     )
 
 
@@ -26,7 +26,8 @@ class HFEngine:
     """transformers in-process. The base model stays loaded; adapters are swapped by path.
 
     A new adapter path always loads a new PEFT adapter, and the previous one is deleted, so a stale
-    adapter cannot be sampled from.
+    adapter cannot be sampled from. `student_rows`: a scorer's top-k is taken among ids below it
+    (kd.stages.engines.base; None: the whole vocabulary).
     """
 
     def __init__(
@@ -36,6 +37,7 @@ class HFEngine:
         pad_token_id: int,
         max_batch_tokens: int = 32768,
         max_batch_rows: int = 256,
+        student_rows: int | None = None,
     ):
         self.base = model.eval()
         self.model = self.base
@@ -45,6 +47,7 @@ class HFEngine:
         self.pad_token_id = pad_token_id
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_rows = max_batch_rows
+        self.student_rows = student_rows
         self.head: OutputHead | None = None  # made at the first score call: a sampler needs none
 
     @classmethod
@@ -164,12 +167,12 @@ class HFEngine:
     @torch.no_grad()
     def score(self, sequences, prompt_lengths, progress=None, top_k: int = 0) -> list[Scores]:
         """One prefill per batch; the head runs on completion positions only, HEAD_CHUNK_VALUES logits
-        at a time (a 150k vocabulary never makes a [B, L, V] tensor)."""
+        at a time (a 150k vocabulary never makes a [B, L, V] tensor). The logprobs are normalised over the
+        whole vocabulary; the top-k is chosen among the first `student_rows` ids."""
         if self.head is None:
             self.head = OutputHead(self.base)
         vocabulary = self.head.vocabulary
-        if top_k > vocabulary:
-            raise KdError(f"score.top_k = {top_k} exceeds the teacher's vocabulary ({vocabulary}); use at most {vocabulary}")
+        rows = top_k_rows(top_k, vocabulary, self.student_rows)
         results: list[Scores | None] = [None] * len(sequences)
         lengths = [len(s) for s in sequences]
         rows_at_once = max(1, HEAD_CHUNK_VALUES // vocabulary)
@@ -189,7 +192,7 @@ class HFEngine:
             for first in range(0, len(positions_N), rows_at_once):
                 logprobs_C_V = torch.log_softmax(self.head(hidden_N_H[first : first + rows_at_once]).float(), -1)
                 token.append(logprobs_C_V.gather(-1, targets_N[first : first + rows_at_once, None])[:, 0].cpu())
-                top_C_K = logprobs_C_V.topk(top_k, dim=-1)  # sorted, most likely first
+                top_C_K = logprobs_C_V[:, :rows].topk(top_k, dim=-1)  # sorted, most likely first
                 top_ids.append(top_C_K.indices.cpu().to(torch.int32))
                 top_logprobs.append(top_C_K.values.cpu())
             token_N, top_ids_N_K, top_logprobs_N_K = (torch.cat(parts).numpy() for parts in (token, top_ids, top_logprobs))

@@ -33,6 +33,10 @@ Facts this code relies on, read in the sources of SGLang 0.5.23 (wheel sglang-0.
   (sampling/sampling_batch_info.py); kd reads /server_info before sampling and refuses one without.
 - Input ids >= the model config's vocab_size - 1 come back as 0 in input_token_logprobs
   (logprob_result_processor.py: "Clip padded hash values"); kd accepts 0 there.
+- `top_logprobs_num` has no bound but the vocabulary (128 under prefill/decode disaggregation,
+  disaggregation/utils.py). For a teacher with more rows than the student (student_rows,
+  kd.stages.engines.base) kd asks for K + (teacher rows - student rows) and keeps the K best ids
+  below student_rows; the top logprobs come most likely first (torch.topk, sorted).
 - Each sample is its own request with its own `sampling_seed` (one per (prompt, sample index), as
   every kd engine), rather than `n` samples of one request, whose draws would depend on n.
 - LoRA: POST /load_lora_adapter {lora_name, lora_path} (LoadLoRAAdapterReqInput), POST
@@ -51,7 +55,7 @@ from typing import Sequence
 import numpy as np
 
 from kd.stages.config import EngineConfig
-from kd.stages.engines.base import Completion, SamplingParams, Scores
+from kd.stages.engines.base import Completion, SamplingParams, Scores, student_top_k, top_k_asked, top_k_rows
 from kd.stages.engines.http import ServerClient
 from kd.stages.errors import KdError
 from kd.stages.progress import console
@@ -59,11 +63,14 @@ from kd.stages.progress import console
 SGLANG_VERSION = "0.5.23"  # the version whose sources the facts above were read in (and the tests check)
 
 
-def build(engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int], **_) -> "SGLangServerEngine":
-    """The registry's entry (kd.stages.engines.REGISTRY); the config makes sure engine.server is set."""
+def build(engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int], student_rows: int | None = None,
+          **_) -> "SGLangServerEngine":
+    """The registry's entry (kd.stages.engines.REGISTRY); the config makes sure engine.server is set.
+    The model's vocab_size is read from `model_path`'s config, which the server is taken to serve."""
     from transformers import AutoConfig
 
-    return SGLangServerEngine(engine, stop_token_ids, getattr(AutoConfig.from_pretrained(model_path), "vocab_size", None))
+    vocab_size = getattr(AutoConfig.from_pretrained(model_path).get_text_config(), "vocab_size", None)
+    return SGLangServerEngine(engine, stop_token_ids, vocab_size, student_rows)
 
 
 def sample_request(prompt: Sequence[int], seed: int, params: SamplingParams, stop_token_ids: Sequence[int],
@@ -84,7 +91,8 @@ def sample_request(prompt: Sequence[int], seed: int, params: SamplingParams, sto
 
 
 def score_request(sequence: Sequence[int], prompt_length: int, top_k: int) -> dict:
-    """The /generate body that returns the logprob of every token after the prompt (one prefill)."""
+    """The /generate body that returns the logprob of every token after the prompt (one prefill), and
+    the `top_k` most likely tokens there (the number asked: kd.stages.engines.top_k_asked)."""
     body = {
         "input_ids": [int(t) for t in sequence],
         "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
@@ -115,9 +123,10 @@ def completion_from(answer: dict, params: SamplingParams) -> Completion:
 
 
 def scores_from(answer: dict, sequence: Sequence[int], prompt_length: int, top_k: int,
-                vocab_size: int | None = None) -> Scores:
+                vocab_size: int | None = None, student_rows: int | None = None) -> Scores:
     """The completion's scores from a /generate answer to `score_request`. `vocab_size`: the model
-    config's, above which SGLang reports input ids as 0 (see the module docstring)."""
+    config's, above which SGLang reports input ids as 0 (see the module docstring); the top_k kept at
+    each position are the most likely of the ids below `student_rows` (None: of all)."""
     meta = answer["meta_info"]
     entries = meta["input_token_logprobs"]
     completion = [int(t) for t in sequence[prompt_length:]]
@@ -131,11 +140,13 @@ def scores_from(answer: dict, sequence: Sequence[int], prompt_length: int, top_k
     if not top_k:
         return Scores.without_top_k(logprobs)
     top = meta["input_top_logprobs"]
-    if len(top) != len(entries) or any(len(position) != top_k for position in top[1:]):
-        raise ValueError(f"input_top_logprobs: not {top_k} entries at each of {len(completion)} positions")
-    top_ids = np.array([[int(entry[1]) for entry in position] for position in top[1:]], np.int32).reshape(-1, top_k)
-    top_logprobs = np.array([[float(entry[0]) for entry in position] for position in top[1:]],
-                            np.float32).reshape(-1, top_k)
+    asked = top_k_asked(top_k, vocab_size, student_rows)
+    if len(top) != len(entries) or any(len(position) != asked for position in top[1:]):
+        raise ValueError(f"input_top_logprobs: not {asked} entries at each of {len(completion)} positions")
+    kept = [student_top_k([(int(entry[1]), float(entry[0])) for entry in position], top_k, student_rows)
+            for position in top[1:]]
+    top_ids = np.array([[token for token, _ in position] for position in kept], np.int32).reshape(-1, top_k)
+    top_logprobs = np.array([[logprob for _, logprob in position] for position in kept], np.float32).reshape(-1, top_k)
     return Scores(logprobs, top_ids, top_logprobs)
 
 
@@ -146,10 +157,11 @@ class SGLangServerEngine(ServerClient):
     server_name = "SGLang server"
     start_hint = "`python -m sglang.launch_server`"
 
-    def __init__(self, engine: EngineConfig, stop_token_ids: Sequence[int], vocab_size: int | None = None):
+    def __init__(self, engine: EngineConfig, stop_token_ids: Sequence[int], vocab_size: int | None = None,
+                 student_rows: int | None = None):
         super().__init__(engine)
         self.stop_token_ids = list(stop_token_ids)
-        self.vocab_size = vocab_size
+        self.vocab_size, self.student_rows = vocab_size, student_rows
         self.model = self._get("/model_info").get("model_path")
         self._adapter: tuple[Path, str] | None = None  # the adapter loaded now, and its name
         self._seeded = False  # /server_info said that sampling_seed is honoured
@@ -194,8 +206,10 @@ class SGLangServerEngine(ServerClient):
         )
 
     def score(self, sequences, prompt_lengths, progress=None, top_k: int = 0) -> list[Scores]:
+        top_k_rows(top_k, self.vocab_size, self.student_rows)
+        asked = top_k_asked(top_k, self.vocab_size, self.student_rows)
         return self._post_each(
-            "/generate", list(zip(sequences, prompt_lengths)), lambda item: score_request(item[0], item[1], top_k),
-            lambda item, answer: scores_from(answer, item[0], item[1], top_k, self.vocab_size),
+            "/generate", list(zip(sequences, prompt_lengths)), lambda item: score_request(item[0], item[1], asked),
+            lambda item, answer: scores_from(answer, item[0], item[1], top_k, self.vocab_size, self.student_rows),
             "/generate answer to a scoring", progress,
         )

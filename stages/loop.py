@@ -8,10 +8,16 @@ the student being trained load once; each stage still reads and writes its datas
 as its standalone command does. Re-running the same command resumes: complete stages are skipped,
 an incomplete one is redone from scratch. Eval runs at epochs 0, k, 2k, ... and at the end (policy after training);
 then `kd report` writes the run's plots and summary into runs/<id>/report/.
+
+GPU memory: before each stage, the held engines it does not use (pipeline.Stage.engines) sleep, and
+a stage wakes the ones it asks for (kd.stages.session; EngineConfig.sleep), so an in-process vLLM
+engine at 0.9 of a GPU does not leave train a tenth of it. Each stage's record in metrics.jsonl
+carries the GPU memory it used (kd.stages.rundir.log_metrics), shown at the end beside its time.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from rich.table import Table
@@ -20,6 +26,8 @@ from kd.stages import datasets_io, locks, pipeline, report, rundir
 from kd.stages.config import Config
 from kd.stages.progress import console
 from kd.stages.session import Session
+
+log = logging.getLogger(__name__)
 
 
 def run(config: Config, overwrite: bool = False) -> list[dict]:
@@ -33,6 +41,8 @@ def run(config: Config, overwrite: bool = False) -> list[dict]:
             wrote, epoch_started = {}, time.time()
             for stage in pipeline.STAGES:
                 if pipeline.runs_at(stage, epoch, config):
+                    log.info("epoch %d: %s", epoch, stage.command)
+                    session.sleep_engines(keep=stage.engines)
                     wrote[stage.output] = stage.load().run(config, epoch, session)
                 if stage is pipeline.EVAL and "eval" in wrote:
                     print_eval(epoch, wrote["eval"])
@@ -71,16 +81,24 @@ def summary(config: Config) -> list[dict]:
 
 
 def stage_times(config: Config) -> str:
-    """Mean wall seconds and the peak resident memory per stage call over the whole run (from metrics.jsonl)."""
+    """Mean wall seconds and the peak resident memory per stage call over the whole run (from
+    metrics.jsonl); with a GPU also the most GPU memory in use at a call's end, all processes counted."""
     seconds: dict[str, list[float]] = {}
-    peaks: dict[str, float] = {}
+    peaks: dict[str, dict[str, float]] = {"peak_rss_gib": {}, "gpu_used_gib": {}}
     for record in rundir.read_metrics(config.run_dir):
         if "wall_seconds" in record:
             seconds.setdefault(record["stage"], []).append(record["wall_seconds"])
-        if record.get("peak_rss_gib") is not None:
-            peaks[record["stage"]] = max(peaks.get(record["stage"], 0.0), record["peak_rss_gib"])
-    parts = [f"{stage} {sum(v) / len(v):.2f}s x{len(v)}" + (f" (peak {peaks[stage]:.1f} GiB)" if stage in peaks else "")
-             for stage, v in seconds.items()]
+        for name, peak in peaks.items():
+            if record.get(name) is not None:
+                peak[record["stage"]] = max(peak.get(record["stage"], 0.0), record[name])
+
+    def memory(stage: str) -> str:
+        shown = [text.format(peaks[name][stage]) for name, text in (("peak_rss_gib", "peak {:.1f} GiB"),
+                                                                    ("gpu_used_gib", "GPU {:.1f} GiB in use"))
+                 if stage in peaks[name]]
+        return f" ({', '.join(shown)})" if shown else ""
+
+    parts = [f"{stage} {sum(v) / len(v):.2f}s x{len(v)}{memory(stage)}" for stage, v in seconds.items()]
     return "mean wall time per stage call (peak resident memory): " + ", ".join(parts)
 
 

@@ -29,7 +29,9 @@ class Stage:
     writes under runs/<id>/<epoch>/ (its dataset kind of kd.stages.schemas has the same name);
     `inputs`: the datasets it reads, "name" of the same epoch or "name@-1" of the previous one;
     `shardable`: generate and score split over array tasks (--shard / --num-shards);
-    `every_epoch`: runs at epochs 0 .. epochs-1, else at the eval epochs (see `eval_epochs`)."""
+    `every_epoch`: runs at epochs 0 .. epochs-1, else at the eval epochs (see `eval_epochs`);
+    `engines`: the roles of the engines it runs ("student", "teacher"): before it, `kd loop` puts the
+    others to sleep (kd.stages.session), so train runs with none awake on the GPU."""
 
     command: str
     output: str
@@ -37,6 +39,7 @@ class Stage:
     inputs: tuple[str, ...]
     shardable: bool = False
     every_epoch: bool = True
+    engines: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -47,11 +50,11 @@ class Stage:
         return importlib.import_module(f"kd.stages.{self.module}")
 
 
-GENERATE = Stage("generate", "rollouts", "generate", ("adapter@-1",), shardable=True)
-SCORE = Stage("score", "scored", "score", ("rollouts",), shardable=True)
+GENERATE = Stage("generate", "rollouts", "generate", ("adapter@-1",), shardable=True, engines=("student",))
+SCORE = Stage("score", "scored", "score", ("rollouts",), shardable=True, engines=("teacher",))
 TRAIN = Stage("train", "train", "train", ("scored", "train@-1"))
 EXPORT_LORA = Stage("export-lora", "adapter", "export_lora", ("train",))
-EVAL = Stage("eval", "eval", "evaluate", ("adapter@-1",), every_epoch=False)
+EVAL = Stage("eval", "eval", "evaluate", ("adapter@-1",), every_epoch=False, engines=("student", "teacher"))
 
 EPOCH = (GENERATE, SCORE, TRAIN, EXPORT_LORA)  # an epoch's stages, in order
 STAGES = (EVAL, *EPOCH)  # as an epoch's row reads: the policy it starts with is evaluated first

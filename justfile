@@ -17,9 +17,10 @@ toy *args:
 loop *args: toy
     kd loop {{args}}
 
-# The test suite (what CI runs).
+# The test suite (what CI runs). Arguments go to pytest as given, quoting kept: `just test -m "vllm or slurm"`.
+[positional-arguments]
 test *args:
-    python -m pytest -q {{args}}
+    python -m pytest -q "$@"
 
 # Summarise a stage directory, e.g. `just inspect runs/toy/0000/scored`.
 inspect path:

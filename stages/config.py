@@ -206,7 +206,8 @@ class ScoreConfig:
 
     engine: the runtime of `teacher`, the default teacher.
     top_k: also store the teacher's top_k most likely tokens and their logprobs at every completion
-        position, for train's top-k divergences (0: off; the vocabulary size: the exact distribution).
+        position, for train's top-k divergences (0: off; the student's vocabulary size, its output
+        head's rows: the exact distribution). Taken among the ids the student has, at most its rows.
     chat_template_kwargs: extra variables of the teacher's chat template. A `messages` prompt reaches
         the teacher rendered by the teacher's own template with these (e.g. {enable_thinking: false}
         for Qwen3-32B's non-thinking format), followed by the student's completion token ids.

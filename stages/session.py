@@ -110,13 +110,15 @@ def stop_token_ids(tokenizer, model_path: str) -> list[int]:
 
 
 def make_engine(engine: EngineConfig, model_path: str, tokenizer, lora_rank: int | None = None, seed: int = 0,
-                max_logprobs: int = 0, student_rows: int | None = None) -> engines.Engine:
+                max_logprobs: int = 0, student_rows: int | None = None, attn_implementation: str = "auto") -> engines.Engine:
     """The engine `engine.kind` (kd.stages.engines.REGISTRY) for `model_path`, stopping at its end ids;
     `lora_rank` is set for a student that will load adapters, `max_logprobs` for a scorer asked for
     that many top tokens, `student_rows` for a scorer whose top-k is over the student's ids (the rows
-    of the student's output head; kd.stages.engines.base)."""
+    of the student's output head; kd.stages.engines.base), `attn_implementation` for an hf engine
+    (train.attn_implementation)."""
     return engines.make(engine, model_path, stop_token_ids(tokenizer, model_path),
-                        tokenizer.pad_token_id or tokenizer.eos_token_id, lora_rank, seed, max_logprobs, student_rows)
+                        tokenizer.pad_token_id or tokenizer.eos_token_id, lora_rank, seed, max_logprobs, student_rows,
+                        attn_implementation)
 
 
 @dataclass
@@ -172,7 +174,8 @@ class Session:
             return_cached_gpu_memory()
             if role == "student":
                 self._engines[key] = make_engine(
-                    engine, self.config.student, self.tokenizer, self.config.train.lora_rank, self.config.seed
+                    engine, self.config.student, self.tokenizer, self.config.train.lora_rank, self.config.seed,
+                    attn_implementation=self.config.train.attn_implementation,
                 )
             else:
                 tokenizer = self.teacher_tokenizer(teacher)  # refuse a mismatched teacher before loading its weights
@@ -181,7 +184,8 @@ class Session:
                     raise KdError(f"score.top_k = {top_k} exceeds the teacher's vocabulary over the student's ids: the "
                                   f"student's output head has {rows} rows ({self.config.student}); use at most {rows}")
                 self._engines[key] = make_engine(engine, self.config.teachers[teacher].model, tokenizer,
-                                                 seed=self.config.seed, max_logprobs=top_k, student_rows=rows)
+                                                 seed=self.config.seed, max_logprobs=top_k, student_rows=rows,
+                                                 attn_implementation=self.config.train.attn_implementation)
             if engine.sleep and not engine.server and hasattr(self._engines[key], "sleep"):
                 who = f"teacher {teacher}" if role == "teacher" and teacher != DEFAULT_TEACHER else role
                 self._sleepers[key] = Sleeper(f"{who} ({engine.kind})")

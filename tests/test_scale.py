@@ -129,3 +129,14 @@ def test_training_mode_is_deterministic_with_dropout_configured(tiny_world, tmp_
     assert torch.equal(trained, model(input_ids=ids).logits)
     model.eval()
     torch.testing.assert_close(trained, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_hf_engines_follow_the_trainers_attention(make_config, attention):
+    from kd.stages.session import Session
+
+    config = make_config(**{"train.attn_implementation": attention})
+    with Session(config, progress=False) as session:
+        student = session.engine("student", config.generate.engine)
+        teacher = session.engine("teacher", config.score.engine)
+        assert student.base.config._attn_implementation == teacher.base.config._attn_implementation == attention

@@ -45,11 +45,14 @@ __all__ = ["REGISTRY", "Completion", "Registered", "Engine", "SamplingParams", "
 
 
 def make(engine, model_path: str, stop_token_ids: Sequence[int], pad_token_id: int, lora_rank: int | None = None,
-         seed: int = 0, max_logprobs: int = 0, student_rows: int | None = None) -> Engine:
+         seed: int = 0, max_logprobs: int = 0, student_rows: int | None = None,
+         attn_implementation: str = "auto") -> Engine:
     """The engine `engine.kind` (an EngineConfig) for `model_path`. `lora_rank`: set for a student that
     will load adapters; `max_logprobs`: for a scorer asked for that many top tokens (K); `student_rows`:
     for a scorer, the rows of the student's output head, among whose ids its top-k is taken (None: all
-    of the model's; see base.py)."""
+    of the model's; see base.py); `attn_implementation`: train.attn_implementation, which the hf
+    engine follows (vLLM and SGLang choose their own attention backends)."""
     module = importlib.import_module(REGISTRY[engine.kind].module)
     return module.build(engine, model_path, stop_token_ids, pad_token_id=pad_token_id, lora_rank=lora_rank,
-                        seed=seed, max_logprobs=max_logprobs, student_rows=student_rows)
+                        seed=seed, max_logprobs=max_logprobs, student_rows=student_rows,
+                        attn_implementation=attn_implementation)

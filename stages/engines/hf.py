@@ -14,11 +14,11 @@ from kd.stages.models import HEAD_CHUNK_VALUES, OutputHead, hidden_states, load_
 
 
 def build(engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int], pad_token_id: int,
-          student_rows: int | None = None, **_) -> "HFEngine":
+          student_rows: int | None = None, attn_implementation: str = "auto", **_) -> "HFEngine":
     """The registry's entry (kd.stages.engines.REGISTRY); adapters and top-k need no set-up here."""
     return HFEngine.load(
         model_path, stop_token_ids, pad_token_id, dtype=engine.dtype, device=engine.device,
-        max_batch_tokens=engine.max_batch_tokens, max_batch_rows=engine.max_batch_rows, student_rows=student_rows,
+        attn_implementation=attn_implementation, max_batch_tokens=engine.max_batch_tokens, max_batch_rows=engine.max_batch_rows, student_rows=student_rows,
     )
 
 
@@ -52,8 +52,9 @@ class HFEngine:
 
     @classmethod
     def load(cls, model_path: str | Path, stop_token_ids: Sequence[int], pad_token_id: int, dtype: str = "auto",
-             device: str = "auto", **batching) -> "HFEngine":
-        return cls(load_causal_lm(model_path, dtype, device), stop_token_ids, pad_token_id, **batching)
+             device: str = "auto", attn_implementation: str = "auto", **batching) -> "HFEngine":
+        return cls(load_causal_lm(model_path, dtype, device, attn_implementation), stop_token_ids, pad_token_id,
+                   **batching)
 
     @property
     def device(self) -> torch.device:

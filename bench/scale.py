@@ -9,10 +9,17 @@
    runs in a fresh process: the student loaded as kd's train stage loads it (kd.stages.policy.Policy),
    the peak-RSS window reset (/proc/self/clear_refs), then one forward + backward of kd's objective
    in training mode, as DistillTrainer.compute_loss runs it, with or without checkpointing (enabled
-   as Trainer enables it). "Peak above the model" is the window's VmHWM minus the RSS before the step.
+   as Trainer enables it). "Peak above the model" is the window's VmHWM minus the RSS before the step,
+   measured with glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_): every tensor then
+   gets pages of its own that go back when it is freed, so RSS follows the live tensors, the figure a
+   GPU's torch.cuda.max_memory_allocated reports (checked against torch.profiler's memory timeline:
+   the same to 0.01 GiB). With glibc's default, freed blocks stay in its heap and the peak read 2-2.5x
+   higher with checkpointing. Tokens/s comes from a second fresh process with the default allocator.
 2. Padding-free micro-batches (train.micro_batch_tokens). The same model at 8 layers (the ratio of
    padded to packed work does not depend on depth); 32 sequences in micro-batches of 8, padded to the
-   longest, against the same 32 packed into rows of at most 4,096 tokens; one forward + backward of
+   longest, against the same 32 packed into rows of at most 4,096 or 1,024 tokens (sdpa with packed
+   rows computes attention over the whole row and masks it, so shorter rows waste less; FlashAttention's
+   varlen kernel computes each sequence alone); one forward + backward of
    each micro-batch or row. Lengths: the real world's (HumanEval prompts in SmolLM2's chat template,
    as `kd real` builds them, with completions drawn from 16 to 128 tokens, the real config's limit) and
    a long-tailed one (prompts log-uniform from 50 to 2,000 tokens, completions from 16 to 512).
@@ -38,7 +45,8 @@ MODEL_DIR = ROOT / "runs" / "bench-scale" / "smollm2-shape"
 PROMPT = 512
 COMPLETIONS = (1024, 4096, 8192)
 PACKING_LAYERS = 8
-SEQUENCES, BATCH, ROW_TOKENS = 32, 8, 4096
+SEQUENCES, BATCH = 32, 8
+PACKING = {"padded": 0, "packed 4096": 4096, "packed 1024": 1024}  # micro-batch -> train.micro_batch_tokens
 
 
 def rss_gib(field: str) -> float:
@@ -137,7 +145,7 @@ def real_prompt_lengths(rng) -> list[int]:
     return [len(rows[i].token_ids) for i in chosen]
 
 
-def packing_case(kind: str, packed: bool) -> dict:
+def packing_case(kind: str, row_tokens: int) -> dict:
     import torch
 
     from kd.stages.train import Collator, micro_batches
@@ -146,7 +154,7 @@ def packing_case(kind: str, packed: bool) -> dict:
     policy.model.train()
     rng = np.random.default_rng(1)
     rows = [example(prompt, completion, rng) for prompt, completion in lengths(kind)]
-    collate = Collator(0, micro_batch_tokens=ROW_TOKENS if packed else 0)
+    collate = Collator(0, micro_batch_tokens=row_tokens)
     batches = [collate(rows[first : first + BATCH]) for first in range(0, SEQUENCES, BATCH)]
     passes = [micro for batch in batches for micro in micro_batches(batch)]
     real = sum(len(row["input_ids"]) for row in rows)
@@ -160,8 +168,13 @@ def packing_case(kind: str, packed: bool) -> dict:
             "forward_passes": len(passes), "seconds": seconds, "tokens_per_second": real / seconds}
 
 
-def in_fresh_process(*args: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--case", *args], capture_output=True, text=True, cwd=ROOT)
+# glibc's allocator with a fixed 64 KiB mmap threshold: RSS = live tensors (the module docstring).
+TENSOR_RSS = {"MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
+
+
+def in_fresh_process(*args: str, env: dict | None = None) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--case", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
     if done.returncode:
         raise SystemExit(f"case {args} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -171,24 +184,31 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", nargs="+")
     parser.add_argument("--completions", type=int, nargs="+", default=list(COMPLETIONS))
+    parser.add_argument("--parts", nargs="+", choices=("checkpointing", "packing"), default=["checkpointing", "packing"],
+                        help="measure only these; the others' rows are kept from bench/results/scale.json")
     args = parser.parse_args()
     if args.case:
         kind, *rest = args.case
         result = (checkpointing_case(int(rest[0]), rest[1] == "on") if kind == "checkpointing"
-                  else packing_case(rest[0], rest[1] == "packed"))
+                  else packing_case(rest[0], int(rest[1])))
         print(json.dumps(result))
         return
     build_model(30), build_model(PACKING_LAYERS)
+    kept = json.loads((RESULTS / "scale.json").read_text()) if (RESULTS / "scale.json").is_file() else {}
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-               "date": time.strftime("%Y-%m-%d"), "checkpointing": [], "packing": []}
-    for completion in args.completions:
+               "date": time.strftime("%Y-%m-%d"),
+               **{part: [] if part in args.parts else kept.get(part, []) for part in ("checkpointing", "packing")}}
+    for completion in args.completions if "checkpointing" in args.parts else ():
         for mode in ("off", "on"):
-            row = {"completion": completion, "checkpointing": mode, **in_fresh_process("checkpointing", str(completion), mode)}
+            memory = in_fresh_process("checkpointing", str(completion), mode, env=TENSOR_RSS)
+            speed = in_fresh_process("checkpointing", str(completion), mode)
+            row = {"completion": completion, "checkpointing": mode, "peak_above_model_gib": memory["peak_above_model_gib"],
+                   "seconds": speed["seconds"], "tokens_per_second": speed["tokens_per_second"]}
             print(row, flush=True)
             results["checkpointing"].append(row)
-    for kind in ("real world", "long-tailed"):
-        for mode in ("padded", "packed"):
-            row = {"lengths": kind, "micro_batches": mode, **in_fresh_process("packing", kind, mode)}
+    for kind in ("real world", "long-tailed") if "packing" in args.parts else ():
+        for mode, row_tokens in PACKING.items():
+            row = {"lengths": kind, "micro_batches": mode, **in_fresh_process("packing", kind, str(row_tokens))}
             print(row, flush=True)
             results["packing"].append(row)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -208,16 +228,23 @@ def report(results: dict) -> str:
         lines.append(f"| {completion} | {off['peak_above_model_gib']:.2f} GiB | {on['peak_above_model_gib']:.2f} GiB | "
                      f"{on['peak_above_model_gib'] / off['peak_above_model_gib']:.2f}x | {off['tokens_per_second']:.0f} | "
                      f"{on['tokens_per_second']:.0f} | {on['tokens_per_second'] / off['tokens_per_second']:.2f}x |")
-    lines += ["", f"## Padding-free micro-batches: {SEQUENCES} sequences, micro-batches of {BATCH} padded vs rows of "
-              f"at most {ROW_TOKENS} tokens, {PACKING_LAYERS} layers", "",
+    lines += ["", "Peak above the model: live tensors during the step (RSS with glibc's mmap threshold fixed at 64 KiB, "
+              "so that freed tensors leave RSS; bench/scale.py's docstring). Tokens/s: a second fresh process, default "
+              "allocator, one step after a short warm-up step.", "",
+              f"## Padding-free micro-batches: {SEQUENCES} sequences, micro-batches of {BATCH} padded vs packed into rows "
+              f"of at most N tokens (train.micro_batch_tokens = N), {PACKING_LAYERS} layers, sdpa", "",
               "| lengths | micro-batches | forward passes | padding share | tokens/s | packed / padded |", "|---|---|---|---|---|---|"]
     by = {(row["lengths"], row["micro_batches"]): row for row in results["packing"]}
     for kind in ("real world", "long-tailed"):
-        for mode in ("padded", "packed"):
+        for mode in PACKING:
             row = by[kind, mode]
             ratio = row["tokens_per_second"] / by[kind, "padded"]["tokens_per_second"]
             lines.append(f"| {kind} | {mode} | {row['forward_passes']} | {row['padding_share']:.0%} | "
                          f"{row['tokens_per_second']:.0f} | {ratio:.2f}x |")
+    lines += ["", "sdpa (and eager) compute a packed row's attention over the whole row, then mask what crosses "
+              "sequences: that work grows with the square of the row, so on them rows about as long as the longer "
+              "sequences do best, and rows of many short sequences waste what packing saved. flash_attention_2 (a "
+              "GPU with flash-attn) computes each sequence alone."]
     return "\n".join(lines) + "\n"
 
 

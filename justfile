@@ -10,12 +10,14 @@ setup:
     python -m pip install -c constraints/cpu.txt -e ".[dev,bench]"
 
 # Build the toy world (tokenizer, 4-layer teacher, 2-layer student, prompts) under runs/toy-world; cached.
+[positional-arguments]
 toy *args:
-    kd toy {{args}}
+    kd toy "$@"
 
 # The on-policy loop on the toy world; re-running resumes. Extra args go to `kd loop`, e.g. `just loop --set epochs=10`.
+[positional-arguments]
 loop *args: toy
-    kd loop {{args}}
+    kd loop "$@"
 
 # The test suite (what CI runs). Arguments go to pytest as given, quoting kept: `just test -m "vllm or slurm"`.
 [positional-arguments]
@@ -27,8 +29,9 @@ inspect path:
     kd inspect {{path}}
 
 # The same loop with vLLM (in-process) for generate and score; needs vLLM installed (README).
+[positional-arguments]
 loop-vllm *args: toy
-    kd loop --set run_id=toy-vllm --set generate.engine.kind=vllm --set score.engine.kind=vllm {{args}}
+    kd loop --set run_id=toy-vllm --set generate.engine.kind=vllm --set score.engine.kind=vllm "$@"
 
 # Engine throughput (hf vs vLLM in-process vs vLLM server) -> bench/results/engines.md
 bench-engines:
@@ -51,8 +54,9 @@ install-slurm:
     $sudo apt-get install -y -q slurm-wlm munge || { $sudo apt-get update -q && $sudo apt-get install -y -q slurm-wlm munge; }
 
 # Submit the toy loop to Slurm (generate/score as array jobs, chained train and export-lora); e.g. `just slurm --dry-run`.
+[positional-arguments]
 slurm *args: toy
-    kd slurm {{args}}
+    kd slurm "$@"
 
 # On-policy (sampled token, top-8) vs off-policy (SFT on teacher samples) per teacher token -> bench/results/offpolicy.md
 bench-offpolicy:
@@ -83,22 +87,26 @@ bad-inputs:
     KD_BAD_INPUT_TABLE=$PWD/docs/bad-inputs.md python -m pytest -q tests/test_bad_input.py
 
 # The real world (SmolLM2-135M-Instruct teaches a pruned copy of itself on HumanEval prompts), built offline, then its loop.
+[positional-arguments]
 real *args:
     kd real -c configs/smollm2-humaneval.yaml
-    kd loop -c configs/smollm2-humaneval.yaml {{args}}
+    kd loop -c configs/smollm2-humaneval.yaml "$@"
 
 # Real world: held-out reverse KL vs loop time, stage wall time and peak memory, sampled token vs top-32 -> bench/results/real.md
+[positional-arguments]
 bench-real *args:
-    python bench/real.py {{args}}
+    python bench/real.py "$@"
 
 # Task rewards: the toy's exact-answer reward mixed with the KL vs the KL alone; real-world HumanEval pass@1 before/after -> bench/results/reward.md
+[positional-arguments]
 bench-reward *args:
-    python bench/reward.py {{args}}
+    python bench/reward.py "$@"
 
 # One train step at a 151,936-token vocabulary: peak memory and speed, kd before/now vs TRL's DistillationTrainer loss -> bench/results/memory.md
 bench-memory:
     python bench/memory.py
 
 # A real-size train step: activation checkpointing (30 layers, 1k-8k tokens) and padding-free micro-batches -> bench/results/scale.md
+[positional-arguments]
 bench-scale *args:
-    python bench/scale.py {{args}}
+    python bench/scale.py "$@"

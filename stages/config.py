@@ -97,13 +97,13 @@ class EngineConfig:
 
     kind: EngineKind = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
+    device: str = retunable("auto")
     max_batch_tokens: int = retunable(32768)
     max_batch_rows: int = retunable(256)
     server: str = retunable("")
     gpu_memory_utilization: float = retunable(0.0)
     cpu_kvcache_gib: int = retunable(1)
-    max_model_len: int = 0
+    max_model_len: int = retunable(0)
     tensor_parallel_size: int = retunable(1)
     enforce_eager: bool = retunable(False)
     request_timeout: float = retunable(120.0)

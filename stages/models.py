@@ -24,18 +24,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_attention(name: str, device: torch.device) -> str:
+def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """train.attn_implementation -> transformers' `attn_implementation` for a model that runs on
-    `device`: auto is flash_attention_2 where the flash-attn package is installed and the device is a
-    GPU, else sdpa; flash_attention_2 without the package is refused in one line."""
+    `device` with weights of `dtype`: auto is flash_attention_2 where the flash-attn package is
+    installed and the model runs on a GPU in bf16 or fp16 (FlashAttention's only dtypes), else sdpa;
+    flash_attention_2 where it cannot run is refused in one line."""
     import importlib.util
 
     installed = importlib.util.find_spec("flash_attn") is not None
+    runnable = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     if name == "auto":
-        return "flash_attention_2" if installed and device.type == "cuda" else "sdpa"
+        return "flash_attention_2" if installed and runnable else "sdpa"
     if name == "flash_attention_2" and not installed:
         raise KdError("config field train.attn_implementation: flash_attention_2 needs the flash-attn package "
                       "(pip install flash-attn) and a CUDA GPU; use auto, sdpa or eager")
+    if name == "flash_attention_2" and not runnable:
+        raise KdError(f"config field train.attn_implementation: flash_attention_2 runs on a CUDA GPU in bf16 or fp16, "
+                      f"not on {device.type} in {str(dtype).removeprefix('torch.')}; use auto, sdpa or eager")
     return name
 
 
@@ -49,8 +54,9 @@ def load_causal_lm(path: str | Path, dtype: str = "auto", device: str = "auto", 
     if (str(path).startswith((".", "/")) or local.exists()) and not (local / "config.json").is_file():
         raise KdError(f"{path}: no model here (config.json missing); build the toy world with `kd toy` or fix the path")
     torch_device = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, torch_device),
-                                                 attn_implementation=resolve_attention(attn_implementation, torch_device))
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype,
+                                                 attn_implementation=resolve_attention(attn_implementation, torch_device, torch_dtype))
     return model.to(torch_device).eval()
 
 

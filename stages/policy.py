@@ -33,8 +33,11 @@ class Policy:
         # The frozen base in the training precision (bf16 halves it); PEFT keeps the LoRA weights, and
         # so the optimiser state, in float32 (get_peft_model's autocast_adapter_dtype).
         # Loaded on the CPU: Trainer (or accelerate, one device per process) moves it to its device.
+        # FlashAttention runs on a GPU only, and OutputHead checks the head with a forward here: sdpa
+        # until that check is done.
+        attention = train_attention(cfg)
         base = load_causal_lm(config.student, dtype="bfloat16" if uses_bf16(cfg) else "float32", device="cpu",
-                              attn_implementation=resolve_attention(cfg.attn_implementation, train_device(cfg)))
+                              attn_implementation="sdpa" if attention == "flash_attention_2" else attention)
         disable_dropout(base)
         torch.manual_seed(config.seed)  # LoRA A is random: same seed, same initial adapter
         lora = LoraConfig(
@@ -43,6 +46,8 @@ class Policy:
         )
         self.model = get_peft_model(base, lora)
         self.head = OutputHead(self.model)
+        if attention != base.config._attn_implementation:
+            base.set_attn_implementation(attention)
         # Only the LoRA weights train: walking them, not the whole model, at each save and epoch start.
         self.trainable = {name: weight for name, weight in self.model.named_parameters() if weight.requires_grad}
         self.fresh = {name: tensor.clone() for name, tensor in self.weights().items()}
@@ -104,6 +109,27 @@ class Policy:
         """`out`, now complete on disk, holds the model's adapter and this optimiser state."""
         self.holds, self.optimizer_state = out, optimizer_state
 
+    def offload(self) -> bool:
+        """Model and optimiser state to CPU memory if they are on a GPU (True then): an engine about to
+        wake there re-takes its whole gpu_memory_utilization. The next train stage's Trainer moves the
+        model back, and the optimiser loads its state onto the parameters' device."""
+        if self.model.device.type != "cuda":
+            return False
+        self.model.to("cpu")
+        if self.optimizer_state is not None:
+            self.optimizer_state = _to_cpu(self.optimizer_state)
+        return True
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
+
 
 def policy_model(config: Config, previous_adapter: Path | None):
     """The student with a trainable LoRA: the previous epoch's adapter, or a fresh one (equal to the base)."""
@@ -124,3 +150,9 @@ def train_device(cfg: TrainConfig) -> torch.device:
 
 def uses_bf16(cfg: TrainConfig) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def train_attention(cfg: TrainConfig) -> str:
+    """train.attn_implementation resolved for the trained student (kd.stages.models.resolve_attention):
+    on train.device, its base weights in bf16 or float32 (train.precision). One line if it cannot run."""
+    return resolve_attention(cfg.attn_implementation, train_device(cfg), torch.bfloat16 if uses_bf16(cfg) else torch.float32)

@@ -171,6 +171,7 @@ class Session:
         key = (role, teacher if role == "teacher" else "", repr(engine))
         if key not in self._engines:
             self._sleep(list(self._sleepers))  # a new vLLM engine sizes itself by the GPU memory free as it starts
+            self._offload_policy()
             return_cached_gpu_memory()
             if role == "student":
                 self._engines[key] = make_engine(
@@ -209,10 +210,18 @@ class Session:
 
     def _wake(self, key: tuple) -> None:
         started = time.time()
+        self._offload_policy()
         return_cached_gpu_memory()
         self._engines[key].wake()
         self._sleepers[key].asleep = False
         log.info("wake %s (%.1fs)", self._sleepers[key].label, time.time() - started)
+
+    def _offload_policy(self) -> None:
+        """The trained student to CPU memory before an engine starts or wakes on the GPU, so that the
+        engine finds the memory it was sized for free (the train stage takes the student back)."""
+        started = time.time()
+        if self._policy is not None and self._policy.offload():
+            log.info("policy to CPU (%.1fs)", time.time() - started)
 
     def policy(self):
         """The student with a trainable LoRA, for the train stage (`kd.stages.policy.Policy`)."""

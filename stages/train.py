@@ -39,8 +39,8 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from kd.stages import datasets_io, loss as loss_lib, objective, pipeline, rundir
 from kd.stages.config import Config, TrainConfig
-from kd.stages.models import OutputHead, resolve_attention
-from kd.stages.policy import OPTIMIZER, Policy, train_device, uses_bf16
+from kd.stages.models import OutputHead
+from kd.stages.policy import OPTIMIZER, Policy, train_attention, train_device, uses_bf16
 from kd.stages.schedule import lr_factor, steps_per_epoch
 from kd.stages.errors import KdError
 from kd.stages.schemas import SCORED, TRAIN_STEPS
@@ -224,7 +224,7 @@ def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], 
         # Every optimiser step is a row of the train dataset (StepRecorder logs at each); train.logging_steps
         # thins only the lines of metrics.jsonl and TensorBoard, so it changes nothing a run writes.
         logging_steps=1, save_strategy="no", report_to=[], seed=config.seed + epoch,
-        remove_unused_columns=False, bf16=use_bf16, use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False, bf16=use_bf16, use_cpu=train_device(cfg).type == "cpu",
         dataloader_num_workers=0, disable_tqdm=not progress, average_tokens_across_devices=True,
         # Non-reentrant: the frozen base's inputs need no requires_grad, and DDP may take unused parameters.
         gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -373,7 +373,8 @@ class DistillTrainer(Trainer):
         if stats.ratio_max > cfg.max_ratio:
             raise KdError(
                 f"train: importance ratio {stats.ratio_max:.3g} > train.max_ratio {cfg.max_ratio:g} at optimiser step "
-                f"{step}; sampler and trainer disagree: set train.ratio_cap or clip_epsilon, or check the sampler"
+                f"{step}; sampler and trainer disagree: set train.ratio_cap or clip_epsilon, check the sampler, or raise "
+                "train.max_ratio (a guard, not part of the run's results: the run resumes with it)"
             )
         # The loss each process adds up to the whole batch's loss: its tokens over all processes' tokens.
         self.recorder.add(stats, result.kl_sum, result.entropy_sum, result.batch_share)
@@ -441,7 +442,7 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
         return out
     datasets_io.fault_point(out, "start")
     # A GPU this process cannot see, or an attention kernel not installed: one line before anything loads.
-    resolve_attention(config.train.attn_implementation, train_device(config.train))
+    train_attention(config.train)
     started = time.time()
     source = pipeline.stage_dir(config, epoch, "scored")
     table = datasets_io.read_table(source, SCORED, f"run `kd score --epoch {epoch}` first")

@@ -139,3 +139,6 @@ def test_loop_trains_while_vllm_engines_at_nine_tenths_of_the_gpu_sleep(make_con
     lines = [record.getMessage() for record in caplog.records if record.name.startswith("kd.stages")]
     train = lines.index("epoch 0: train")
     assert lines[train + 1].startswith("sleep teacher (vllm)"), lines
+    # The trained student leaves the GPU before the student's engine wakes for the next eval.
+    offloaded = next(i for i, line in enumerate(lines) if line.startswith("policy to CPU"))
+    assert train < offloaded < next(i for i, line in enumerate(lines) if i > train and line.startswith("wake student")), lines

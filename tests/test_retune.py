@@ -33,7 +33,7 @@ SERVED = [
 
 # Another valid value of each retunable field that a plain rule (bool: not, int: +1, float) cannot give.
 ALTERNATES = {
-    "server": "http://10.0.0.9:9000", "device": "cpu", "attn_implementation": "eager",
+    "server": "http://10.0.0.9:9000", "device": "cuda:1", "attn_implementation": "eager",
     "run_id": "moved", "runs_dir": "elsewhere",
     "replica": {"kind": "vllm", "server": "http://10.0.0.3:8000"},
     "slurm": {"partition": "gpu", "train": {"tasks": 2, "gpus": 1}},
@@ -99,7 +99,7 @@ def test_no_retunable_field_changes_the_fingerprint():
 
 @pytest.mark.parametrize("override", [
     "train.batch_size=32", "train.grad_accum=2", "train.learning_rate=0.01", "generate.temperature=0.7", "seed=1",
-    "score.engine.max_model_len=4096", "score.teachers.echo.engine.dtype=float32", "score.teachers.echo.kl_weight=0.5",
+    "score.engine.dtype=bfloat16", "score.teachers.echo.engine.dtype=float32", "score.teachers.echo.kl_weight=0.5",
 ])
 def test_fields_that_change_results_change_the_fingerprint(override):
     assert config_lib.load(None, [*SERVED, override]).fingerprint() != config_lib.load(None, SERVED).fingerprint()

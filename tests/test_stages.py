@@ -268,6 +268,10 @@ def test_train_stops_on_exploding_ratio_and_non_finite_numbers(make_config):
     with pytest.raises(KdError, match=r"importance ratio .* > train.max_ratio 1.0001 at optimiser step 2"):
         train.run(config, 0, progress=False)
     assert not pipeline.stage_dir(config, 0, "train").exists()
+    raised = make_config(**{"train.passes": 2, "train.max_ratio": 1e4})  # the message's way on: the same run resumes
+    rundir.prepare(raised)
+    train.run(raised, 0, progress=False)
+    assert pipeline.stage_dir(raised, 0, "train").exists()
 
     diverging = make_config(run_id="diverging", **{"train.passes": 3, "train.learning_rate": 1e30, "train.max_grad_norm": 0})
     rundir.prepare(diverging)

@@ -37,11 +37,11 @@ def test_reward_enters_group_centred():
 def test_zero_advantage_and_loss_when_teacher_equals_student():
     s = np.log(np.array([0.2, 0.5, 0.9]))
     adv = torch.tensor(advantages(s, s, kl_coef=1.0))[None]
-    logprobs = torch.tensor(s, dtype=torch.float32, requires_grad=True)[None]
-    loss, _ = policy_loss(logprobs, torch.tensor(s, dtype=torch.float32)[None], adv, torch.ones(1, 3), 3)
+    logprobs = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+    loss, _ = policy_loss(logprobs[None], torch.tensor(s, dtype=torch.float32)[None], adv, torch.ones(1, 3), 3)
     loss.backward()
-    assert float(loss) == 0.0
-    assert torch.count_nonzero(logprobs.grad if logprobs.grad is not None else torch.zeros(1)) == 0
+    assert loss.item() == 0.0
+    assert logprobs.grad is not None and torch.count_nonzero(logprobs.grad) == 0
 
 
 def test_policy_loss_hand_computed():

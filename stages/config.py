@@ -116,6 +116,7 @@ class EngineConfig:
         _check(self.max_batch_rows > 0, "engine.max_batch_rows", "must be > 0")
         _check(0 <= self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must be in [0, 1]")
         _check(self.tensor_parallel_size > 0, "engine.tensor_parallel_size", "must be > 0")
+        _check_device(self.device, "engine.device")
         _check(not (self.kind == "vllm" and not self.server and ":" in self.device and self.tensor_parallel_size > 1),
                "engine.device", f"{self.device} puts vLLM on one GPU, but tensor_parallel_size is "
                f"{self.tensor_parallel_size}; leave device auto and choose the GPUs with CUDA_VISIBLE_DEVICES")
@@ -360,8 +361,11 @@ class TrainConfig:
         _check(self.logging_steps > 0, "train.logging_steps", "must be > 0")
         _check(self.micro_batch_tokens >= 0, "train.micro_batch_tokens",
                "must be >= 0 (0: padded micro-batches of batch_size sequences; > 0: packed rows of at most this many tokens)")
-        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "train.device",
-               f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+        _check_device(self.device, "train.device")
+
+
+def _check_device(device: str, name: str) -> None:
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None, name, f"{device!r} is not auto, cpu, cuda or cuda:N")
 
 
 @dataclass

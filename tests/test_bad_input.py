@@ -259,6 +259,8 @@ CASES = [
      "train.micro_batch_tokens: must be >= 0"),
     ("train device that is not one", lambda tmp: fresh("train", "--set", "train.device=gpu1"),
      "train.device: 'gpu1' is not auto, cpu, cuda or cuda:N"),
+    ("engine device that is not one", lambda tmp: fresh("generate", "--set", "generate.engine.device=gpu"),
+     "engine.device: 'gpu' is not auto, cpu, cuda or cuda:N"),
     ("train device no GPU can be", lambda tmp: fresh("train", "--set", "train.device=cuda:3"),
      "train.device: cuda:3, but 0 GPUs are visible to this process; use cpu or auto"),
     ("unknown attention kernel", lambda tmp: fresh("train", "--set", "train.attn_implementation=flash"),

@@ -115,20 +115,11 @@ class Policy:
         model back, and the optimiser loads its state onto the parameters' device."""
         if self.model.device.type != "cuda":
             return False
+        from accelerate.utils import send_to_device
+
         self.model.to("cpu")
-        if self.optimizer_state is not None:
-            self.optimizer_state = _to_cpu(self.optimizer_state)
+        self.optimizer_state = send_to_device(self.optimizer_state, "cpu")  # None stays None
         return True
-
-
-def _to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(item) for item in value)
-    return value
 
 
 def policy_model(config: Config, previous_adapter: Path | None):

@@ -18,7 +18,8 @@ def build(engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int], 
     """The registry's entry (kd.stages.engines.REGISTRY); adapters and top-k need no set-up here."""
     return HFEngine.load(
         model_path, stop_token_ids, pad_token_id, dtype=engine.dtype, device=engine.device,
-        attn_implementation=attn_implementation, max_batch_tokens=engine.max_batch_tokens, max_batch_rows=engine.max_batch_rows, student_rows=student_rows,
+        attn_implementation=attn_implementation, max_batch_tokens=engine.max_batch_tokens,
+        max_batch_rows=engine.max_batch_rows, student_rows=student_rows,
     )
 
 

@@ -14,7 +14,7 @@ import torch
 
 from kd.stages.config import Config, TrainConfig
 from kd.stages.errors import KdError
-from kd.stages.models import OutputHead, adapter_misfit, disable_dropout, load_causal_lm, resolve_attention
+from kd.stages.models import OutputHead, adapter_misfit, disable_dropout, load_causal_lm, resolve_attention, resolve_dtype
 
 OPTIMIZER = "optimizer.pt"  # in <epoch>/train/: the AdamW state the next epoch resumes
 
@@ -36,7 +36,7 @@ class Policy:
         # FlashAttention runs on a GPU only, and OutputHead checks the head with a forward here: sdpa
         # until that check is done.
         attention = train_attention(cfg)
-        base = load_causal_lm(config.student, dtype="bfloat16" if uses_bf16(cfg) else "float32", device="cpu",
+        base = load_causal_lm(config.student, dtype=base_dtype(cfg), device="cpu",
                               attn_implementation="sdpa" if attention == "flash_attention_2" else attention)
         disable_dropout(base)
         torch.manual_seed(config.seed)  # LoRA A is random: same seed, same initial adapter
@@ -143,7 +143,13 @@ def uses_bf16(cfg: TrainConfig) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
+def base_dtype(cfg: TrainConfig) -> str:
+    """The frozen base's dtype in training: bfloat16 under bf16 training, else float32."""
+    return "bfloat16" if uses_bf16(cfg) else "float32"
+
+
 def train_attention(cfg: TrainConfig) -> str:
     """train.attn_implementation resolved for the trained student (kd.stages.models.resolve_attention):
-    on train.device, its base weights in bf16 or float32 (train.precision). One line if it cannot run."""
-    return resolve_attention(cfg.attn_implementation, train_device(cfg), torch.bfloat16 if uses_bf16(cfg) else torch.float32)
+    on train.device, its base weights in `base_dtype`. One line if it cannot run."""
+    device = train_device(cfg)
+    return resolve_attention(cfg.attn_implementation, device, resolve_dtype(base_dtype(cfg), device))

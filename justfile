@@ -38,7 +38,7 @@ bench-engines:
     python bench/engines.py
 
 # Every benchmark, one after another (results in bench/results/, summary in BENCHMARKS.md)
-bench: bench-engines bench-topk bench-vs-trl bench-efficiency bench-offpolicy bench-slurm bench-memory bench-real bench-reward bench-scale
+bench: bench-engines bench-topk bench-vs-trl bench-efficiency bench-offpolicy bench-slurm bench-memory bench-real bench-reward bench-scale bench-overlap
 
 # One toy epoch as Slurm jobs: 1 vs 2 array tasks, 1 vs 2 training processes, Slurm's overhead -> bench/results/slurm.md
 bench-slurm: install-slurm toy
@@ -105,6 +105,11 @@ bench-reward *args:
 # One train step at a 151,936-token vocabulary: peak memory and speed, kd before/now vs TRL's DistillationTrainer loss -> bench/results/memory.md
 bench-memory:
     python bench/memory.py
+
+# The overlapped loop (max_staleness 1, 2) vs the synchronous one: epoch wall time, held-out KL -> bench/results/overlap.md
+[positional-arguments]
+bench-overlap *args: toy
+    python bench/overlap.py "$@"
 
 # A real-size train step: activation checkpointing (30 layers, 1k-8k tokens) and padding-free micro-batches -> bench/results/scale.md
 [positional-arguments]

@@ -118,7 +118,7 @@ def real(config: Optional[Path] = typer.Option(None, "--config", "-c", help=(
 @app.command()
 def generate(epoch: int = EpochOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
              run: Optional[str] = RunOpt, shard: Optional[int] = ShardOpt, num_shards: Optional[int] = NumShardsOpt):
-    """The student (base + previous epoch's adapter) samples completions -> <epoch>/rollouts."""
+    """The student (base + the adapter of epoch - 1 - max_staleness) samples completions -> <epoch>/rollouts."""
     from kd.stages import shards
 
     shard, num_shards = shards.from_env(shard, num_shards)

@@ -279,6 +279,15 @@ class TrainConfig:
         their math: kd.stages.loss.
     clip_epsilon: PPO clipping of the importance ratio to [1-eps, 1+eps] (0: off).
     ratio_cap: truncate the importance ratio at this value (0: off).
+    is_correction, is_threshold, is_level: the off-policy correction for the sampler, w_t =
+        pi_old(y_t) / mu(y_t), pi_old the trainer's own T = 1 logprob of the policy it holds when the
+        epoch starts (recomputed before the first step), mu the sampler's: its staleness
+        (max_staleness), its numerical mismatch with the trainer (vLLM vs transformers, bf16) and its
+        temperature. none: w as it is; tis: truncated IS, min(w, C) kept as a weight, C =
+        is_threshold; mis: masked IS, tokens (is_level token) or whole sequences (is_level
+        sequence, by the geometric mean of their weights) with w outside [1/C, C] dropped from the
+        loss. As verl's rollout importance weights, slime's --use-tis and TRL's
+        vllm_importance_sampling_correction (kd.stages.loss).
     max_ratio: abort when an importance ratio exceeds this (a diverged or mismatched sampler); a
         guard, not part of the fingerprint: raise it and resume.
     precision: auto (bf16 on a GPU that has it), float32 or bf16.
@@ -299,8 +308,8 @@ class TrainConfig:
         not depend on it (to float tolerance).
     device: where the student trains: auto (cuda:0 with a GPU, else cpu), cpu or cuda:N. With several
         GPUs visible and no `accelerate launch`, training uses this one GPU (never DataParallel).
-    Fields marked retunable (max_ratio, logging_steps, gradient_checkpointing, attn_implementation,
-    micro_batch_tokens, device) are not part of the run's fingerprint: change them and resume.
+    Fields marked retunable (kd.stages.config.retunable) are not part of the run's fingerprint:
+    change them and resume.
     """
 
     lora_rank: int = 16
@@ -326,6 +335,9 @@ class TrainConfig:
     jsd_beta: float = 0.5
     clip_epsilon: float = 0.0
     ratio_cap: float = 0.0
+    is_correction: Literal["none", "tis", "mis"] = "tis"
+    is_threshold: float = 2.0
+    is_level: Literal["token", "sequence"] = "token"
     max_ratio: float = retunable(1e4)
     precision: Literal["auto", "float32", "bf16"] = "auto"
     logging_steps: int = retunable(1)
@@ -357,6 +369,9 @@ class TrainConfig:
         _check(0 < self.jsd_beta < 1, "train.jsd_beta", "must be in (0, 1); use topk_forward_kl or topk_reverse_kl for 0 or 1")
         _check(0 <= self.clip_epsilon < 1, "train.clip_epsilon", "must be in [0, 1)")
         _check(self.ratio_cap == 0 or self.ratio_cap >= 1, "train.ratio_cap", "must be 0 (off) or >= 1")
+        _check(self.is_threshold > 1, "train.is_threshold", "must be > 1 (the weights kept are those in [1/C, C], or below C)")
+        _check(self.is_level == "token" or self.is_correction == "mis", "train.is_level",
+               "sequence applies to is_correction mis only (tis truncates each token's weight); use token")
         _check(self.max_ratio > 1, "train.max_ratio", "must be > 1")
         _check(self.logging_steps > 0, "train.logging_steps", "must be > 0")
         _check(self.micro_batch_tokens >= 0, "train.micro_batch_tokens",
@@ -434,6 +449,28 @@ class SlurmConfig:
     train: SlurmJob = field(default_factory=SlurmJob)
     export_lora: SlurmJob = field(default_factory=SlurmJob)
     eval: SlurmJob = field(default_factory=SlurmJob)
+
+
+@dataclass
+class OverlapConfig:
+    """How `kd loop` splits the machine between its sampling side (eval, generate, score: the student
+    and teacher engines, in a worker process) and its training side (train, export-lora: this process)
+    when max_staleness >= 1. None of it changes results (the datasets are the same whatever runs when).
+
+    sampler_threads, trainer_threads: torch CPU threads of each side (0: half of the cores each).
+    sampler_devices: CUDA_VISIBLE_DEVICES of the sampling side, e.g. "1" or "1,2" (empty: the same
+        GPUs as the trainer; give them apart so neither waits for the other's memory).
+    """
+
+    sampler_threads: int = 0
+    trainer_threads: int = 0
+    sampler_devices: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.sampler_threads >= 0, "overlap.sampler_threads", "must be >= 0 (0: half of the cores)")
+        _check(self.trainer_threads >= 0, "overlap.trainer_threads", "must be >= 0 (0: half of the cores)")
+        _check(re.fullmatch(r"(\d+(,\d+)*)?", self.sampler_devices) is not None, "overlap.sampler_devices",
+               f"{self.sampler_devices!r} is not a list of GPU indices such as 1 or 1,2")
 
 
 @dataclass(frozen=True)
@@ -516,6 +553,10 @@ class Config:
     toy: how to build the embedded toy world (`kd toy`) into toy_dir; absent in other configs.
     real: how to build the real world (`kd real`: SmolLM2-135M-Instruct and a pruned student,
         HumanEval prompts) into real_dir; absent in other configs.
+    max_staleness: s >= 0; epoch e samples with the adapter of epoch e-1-s (0: the one trained just
+        before; the base student before epoch 0), so `kd loop` trains epoch e while it samples and
+        scores epoch e+s (`overlap`), and train's importance correction (train.is_correction) accounts
+        for the older sampler. kd.stages.pipeline.
     """
 
     run_id: str = retunable("toy")
@@ -533,10 +574,13 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    max_staleness: int = 0
+    overlap: OverlapConfig = retunable(default_factory=OverlapConfig)
     slurm: SlurmConfig = retunable(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.max_staleness >= 0, "max_staleness", "must be >= 0 (0: each epoch samples with the adapter trained just before)")
         _check(bool(self.run_id) and "/" not in self.run_id, "run_id", "must be a non-empty name without '/'")
         _check(self.generate.engine.kind != "sglang" or self.generate.top_p == 1, "generate.top_p", (
             "must be 1 with generate.engine.kind sglang: SGLang returns the nucleus' own logprob only under a top_k "

@@ -72,7 +72,7 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
     datasets_io.fault_point(out, "start")
     with using(config, session) as session:
         started = time.time()
-        adapter = rundir.policy_adapter(config, epoch)
+        adapter = rundir.policy_adapter(config, epoch, pipeline.EVAL)
         table, stats = evaluate(session, adapter, epoch)
         stage_config = {"seed": config.seed, "student": config.student, "teacher": config.teacher, "eval": config.to_dict()["eval"]}
         datasets_io.write_dataset(out, EVAL, table, stage_config, [adapter] if adapter is not None else [], stats, started)

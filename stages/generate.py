@@ -2,7 +2,8 @@
 
     kd generate --run toy --epoch 3
 
-Policy version e samples with the adapter exported at epoch e-1 (the base model at epoch 0).
+Epoch e samples with the adapter exported at epoch e-1-s, s the config's max_staleness (the base
+model before epoch 0): policy version e-s, recorded in each row and the manifest.
 For each chosen prompt x it draws G completions y ~ pi_e(.|x) at temperature T, top-p p, and
 records s_t = log pi_e(y_t | x, y_<t) of the distribution actually sampled from: the behaviour
 logprob that the train stage's importance ratio divides by.
@@ -76,6 +77,7 @@ def run(config: Config, epoch: int, session: Session | None = None, shard: int =
         return out
     cfg = config.generate
     adapter = rundir.policy_adapter(config, epoch)
+    version = 0 if adapter is None else int(adapter.parent.name) + 1
 
     def produce(select) -> pa.Table:
         with using(config, session) as own:
@@ -83,11 +85,12 @@ def run(config: Config, epoch: int, session: Session | None = None, shard: int =
             chosen = chosen[select(len(chosen))]
             params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
             where = f" shard {shard}/{num_shards}" if num_shards > 1 else ""
-            rows = sample_rows(own, chosen, cfg.samples_per_prompt, params, f"train-{epoch}", epoch, adapter,
+            rows = sample_rows(own, chosen, cfg.samples_per_prompt, params, f"train-{epoch}", version, adapter,
                                f"generate epoch {epoch}{where}")
             return pa.Table.from_pylist(rows, schema=ROLLOUTS.schema)
 
     stage_config = {"seed": config.seed, "student": config.student, "generate": config.to_dict()["generate"],
+                    "max_staleness": config.max_staleness, "policy_version": version,
                     "route_by": config.score.route_by, "teachers": list(config.teachers)}
     manifest = shards.write(out, ROLLOUTS, shard, num_shards, stage_config, [adapter] if adapter else [], produce, rollout_stats)
     if manifest is not None:

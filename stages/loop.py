@@ -9,6 +9,16 @@ as its standalone command does. Re-running the same command resumes: complete st
 an incomplete one is redone from scratch. Eval runs at epochs 0, k, 2k, ... and at the end (policy after training);
 then `kd report` writes the run's plots and summary into runs/<id>/report/.
 
+Overlap (max_staleness s >= 1): generate at epoch e samples with the adapter of epoch e-1-s
+(kd.stages.pipeline), so the stages that run engines (eval, generate, score: the sampling side) run
+in a worker process of their own while this process trains (train, export-lora: the training
+side), each side taking its stages in the order of the sequential loop and starting each one as
+soon as the datasets the pipeline table says it reads are complete: the sampling and scoring of
+epoch e+s run while epoch e trains. What each stage writes depends on its inputs alone, never on
+which side got there first, so the datasets and adapters are those of the stage commands run one by
+one (tested), and a kill anywhere resumes to them. `overlap` (kd.stages.config.OverlapConfig)
+splits the cores or GPUs between the sides.
+
 GPU memory: before each stage, the held engines it does not use (pipeline.Stage.engines) sleep, and
 a stage wakes the ones it asks for (kd.stages.session; EngineConfig.sleep), so an in-process vLLM
 engine at 0.9 of a GPU does not leave train a tenth of it. Each stage's record in metrics.jsonl
@@ -17,13 +27,19 @@ carries the GPU memory it used (kd.stages.rundir.log_metrics), shown at the end 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
 import time
+from pathlib import Path
 
 from rich.table import Table
 
 from kd.stages import datasets_io, locks, pipeline, report, rundir
 from kd.stages.config import Config
+from kd.stages.errors import KdError
 from kd.stages.progress import console
 from kd.stages.session import Session
 
@@ -37,23 +53,151 @@ def run(config: Config, overwrite: bool = False) -> list[dict]:
     with locks.whole_run(config.run_dir), Session(config, progress=False) as session:
         # A bad train prompt file fails now, not after the first evaluation has written a dataset.
         session.prompts(config.generate.prompts, config.generate.max_new_tokens)
-        for epoch in range(config.epochs + 1):
-            wrote, epoch_started = {}, time.time()
-            for stage in pipeline.STAGES:
-                if pipeline.runs_at(stage, epoch, config):
-                    log.info("epoch %d: %s", epoch, stage.command)
-                    session.sleep_engines(keep=stage.engines)
-                    wrote[stage.output] = stage.load().run(config, epoch, session)
-                if stage is pipeline.EVAL and "eval" in wrote:
-                    print_eval(epoch, wrote["eval"])
-                    epoch_started = time.time()  # the epoch line times the training stages
-            if "train" in wrote:
-                print_epoch(config, epoch, wrote["scored"], wrote["train"], time.time() - epoch_started)
+        if config.max_staleness:
+            overlapped(config, session)
+        else:
+            sequential(config, session)
     rows = summary(config)
     console.print(summary_table(rows, time.time() - started))
     console.print(stage_times(config))
     console.print(f"report: {report.run(config.run_dir) / 'report.md'}")
     return rows
+
+
+def sequential(config: Config, session: Session) -> None:
+    for epoch in range(config.epochs + 1):
+        wrote, epoch_started = {}, time.time()
+        for stage in pipeline.STAGES:
+            if pipeline.runs_at(stage, epoch, config):
+                log.info("epoch %d: %s", epoch, stage.command)
+                session.sleep_engines(keep=stage.engines)
+                wrote[stage.output] = stage.load().run(config, epoch, session)
+            if stage is pipeline.EVAL and "eval" in wrote:
+                print_eval(epoch, wrote["eval"])
+                epoch_started = time.time()  # the epoch line times the training stages
+        if "train" in wrote:
+            print_epoch(config, epoch, wrote["scored"], wrote["train"], time.time() - epoch_started)
+
+
+def overlapped(config: Config, session: Session) -> None:
+    """The sampling side (the stages with engines) in a worker process, the training side here; each
+    side's next stage starts once the datasets it reads (pipeline.inputs_at) are complete."""
+    sides: dict[bool, list[tuple[int, pipeline.Stage]]] = {True: [], False: []}
+    for epoch in range(config.epochs + 1):
+        for stage in pipeline.STAGES:
+            if pipeline.runs_at(stage, epoch, config):
+                sides[bool(stage.engines)].append((epoch, stage))
+    sampling, training = sides[True], sides[False]
+
+    def ready(epoch: int, stage: pipeline.Stage) -> bool:
+        return all(datasets_io.is_complete(pipeline.stage_dir(config, e, name))
+                   for e, name in pipeline.inputs_at(stage, epoch, config.max_staleness))
+
+    cores = os.cpu_count() or 2
+    sampler_threads = config.overlap.sampler_threads or max(1, cores // 2)
+    trainer_threads = config.overlap.trainer_threads or max(1, cores - cores // 2)
+    import torch
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(trainer_threads)
+    console.print(f"overlapped loop (max_staleness {config.max_staleness}): sampling side {sampler_threads} threads"
+                  + (f", GPUs {config.overlap.sampler_devices}" if config.overlap.sampler_devices else "")
+                  + f"; training side {trainer_threads} threads")
+    side = SamplingSide(config, sampler_threads, config.overlap.sampler_devices)
+    running: tuple[int, pipeline.Stage] | None = None
+    epoch_started = time.time()
+    try:
+        while sampling or training or running:
+            if running is not None and side.done():
+                wrote, (epoch, stage), running = side.result(*running), running, None
+                if stage is pipeline.EVAL:
+                    print_eval(epoch, wrote)
+            if running is None and sampling and ready(*sampling[0]):
+                running = sampling.pop(0)
+                log.info("epoch %d: %s (sampling side)", running[0], running[1].command)
+                side.submit(*running)
+            if training and ready(*training[0]):
+                epoch, stage = training.pop(0)
+                log.info("epoch %d: %s (training side)", epoch, stage.command)
+                stage.load().run(config, epoch, session)
+                if stage is pipeline.EXPORT_LORA:
+                    print_epoch(config, epoch, pipeline.stage_dir(config, epoch, "scored"),
+                                pipeline.stage_dir(config, epoch, "train"), time.time() - epoch_started)
+                    epoch_started = time.time()
+            elif running is not None:
+                side.wait()
+            elif sampling or training:  # nothing runs and nothing can start: the table is inconsistent
+                raise RuntimeError(f"overlapped loop stalled before {(sampling or training)[0]}")
+    finally:
+        side.close(running is None)
+        torch.set_num_threads(threads_before)
+
+
+class SamplingSide:
+    """The worker process of the sampling side: its own Session (engines loaded once, kept across
+    epochs), one stage at a time over a pipe. It dies with the loop (Linux: PR_SET_PDEATHSIG), so a
+    killed loop leaves nothing writing behind it."""
+
+    def __init__(self, config: Config, threads: int, devices: str):
+        context = multiprocessing.get_context("spawn")  # CUDA and vLLM do not survive fork
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=sampling_worker, args=(child, config, threads, devices), name="kd-sampling")
+        self.process.start()
+        child.close()
+
+    def submit(self, epoch: int, stage: pipeline.Stage) -> None:
+        self.connection.send((stage.command, epoch))
+
+    def done(self) -> bool:
+        return self.connection.poll()
+
+    def wait(self) -> None:
+        multiprocessing.connection.wait([self.connection, self.process.sentinel])
+
+    def result(self, epoch: int, stage: pipeline.Stage) -> Path:
+        try:
+            ok, value = self.connection.recv()
+        except (EOFError, ConnectionError):
+            self.process.join()
+            raise KdError(f"the sampling side died during {stage.command} of epoch {epoch} (exit code "
+                          f"{self.process.exitcode}: killed, or out of memory); re-run the same command to resume") from None
+        if not ok:
+            raise value
+        return value
+
+    def close(self, idle: bool) -> None:
+        """Stop the worker: asked to when it is idle, killed when it is in the middle of a stage (the
+        loop failed): what it was writing is staged, never published, and the next writer removes it."""
+        if idle and self.process.is_alive():
+            self.connection.send(None)
+            self.process.join(60)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def sampling_worker(connection, config: Config, threads: int, devices: str) -> None:
+    import ctypes
+    import signal
+    import traceback
+
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the loop's close() still stops it
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if devices:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    import torch
+
+    torch.set_num_threads(threads)
+    with Session(config, progress=False) as session:
+        while (task := connection.recv()) is not None:
+            stage = pipeline.by_command(task[0])
+            try:
+                session.sleep_engines(keep=stage.engines)
+                connection.send((True, stage.load().run(config, task[1], session)))
+            except KdError as err:
+                connection.send((False, err))
+            except Exception:  # noqa: BLE001 - sent whole: an arbitrary exception may not pickle
+                connection.send((False, RuntimeError(f"the sampling side failed:\n{traceback.format_exc()}")))
 
 
 def print_epoch(config: Config, epoch: int, scored, trained, seconds: float) -> None:

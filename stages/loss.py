@@ -3,7 +3,8 @@
 Per completion token t of a sample y drawn by the sampler mu from the policy pi_e of epoch e
 (mu = pi_e at temperature 1 and top_p 1, the default; see "Sampling at T != 1" below):
     s_t   = log mu(y_t | x, y_<t)              behaviour logprob, recorded by generate
-    p_t   = log pi_e(y_t | x, y_<t)            the policy's own logprob (= s_t at T = 1, top_p = 1)
+    p_t   = log pi_e(y_t | x, y_<t)            the policy's own T = 1 logprob, recomputed by the trainer
+                                               (o_t below; = s_t at T = 1 up to numerical mismatch)
     q_t   = log p_teacher(y_t | x, y_<t)       teacher logprob, recorded by score
     a_t   = -kl_coef w (p_t - q_t)             negative per-token reverse KL estimate (w: the kl_weight of
                                                the teacher that scored y, score.teachers; 1 by default)
@@ -17,16 +18,26 @@ Per completion token t of a sample y drawn by the sampler mu from the policy pi_
 A_t is data: no gradient flows through it.
 
 Loss over the tokens of an optimiser step (prompt and padding masked out):
-    rho_t = exp(log pi_theta(y_t) - s_t)       importance ratio against the sampler
+    o_t   = log pi_old(y_t | x, y_<t)          the trainer's own T = 1 logprob of the policy it holds
+                                               when the epoch starts, recomputed before its first step
+    r_t   = exp(log pi_theta(y_t) - o_t)       the policy's move since the epoch started (1 at step 1)
+    w_t   = C(exp(o_t - s_t))                  the off-policy weight of the sampler, corrected
+    rho_t = r_t w_t                            importance ratio against the sampler
     L     = -sum_t rho_t A_t / N,  N = completion tokens of the whole effective batch
 Its gradient is -sum_t rho_t A_t grad log pi_theta(y_t) / N: the importance-weighted policy
-gradient. At T = 1, top_p = 1, rho_t = 1 at the first step of an epoch up to sampler/trainer
-numerical mismatch (the training forward runs with every dropout off, so it is the sampler's
-deterministic policy); it corrects for later steps on the same samples. rho_t = r_t w_t with
-r_t = pi_theta / pi_e (the policy's move since sampling) and w_t = pi_e / mu (1 at T = 1). Options:
-    clip_epsilon > 0: PPO on r, -min(rho A, clip(r, 1-eps, 1+eps) w A) (decoupled PPO at T != 1)
-    ratio_cap > 0:    truncated IS, rho replaced by min(rho, cap) (no gradient where capped)
-The reported ratio statistics (ratio_mean, ratio_max, train.max_ratio's abort) are of r.
+gradient. pi_old / mu holds everything between the sampler and the trainer: the sampler's
+temperature and top-p, its numerical mismatch with the trainer (another engine, another precision),
+and its staleness (max_staleness s: the sampler was the adapter of epoch e-1-s, pi_old that of
+e-1). C (train.is_correction, `importance_weights`): none, truncated IS min(w, threshold), or masked
+IS (tokens or sequences outside [1/threshold, threshold] dropped). With s = 0, T = 1 and the same
+engine, w_t = 1 up to numerical mismatch (the training forward runs with every dropout off, so it is
+the sampler's deterministic policy). Options on r:
+    clip_epsilon > 0: PPO on r, -min(rho A, clip(r, 1-eps, 1+eps) w A) (decoupled PPO)
+    ratio_cap > 0:    rho replaced by min(rho, cap) (no gradient where capped)
+The reported ratio statistics (ratio_mean, ratio_max, train.max_ratio's abort) are of r; the
+weights' quantiles, the share of tokens the correction changed and |s_t - b_t|, b_t the trainer's
+logprob of the very policy that sampled (the sampler's mismatch, free of staleness), are logged
+per step (kd.stages.train).
 
 Top-k divergences (score.top_k = K > 0; train.topk_reverse_kl / topk_forward_kl / topk_jsd > 0).
 At each completion position t the scored data holds the teacher's K most likely tokens S_t and
@@ -176,6 +187,31 @@ def topk_divergence(student_N_K: torch.Tensor, teacher_N_K: torch.Tensor, kind: 
     raise ValueError(f"unknown divergence {kind!r}")
 
 
+def importance_weights(proximal_logprobs: np.ndarray, sampler_logprobs: np.ndarray, correction: str,
+                       threshold: float, level: str = "token") -> tuple[np.ndarray, np.ndarray]:
+    """The off-policy weights of one sample's tokens, w_t = pi_old(y_t) / mu(y_t), as they are and
+    corrected (two float32 arrays, one value per completion token): `proximal_logprobs` log pi_old, the trainer's recomputed T = 1 logprobs
+    of the policy it holds at the epoch's start; `sampler_logprobs` log mu, the sampler's.
+    correction none: w; tis: min(w, threshold) (truncated IS: Ionides 2008; Yao et al. 2025, "Your
+    efficient RL framework secretly brings you off-policy RL training", slime --use-tis); mis: w where
+    it lies in [1/threshold, threshold] and 0 elsewhere, per token or (level sequence) for the whole
+    sequence by the geometric mean of its weights (masked IS: verl's rollout_is mask mode, NeMo-RL's
+    ICE-POP). A weight is data: the gradient flows through the ratio it multiplies."""
+    log_w = np.clip(np.asarray(proximal_logprobs, np.float64) - np.asarray(sampler_logprobs, np.float64), -50.0, 50.0)
+    raw = np.exp(log_w)
+    if correction == "none":
+        corrected = raw
+    elif correction == "tis":
+        corrected = np.minimum(raw, threshold)
+    elif correction == "mis":
+        bound = math.log(threshold)
+        kept = np.abs(log_w) <= bound if level == "token" else np.full(len(raw), len(raw) == 0 or abs(log_w.mean()) <= bound)
+        corrected = np.where(kept, raw, 0.0)
+    else:
+        raise ValueError(f"unknown importance correction {correction!r}")
+    return raw.astype(np.float32), corrected.astype(np.float32)
+
+
 @dataclass
 class PolicyLossStats:
     """Sums over the masked tokens of a micro-batch; divide by `tokens` for means."""
@@ -184,34 +220,32 @@ class PolicyLossStats:
     ratio_sum: float
     ratio_max: float
     clipped: int
-    mismatch_sum: float  # sum of log pi_e(y_t) - log pi_theta(y_t) (s_t at T = 1): sampler vs trainer at the first step
 
 
 def policy_loss(
     logprobs_B_T: torch.Tensor,
-    sampler_logprobs_B_T: torch.Tensor,
+    proximal_logprobs_B_T: torch.Tensor,
     advantages_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
     normaliser: float | torch.Tensor,
     clip_epsilon: float = 0.0,
     ratio_cap: float = 0.0,
-    proximal_logprobs_B_T: torch.Tensor | None = None,
+    is_weights_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
     """L = -sum_t rho_t A_t / normaliser over masked tokens; see the module docstring.
 
-    `proximal_logprobs_B_T`: log pi_e(y_t) of the sampling policy at T = 1 when the sampler drew
-    from another distribution (temperature, top-p); None: the sampler's own. rho_t = r_t w_t splits
-    into the policy's move since sampling, r_t = pi_theta / pi_e, which PPO clips (and whose stats are
-    reported), and the sampler correction w_t = pi_e / mu, data (decoupled PPO: Hilton et al. 2021,
-    "Batch size-invariance for policy optimization"). At T = 1, top_p = 1: w_t = 1, rho_t = r_t.
+    rho_t = r_t w_t: r_t = pi_theta / pi_old, `proximal_logprobs_B_T` log pi_old, the policy the
+    trainer held when the epoch started (its move since then, which PPO clips and whose stats are
+    reported), and `is_weights_B_T` w_t, the corrected off-policy weight pi_old / mu of the sampler
+    (`importance_weights`; None: 1). Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for
+    policy optimization"), as verl and slime split their rollout weights from the PPO ratio.
     """
     mask_B_T = mask_B_T.bool()
-    # The sampler's logprobs and the advantages are data: only log pi_theta carries gradient.
-    sampler_logprobs_B_T, advantages_B_T = sampler_logprobs_B_T.detach(), advantages_B_T.detach()
-    proximal_B_T = sampler_logprobs_B_T if proximal_logprobs_B_T is None else proximal_logprobs_B_T.detach()
+    # pi_old, the weights and the advantages are data: only log pi_theta carries gradient.
+    proximal_B_T, advantages_B_T = proximal_logprobs_B_T.detach(), advantages_B_T.detach()
+    weights_B_T = torch.ones_like(proximal_B_T) if is_weights_B_T is None else is_weights_B_T.detach()
     ratio_B_T = torch.exp(logprobs_B_T - proximal_B_T)
-    correction_B_T = torch.exp(proximal_B_T - sampler_logprobs_B_T)
-    rho_B_T = ratio_B_T * correction_B_T
+    rho_B_T = ratio_B_T * weights_B_T
     clipped_B_T = torch.zeros_like(mask_B_T)
     if ratio_cap:
         clipped_B_T = rho_B_T > ratio_cap
@@ -219,7 +253,7 @@ def policy_loss(
     else:
         weighted_B_T = rho_B_T * advantages_B_T
     if clip_epsilon:
-        clipped_ratio_B_T = torch.clamp(ratio_B_T, 1 - clip_epsilon, 1 + clip_epsilon) * correction_B_T
+        clipped_ratio_B_T = torch.clamp(ratio_B_T, 1 - clip_epsilon, 1 + clip_epsilon) * weights_B_T
         clipped_B_T = clipped_ratio_B_T * advantages_B_T < weighted_B_T
         weighted_B_T = torch.minimum(weighted_B_T, clipped_ratio_B_T * advantages_B_T)
     loss = -(weighted_B_T * mask_B_T).sum() / normaliser
@@ -230,6 +264,5 @@ def policy_loss(
             ratio_sum=float(ratios.sum()),
             ratio_max=float(ratios.max()) if ratios.numel() else 1.0,
             clipped=int((clipped_B_T & mask_B_T).sum()),
-            mismatch_sum=float((proximal_B_T - logprobs_B_T)[mask_B_T].sum()),
         )
     return loss, stats

@@ -37,8 +37,10 @@ class Term:
     columns it reads (train loads the top-k ones only when a term declares them); `loss(student_N_K,
     data, cfg)`: its sum over the N completion positions of a micro-batch, from the student's
     logprobs there ([N, 1 + K]: the sampled token, then the teacher's top-k) and the per-token
-    columns train collates, at those positions: sampler_logprobs, policy_logprobs,
-    teacher_logprobs, advantages [N] and, with top-k, teacher_top_ids, teacher_top_logprobs [N, K].
+    columns train collates, at those positions: sampler_logprobs, policy_logprobs (pi_old),
+    behaviour_logprobs (the trainer's of the policy that sampled), is_weights and raw_is_weights
+    (the off-policy weights corrected and as they are), teacher_logprobs,
+    advantages [N] and, with top-k, teacher_top_ids, teacher_top_logprobs [N, K].
     A term over another scored column also adds it to train.features and train.Collator. The policy
     gradient has no `loss`: it is the base every other term is added to (`step_loss`)."""
 
@@ -99,30 +101,43 @@ class StepLoss:
     """A micro-batch's objective. `loss`: what to backpropagate (scaled by the process count, as DDP
     averages gradients over processes while `normaliser` already counts all of their tokens);
     `batch_share`: its share of the effective batch's loss; `stats`: the policy gradient's ratio stats;
-    `kl_sum`, `entropy_sum`: sums over its completion tokens of p_t - q_t and of the student's entropy."""
+    `kl_sum`, `entropy_sum`: sums over its completion tokens of p_t - q_t and of the student's entropy;
+    `mismatch_sum`: of |s_t - b_t|, sampler against the trainer's logprob of the same policy;
+    `corrected`: tokens whose off-policy weight train.is_correction changed; `weights_N`: the
+    uncorrected weights pi_old / mu, [N] on the CPU (their quantiles are a step's metrics)."""
 
     loss: "torch.Tensor"
     batch_share: float
     stats: "PolicyLossStats"
     kl_sum: float
     entropy_sum: float
+    mismatch_sum: float
+    corrected: int
+    weights_N: "torch.Tensor"
 
 
 def step_loss(model, head, batch: dict, cfg: "TrainConfig", normaliser, processes: int) -> StepLoss:
     """Every active term on a collated micro-batch, each summed over its completion tokens and divided
     by `normaliser`, the completion tokens of the whole effective batch over all processes."""
+    import torch
+
     from kd.stages.loss import policy_loss
 
     student_N_K, entropy, mask_B_T = student_logprobs(model, head, batch)
-    data = {name: batch[name][mask_B_T] for name in ("sampler_logprobs", "policy_logprobs", "teacher_logprobs",
-                                                      "advantages", *TOP_K_COLUMNS) if name in batch}
+    data = {name: batch[name][mask_B_T] for name in ("sampler_logprobs", "policy_logprobs", "behaviour_logprobs",
+                                                      "is_weights", "raw_is_weights", "teacher_logprobs", "advantages", *TOP_K_COLUMNS)
+            if name in batch}
     everywhere_N = mask_B_T.new_ones(len(student_N_K))
     loss, stats = policy_loss(
-        student_N_K[:, 0], data["sampler_logprobs"], data["advantages"], everywhere_N, normaliser,
-        cfg.clip_epsilon, cfg.ratio_cap, data["policy_logprobs"],
+        student_N_K[:, 0], data["policy_logprobs"], data["advantages"], everywhere_N, normaliser,
+        cfg.clip_epsilon, cfg.ratio_cap, data["is_weights"],
     )
     for term in active(cfg):
         if term.loss is not None:
             loss = loss + getattr(cfg, term.weight) * term.loss(student_N_K, data, cfg) / normaliser
-    kl_sum = float((data["policy_logprobs"] - data["teacher_logprobs"]).sum())
-    return StepLoss(loss * processes, float(loss.detach()), stats, kl_sum, entropy)
+    with torch.no_grad():
+        weights_N = data["raw_is_weights"].float().cpu()
+        corrected = int((data["is_weights"].float().cpu() != weights_N).sum())
+        mismatch_sum = float((data["sampler_logprobs"] - data["behaviour_logprobs"]).abs().sum())
+        kl_sum = float((data["policy_logprobs"] - data["teacher_logprobs"]).sum())
+    return StepLoss(loss * processes, float(loss.detach()), stats, kl_sum, entropy, mismatch_sum, corrected, weights_N)

@@ -2,8 +2,13 @@
 
     epoch e:   generate -> score -> train -> export-lora        (every epoch 0 .. epochs-1)
                   |          |        |          |
-               rollouts -> scored -> train/ -> adapter  ==> the policy that samples at epoch e+1
+               rollouts -> scored -> train/ -> adapter  ==> the policy that samples at epoch e+1+s
     eval at 0, k, 2k, ..., epochs: the policy of that epoch on held-out prompts -> eval
+
+s is the config's max_staleness (0 by default: each epoch samples with the adapter trained just
+before it). With s >= 1 the sampling side of epoch e+s (generate, score) needs nothing that
+training epoch e writes, so `kd loop` runs the two at once and `kd slurm`'s job dependencies let
+them; train corrects for the older sampler by importance sampling (kd.stages.loss).
 
 `kd loop`, `kd slurm`, `kd status`, the CLI's stage commands and the kill-anywhere tests all
 iterate STAGES; nothing else lists them. Each stage is a module kd.stages.<module> with
@@ -27,7 +32,8 @@ if TYPE_CHECKING:  # the config imports the data layer, which imports this table
 class Stage:
     """One stage. `command`: the CLI command and Slurm job suffix; `output`: the dataset directory it
     writes under runs/<id>/<epoch>/ (its dataset kind of kd.stages.schemas has the same name);
-    `inputs`: the datasets it reads, "name" of the same epoch or "name@-1" of the previous one;
+    `inputs`: the datasets it reads, "name" of the same epoch, "name@-1" of the previous one, or
+    "name@-1-s" of epoch e-1-s, s the config's max_staleness (the adapter generate samples with);
     `shardable`: generate and score split over array tasks (--shard / --num-shards);
     `every_epoch`: runs at epochs 0 .. epochs-1, else at the eval epochs (see `eval_epochs`);
     `engines`: the roles of the engines it runs ("student", "teacher"): before it, `kd loop` puts the
@@ -50,7 +56,7 @@ class Stage:
         return importlib.import_module(f"kd.stages.{self.module}")
 
 
-GENERATE = Stage("generate", "rollouts", "generate", ("adapter@-1",), shardable=True, engines=("student",))
+GENERATE = Stage("generate", "rollouts", "generate", ("adapter@-1-s",), shardable=True, engines=("student",))
 SCORE = Stage("score", "scored", "score", ("rollouts",), shardable=True, engines=("teacher",))
 TRAIN = Stage("train", "train", "train", ("scored", "train@-1"))
 EXPORT_LORA = Stage("export-lora", "adapter", "export_lora", ("train",))
@@ -77,9 +83,17 @@ def runs_at(stage: Stage, epoch: int, config: Config) -> bool:
     return epoch < config.epochs if stage.every_epoch else epoch in eval_epochs(config)
 
 
-def inputs_at(stage: Stage, epoch: int) -> list[tuple[int, str]]:
-    """(epoch, output) of each dataset `stage` reads at `epoch`; "name@-1" at epoch 0 reads nothing."""
-    wanted = [(epoch - 1, name.removesuffix("@-1")) if name.endswith("@-1") else (epoch, name) for name in stage.inputs]
+OFFSETS = {"": 0, "-1": 1, "-1-s": None}  # how far back an input's "@..." reaches (None: 1 + max_staleness)
+
+
+def inputs_at(stage: Stage, epoch: int, staleness: int) -> list[tuple[int, str]]:
+    """(epoch, output) of each dataset `stage` reads at `epoch` when the run's max_staleness is
+    `staleness`; an input before epoch 0 is nothing (generate then samples with the base student)."""
+    wanted = []
+    for entry in stage.inputs:
+        name, _, offset = entry.partition("@")
+        back = OFFSETS[offset]
+        wanted.append((epoch - (1 + staleness if back is None else back), name))
     return [(e, name) for e, name in wanted if e >= 0]
 
 
@@ -90,7 +104,10 @@ def stage_dir(config: Config, epoch: int, output: str) -> Path:
     return config.run_dir / f"{epoch:04d}" / output
 
 
-def policy_adapter_dir(config: Config, epoch: int) -> Path | None:
-    """The policy that samples at `epoch`: the adapter export-lora wrote at epoch-1 (None at 0: the base
-    student). train/adapter beside the optimiser state is train's checkpoint, not the policy."""
-    return None if epoch == 0 else stage_dir(config, epoch - 1, EXPORT_LORA.output)
+def policy_adapter_dir(config: Config, epoch: int, stage: Stage = GENERATE) -> Path | None:
+    """The adapter `stage` (generate: the policy that samples; eval: the one evaluated) reads at
+    `epoch`, as the table declares it: export-lora's of epoch e-1-s for generate, e-1 for eval;
+    None before epoch 0 (the base student). train/adapter beside the optimiser state is train's
+    checkpoint, not the policy."""
+    found = [e for e, name in inputs_at(stage, epoch, config.max_staleness) if name == EXPORT_LORA.output]
+    return stage_dir(config, found[0], EXPORT_LORA.output) if found else None

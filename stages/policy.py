@@ -7,8 +7,10 @@ checkpoint a later train stage resumes from. Both hold the same weights.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -68,6 +70,26 @@ class Policy:
             raise adapter_misfit(adapter, err) from None
         self.holds = None
         return self.ready()
+
+    @contextlib.contextmanager
+    def holding(self, adapter: Path | None) -> Iterator[None]:
+        """The model with `adapter`'s LoRA weights (the fresh LoRA at None) inside the block, its own
+        after: the trainer's logprobs of an older policy (max_staleness) without a second model."""
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        own = {name: weight.detach().clone() for name, weight in self.trainable.items()}
+        try:
+            weights = self.fresh if adapter is None else load_peft_weights(str(adapter), device="cpu")
+            set_peft_model_state_dict(self.model, weights)
+        except (RuntimeError, ValueError, KeyError, OSError) as err:
+            raise adapter_misfit(adapter, err) from None
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, weight in self.trainable.items():
+                    weight.copy_(own[name])
 
     def resume(self, previous: Path | None) -> tuple[object, dict | None]:
         """The model and optimiser state that the complete train/ directory `previous` holds (a fresh

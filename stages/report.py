@@ -95,11 +95,14 @@ def run(run_dir: Path) -> Path:
             ("held-out, greedy (eval)", series(records, "eval", "accuracy"), "o-"),
             ("training samples (score)", series(records, "score", "accuracy"), "-"),
         ])
-        line_plot(staging / "ratios.png", "importance ratio pi_theta / sampler", "optimiser step", [
-            ("mean", series(records, "train_step", "ratio_mean", "global_step"), "-"),
-            ("max", series(records, "train_step", "ratio_max", "global_step"), "-"),
+        line_plot(staging / "ratios.png", "importance ratio pi_theta / pi_old, off-policy weight pi_old / sampler",
+                  "optimiser step", [
+            ("ratio mean", series(records, "train_step", "ratio_mean", "global_step"), "-"),
+            ("ratio max", series(records, "train_step", "ratio_max", "global_step"), "-"),
+            ("weight p99", series(records, "train_step", "is_weight_p99", "global_step"), "-"),
+            ("weight max", series(records, "train_step", "is_weight_max", "global_step"), "-"),
         ], log_scale=True)  # one large ratio would flatten the rest
-        line_plot(staging / "mismatch.png", "mean sampler - trainer logprob per token", "optimiser step", [
+        line_plot(staging / "mismatch.png", "mean |sampler - trainer| logprob per token", "optimiser step", [
             ("mismatch", series(records, "train_step", "mismatch", "global_step"), "-"),
         ])
         line_plot(staging / "throughput.png", "tokens per second", "epoch", [

@@ -40,11 +40,12 @@ def new_run_removed_on_failure(config: Config) -> Iterator[None]:
         raise
 
 
-def policy_adapter(config: Config, epoch: int) -> Path | None:
-    """The complete adapter the policy of `epoch` samples with (None at epoch 0), or a one-line error."""
-    adapter = pipeline.policy_adapter_dir(config, epoch)
+def policy_adapter(config: Config, epoch: int, stage: pipeline.Stage = pipeline.GENERATE) -> Path | None:
+    """The complete adapter `stage` reads at `epoch` (pipeline.policy_adapter_dir; None: the base
+    student), or a one-line error."""
+    adapter = pipeline.policy_adapter_dir(config, epoch, stage)
     if adapter is not None:
-        datasets_io.require(adapter, ADAPTER, f"run `kd export-lora --epoch {epoch - 1}` first")
+        datasets_io.require(adapter, ADAPTER, f"run `kd export-lora --epoch {int(adapter.parent.name)}` first")
     return adapter
 
 

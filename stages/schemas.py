@@ -57,7 +57,7 @@ EVAL = DatasetKind(
 )
 TRAIN_STEPS = DatasetKind(
     "train",
-    1,
+    2,
     pa.schema(
         [
             pa.field("step", pa.int32(), nullable=False),  # optimiser step within the epoch, from 1
@@ -67,11 +67,17 @@ TRAIN_STEPS = DatasetKind(
             pa.field("learning_rate", pa.float32()),
             pa.field("tokens", pa.int64()),
             pa.field("teacher_kl", pa.float32()),
-            pa.field("mismatch", pa.float32()),
+            pa.field("mismatch", pa.float32()),  # mean |s_t - b_t|: sampler vs the trainer's logprob of that policy
             pa.field("entropy", pa.float32()),
             pa.field("ratio_mean", pa.float32()),
             pa.field("ratio_max", pa.float32()),
             pa.field("clip_fraction", pa.float32()),
+            # the off-policy weights pi_old / mu before train.is_correction, and the share it changed
+            pa.field("is_weight_p50", pa.float32()),
+            pa.field("is_weight_p99", pa.float32()),
+            pa.field("is_weight_max", pa.float32()),
+            pa.field("is_corrected_fraction", pa.float32()),
+            pa.field("staleness", pa.int32()),  # epoch minus the sampling policy's version
         ]
     ),
 )

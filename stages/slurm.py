@@ -129,7 +129,7 @@ def plan(config: Config, python: str = sys.executable, workdir: Path | None = No
             if not pipeline.runs_at(stage, epoch, config) or datasets_io.is_complete(out):
                 continue
             tasks = resources_of(config, stage).tasks if stage.shardable else 1
-            after = [key for source in pipeline.inputs_at(stage, epoch) for key in writers.get(source, [])]
+            after = [key for source in pipeline.inputs_at(stage, epoch, config.max_staleness) for key in writers.get(source, [])]
             # Several teachers: one score job (array) per teacher, each over its own shards of the dataset.
             parts = teachers if stage is pipeline.SCORE and len(teachers) > 1 else [None]
             missing = {t: missing_shards(out, tasks, i * tasks, tasks * len(parts)) for i, t in enumerate(parts)}

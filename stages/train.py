@@ -62,8 +62,8 @@ def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0,
              kl_weights: dict[str, float] | None = None) -> list[dict]:
     """One training example per sample: token ids plus per-target-position logprobs and advantages
     (and the teacher's top-k ids and logprobs, [T, K], when the top-k divergences are on).
-    `policy_logprobs` (the policy's own T = 1 logprobs, p_t of kd.stages.loss) start as the sampler's;
-    `untempered` replaces them when the sampler drew from another distribution. `kl_weights`: each
+    `policy_logprobs` (o_t of kd.stages.loss), `behaviour_logprobs` and the off-policy weights start
+    as the sampler's and 1; `recompute_old_policy` puts the trainer's own in before the first step. `kl_weights`: each
     teacher's kl_weight by name (config.teachers; absent: 1). The task reward is centred over the
     samples of each prompt in `table` (the whole epoch's scored dataset: all G samples of a prompt)."""
     columns = ["prompt_token_ids", "completion_token_ids", "sampler_logprobs", "teacher_logprobs"]
@@ -87,7 +87,8 @@ def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0,
         example = {
             "input_ids": np.concatenate([prompt, completion]), "prompt_length": len(prompt),
             "kl_coef": kl_coef, "reward_advantage": reward_advantage,
-            "sampler_logprobs": sampler, "policy_logprobs": sampler, "teacher_logprobs": teacher,
+            "sampler_logprobs": sampler, "policy_logprobs": sampler, "behaviour_logprobs": sampler,
+            "is_weights": np.ones_like(sampler), "raw_is_weights": np.ones_like(sampler), "teacher_logprobs": teacher,
             "advantages": loss_lib.advantages(sampler, teacher, kl_coef, cfg.gamma, reward_advantage),
         }
         if cfg.uses_top_k:
@@ -128,7 +129,8 @@ class Collator:
     order their completion tokens appear in the batch (each row in turn).
     """
 
-    PER_TOKEN = ("sampler_logprobs", "policy_logprobs", "teacher_logprobs", "advantages")
+    PER_TOKEN = ("sampler_logprobs", "policy_logprobs", "behaviour_logprobs", "is_weights", "raw_is_weights",
+                 "teacher_logprobs", "advantages")
 
     def __init__(self, pad_token_id: int, top_k: int = 0, micro_batch_tokens: int = 0):
         self.pad_token_id = pad_token_id
@@ -214,7 +216,7 @@ def per_process_batch(cfg: TrainConfig, processes: int) -> int:
 
 
 def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], output_dir: Path, epoch: int,
-                 global_step: int, optimizer_state: dict | None, progress: bool, top_k: int = 0):
+                 global_step: int, optimizer_state: dict | None, progress: bool, top_k: int = 0, staleness: int = 0):
     cfg = config.train
     use_bf16 = uses_bf16(cfg)
     args = TrainingArguments(
@@ -238,7 +240,7 @@ def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(global_step + step, cfg, total_steps)
     )
-    recorder = StepRecorder(global_step)
+    recorder = StepRecorder(global_step, staleness)
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=examples,
         data_collator=Collator(model.config.pad_token_id or 0, top_k, cfg.micro_batch_tokens),
@@ -285,19 +287,22 @@ class StepRecorder(TrainerCallback):
     so the row describes the whole effective batch (rank 0 writes it).
     """
 
-    SUMS = ("tokens", "kl", "entropy", "loss", "mismatch", "ratio", "clipped")
+    SUMS = ("tokens", "kl", "entropy", "loss", "mismatch", "ratio", "clipped", "corrected")
 
-    def __init__(self, global_step: int):
-        self.global_step = global_step
+    def __init__(self, global_step: int, staleness: int):
+        self.global_step, self.staleness = global_step, staleness
         self.sums = dict.fromkeys(self.SUMS, 0.0)
         self.ratio_max = 0.0
+        self.weights: list[torch.Tensor] = []
         self.rows: list[dict] = []
 
-    def add(self, stats: loss_lib.PolicyLossStats, kl_sum: float, entropy_sum: float, loss: float) -> None:
-        for name, value in zip(self.SUMS, (stats.tokens, kl_sum, entropy_sum, loss, stats.mismatch_sum,
-                                           stats.ratio_sum, stats.clipped)):
+    def add(self, result: objective.StepLoss) -> None:
+        stats = result.stats
+        for name, value in zip(self.SUMS, (stats.tokens, result.kl_sum, result.entropy_sum, result.batch_share,
+                                           result.mismatch_sum, stats.ratio_sum, stats.clipped, result.corrected)):
             self.sums[name] += value
         self.ratio_max = max(self.ratio_max, stats.ratio_max)
+        self.weights.append(result.weights_N)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # Only the LoRA weights get gradients; walking the whole module tree at every step cost more than the check.
@@ -319,6 +324,12 @@ class StepRecorder(TrainerCallback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
             torch.distributed.all_reduce(ratio_max, op=torch.distributed.ReduceOp.MAX)
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, torch.cat(self.weights))
+            weights = torch.cat(gathered)
+        else:
+            weights = torch.cat(self.weights)
+        p50, p99, most = np.quantile(weights.numpy(), [0.5, 0.99, 1.0]).tolist()
         total = dict(zip(self.SUMS, sums.tolist()))
         tokens = max(total["tokens"], 1)
         self.rows.append({
@@ -327,9 +338,12 @@ class StepRecorder(TrainerCallback):
             "tokens": int(total["tokens"]), "teacher_kl": total["kl"] / tokens, "mismatch": total["mismatch"] / tokens,
             "entropy": total["entropy"] / tokens, "ratio_mean": total["ratio"] / tokens,
             "ratio_max": float(ratio_max), "clip_fraction": total["clipped"] / tokens,
+            "is_weight_p50": p50, "is_weight_p99": p99, "is_weight_max": most,
+            "is_corrected_fraction": total["corrected"] / tokens, "staleness": self.staleness,
         })
         self.sums = dict.fromkeys(self.SUMS, 0.0)
         self.ratio_max = 0.0
+        self.weights = []
 
 
 class DistillTrainer(Trainer):
@@ -377,31 +391,49 @@ class DistillTrainer(Trainer):
                 "train.max_ratio (a guard, not part of the run's results: the run resumes with it)"
             )
         # The loss each process adds up to the whole batch's loss: its tokens over all processes' tokens.
-        self.recorder.add(stats, result.kl_sum, result.entropy_sum, result.batch_share)
+        self.recorder.add(result)
         return result.loss
 
 
 @torch.no_grad()
-def untempered(trainer: "DistillTrainer", examples: list[dict], cfg: TrainConfig) -> None:
-    """Put the sampling policy's own (T = 1) logprobs and the advantages they give into `examples`,
-    when the sampler drew at another temperature or top_p (kd.stages.loss). The trainer's model,
-    on its device and not yet stepped, is that policy; each process computes every example's (the
-    data loader deals them out later)."""
+def trainer_logprobs(trainer: "DistillTrainer", examples: list[dict], cfg: TrainConfig) -> list[np.ndarray]:
+    """The T = 1 logprobs of each example's completion tokens under the trainer's model as it is now
+    (no gradient, every dropout off); each process computes every example's (the data loader deals
+    them out later)."""
     model, collate = trainer.model, trainer.data_collator
     model.eval()
     size = per_process_batch(cfg, world_size())
+    found: list[np.ndarray] = [np.empty(0, np.float32)] * len(examples)
     for first in range(0, len(examples), size):
-        chunk = examples[first : first + size]
-        for batch in micro_batches(collate(chunk)):
+        for batch in micro_batches(collate(examples[first : first + size])):
             batch = {name: value.to(trainer.args.device) for name, value in batch.items()}
             with trainer.autocast_smart_context_manager():
                 picked_N_K, _, _ = objective.student_logprobs(model, trainer.head, batch)
-            members = [chunk[i] for i in batch["sequences"].tolist()]
-            counts = [len(example["teacher_logprobs"]) for example in members]
-            for example, policy in zip(members, np.split(picked_N_K[:, 0].float().cpu().numpy(), np.cumsum(counts)[:-1])):
-                example["policy_logprobs"] = policy
-                example["advantages"] = loss_lib.advantages(policy, example["teacher_logprobs"], example["kl_coef"],
-                                                            cfg.gamma, example["reward_advantage"])
+            indices = [first + i for i in batch["sequences"].tolist()]
+            counts = [len(examples[i]["teacher_logprobs"]) for i in indices]
+            for index, values in zip(indices, np.split(picked_N_K[:, 0].float().cpu().numpy(), np.cumsum(counts)[:-1])):
+                found[index] = values
+    return found
+
+
+def recompute_old_policy(trainer: "DistillTrainer", policy: Policy, examples: list[dict], cfg: TrainConfig,
+                         sampled_with: Path | None, holds_sampler: bool) -> None:
+    """Before the first step: the trainer's own logprobs of the policy it holds (pi_old, o_t of
+    kd.stages.loss: the advantages' and the PPO ratio's), of the policy that sampled (b_t: the
+    mismatch metric; the same forward when the trainer holds it, `holds_sampler`, else one more with
+    `sampled_with`'s adapter in the model), and the off-policy weights pi_old / mu they give."""
+    old = trainer_logprobs(trainer, examples, cfg)
+    if holds_sampler:
+        behaviour = old
+    else:
+        with policy.holding(sampled_with):
+            behaviour = trainer_logprobs(trainer, examples, cfg)
+    for example, o, b in zip(examples, old, behaviour):
+        example["policy_logprobs"], example["behaviour_logprobs"] = o, b
+        example["raw_is_weights"], example["is_weights"] = loss_lib.importance_weights(
+            o, example["sampler_logprobs"], cfg.is_correction, cfg.is_threshold, cfg.is_level)
+        example["advantages"] = loss_lib.advantages(o, example["teacher_logprobs"], example["kl_coef"],
+                                                    cfg.gamma, example["reward_advantage"])
 
 
 def save_adapter(policy: Policy, directory: Path) -> None:
@@ -452,16 +484,22 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
     if not examples:
         raise KdError(f"{source}: no sample has a completion token; check generate.max_new_tokens and the prompts")
     previous, global_step = previous_state(config, epoch)
+    # The adapter that sampled this epoch's data: with max_staleness s, s epochs older than the one
+    # that the trainer starts from (export-lora's of epoch-1, the weights of train/ of epoch-1).
+    sampled_with = pipeline.policy_adapter_dir(config, epoch)
+    holds_sampler = sampled_with == (pipeline.stage_dir(config, epoch - 1, pipeline.EXPORT_LORA.output) if epoch else None)
+    if not holds_sampler:
+        rundir.policy_adapter(config, epoch)  # one line if it is gone
+    staleness = epoch - min(table.column("policy_version").to_pylist())
     with using(config, session) as own:
         policy = own.policy()
     model, optimizer_state = policy.resume(previous)
     with tempfile.TemporaryDirectory(prefix="kd-trainer-") as work:
         trainer = make_trainer(
             config, policy, model, examples, Path(work), epoch, global_step, optimizer_state, progress,
-            top_k if config.train.uses_top_k else 0,
+            top_k if config.train.uses_top_k else 0, staleness,
         )
-        if config.generate.temperature != 1 or config.generate.top_p < 1:
-            untempered(trainer, examples, config.train)
+        recompute_old_policy(trainer, policy, examples, config.train, sampled_with, holds_sampler)
         # Trainer.train() begins with accelerate's free_memory(): a full gc.collect(), which scans every
         # object of the process (torch, transformers, a long loop's state) and took as long as two
         # optimiser steps of the toy. Objects that exist before training are not this epoch's garbage:
@@ -486,7 +524,9 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
         "steps": len(steps), "global_step": final_step,
         "tokens": int(sum(s["tokens"] for s in steps)),
         "teacher_kl": float(np.mean([s["teacher_kl"] for s in steps])),
-        "mismatch": steps[0]["mismatch"], "entropy": float(np.mean([s["entropy"] for s in steps])),
+        "mismatch": float(np.mean([s["mismatch"] for s in steps])), "entropy": float(np.mean([s["entropy"] for s in steps])),
+        "is_corrected_fraction": float(np.mean([s["is_corrected_fraction"] for s in steps])),
+        "is_weight_max": float(max(s["is_weight_max"] for s in steps)), "staleness": staleness,
         "ratio_mean": float(np.mean([s["ratio_mean"] for s in steps])),
         "ratio_max": float(max(s["ratio_max"] for s in steps)),
         "clip_fraction": float(np.mean([s["clip_fraction"] for s in steps])),

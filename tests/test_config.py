@@ -96,3 +96,22 @@ def test_sglang_sampling_is_refused_at_top_p_below_one():
     assert config_lib.load(None, server).generate.engine.kind == "sglang"
     with pytest.raises(KdError, match="config field generate.top_p: must be 1 with generate.engine.kind sglang"):
         config_lib.load(None, [*server, "generate.top_p=0.9"])
+
+
+def test_staleness_moves_generates_dependency_in_the_table_and_in_slurm_jobs(tmp_path):
+    """max_staleness s: generate of epoch e reads export-lora's adapter of e-1-s, and `kd slurm` makes
+    it wait for that job only (so the scheduler overlaps it with the training of e-1 .. e-s)."""
+    from kd.stages import pipeline, slurm
+
+    for staleness in (0, 1, 2):
+        config = dataclasses.replace(config_lib.Config(), runs_dir=str(tmp_path), epochs=5, max_staleness=staleness)
+        for epoch in range(5):
+            back = epoch - 1 - staleness
+            assert pipeline.inputs_at(pipeline.GENERATE, epoch, staleness) == ([(back, "adapter")] if back >= 0 else [])
+            assert pipeline.policy_adapter_dir(config, epoch) == (
+                pipeline.stage_dir(config, back, "adapter") if back >= 0 else None)
+            assert pipeline.policy_adapter_dir(config, epoch, pipeline.EVAL) == (
+                pipeline.stage_dir(config, epoch - 1, "adapter") if epoch else None)
+        jobs = {job.key: job.after for job in slurm.plan(config)}
+        assert jobs["4-generate"] == [f"{3 - staleness}-export-lora"]
+        assert jobs["4-train"] == ["4-score", "3-train"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd.stages.loss import advantages, completion_logprobs, group_centred, policy_loss, topk_divergence
+from kd.stages.loss import advantages, completion_logprobs, group_centred, importance_weights, policy_loss, topk_divergence
 
 
 def test_advantage_is_negative_reverse_kl_per_token():
@@ -57,7 +57,6 @@ def test_policy_loss_hand_computed():
     # d/dlogp of -rho*A/N is -rho*A/N; the masked token gets none.
     np.testing.assert_allclose(logprobs.grad[0].numpy(), [-rho[0] * 0.5 / 4, rho[1] / 4, 0.0], rtol=1e-6)
     assert stats.tokens == 2 and stats.ratio_max == pytest.approx(rho[1], rel=1e-6)
-    assert stats.mismatch_sum == pytest.approx(0.0 + -0.5)
 
 
 def test_masked_and_padding_positions_do_not_matter():
@@ -198,15 +197,46 @@ def test_tail_bucket_charges_mass_moved_outside_the_support(kind):
 
 
 def test_decoupled_ppo_clips_the_policys_move_not_the_sampler_correction():
-    """With a tempered sampler, rho = (pi_theta / pi_e) (pi_e / mu): PPO clips the first factor only,
-    so at the first step (pi_theta = pi_e) nothing is clipped even where pi_e / mu is far from 1."""
+    """With a tempered or stale sampler, rho = (pi_theta / pi_old) (pi_old / mu): PPO clips the first
+    factor only, so at the first step (pi_theta = pi_old) nothing is clipped even where pi_old / mu is
+    far from 1."""
     logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    proximal = torch.tensor([[-1.0, -2.0]])  # pi_e: the trainer has not moved yet
-    sampler = torch.tensor([[-0.2, -3.5]])  # mu: tempered, far from pi_e
+    proximal = torch.tensor([[-1.0, -2.0]])  # pi_old: the trainer has not moved yet
+    sampler = torch.tensor([[-0.2, -3.5]])  # mu: tempered, far from pi_old
     adv, mask = torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2, dtype=torch.bool)
-    loss, stats = policy_loss(logprobs, sampler, adv, mask, 2, clip_epsilon=0.2, proximal_logprobs_B_T=proximal)
+    _, weights = importance_weights(proximal[0].numpy(), sampler[0].numpy(), "none", 2.0)
+    loss, stats = policy_loss(logprobs, proximal, adv, mask, 2, clip_epsilon=0.2, is_weights_B_T=torch.from_numpy(weights)[None])
     correction = torch.exp(proximal - sampler)
     assert float(loss) == pytest.approx(float(-(correction * adv).sum() / 2), rel=1e-6)
-    assert stats.clipped == 0 and stats.ratio_max == pytest.approx(1.0) and stats.mismatch_sum == 0
+    assert stats.clipped == 0 and stats.ratio_max == pytest.approx(1.0)
     loss.backward()
     torch.testing.assert_close(logprobs.grad, -(correction * adv) / 2)  # the full importance-weighted gradient
+
+
+def test_importance_weights_truncated_and_masked_by_hand():
+    proximal = np.log(np.array([0.5, 0.5, 0.5, 0.5]))
+    sampler = np.log(np.array([0.5, 0.1, 0.9, 0.3]))  # w = 1, 5, 0.5556, 1.6667
+    raw, none = importance_weights(proximal, sampler, "none", 2.0)
+    np.testing.assert_allclose(raw, [1, 5, 5 / 9, 5 / 3], rtol=1e-6)
+    np.testing.assert_array_equal(none, raw)
+    _, tis = importance_weights(proximal, sampler, "tis", 2.0)
+    np.testing.assert_allclose(tis, [1, 2, 5 / 9, 5 / 3], rtol=1e-6)  # min(w, C): the small weight stays
+    _, mis = importance_weights(proximal, sampler, "mis", 1.7)
+    np.testing.assert_allclose(mis, [1, 0, 0, 5 / 3], rtol=1e-6)  # outside [1/C, C]: dropped
+    # geometric mean of the weights: exp(mean log w) = (1 * 5 * 5/9 * 5/3)^(1/4) = 1.47 -> kept under C = 1.7 ...
+    _, kept = importance_weights(proximal, sampler, "mis", 1.7, "sequence")
+    np.testing.assert_allclose(kept, raw, rtol=1e-6)
+    _, dropped = importance_weights(proximal, sampler, "mis", 1.4, "sequence")  # ... and dropped under 1.4
+    assert not dropped.any()
+
+
+def test_truncated_weights_keep_the_gradient_and_masked_tokens_lose_it():
+    """TIS scales a token's gradient by min(w, C); MIS zeroes it: rho = r w with w data, r = 1 at step 1."""
+    logprobs = torch.tensor([[-0.7, -0.7]], requires_grad=True)
+    proximal = logprobs.detach().clone()
+    adv = torch.tensor([[1.0, 1.0]])
+    for weights, expected in (([2.0, 0.5], [-2.0 / 2, -0.5 / 2]), ([0.0, 1.0], [0.0, -1.0 / 2])):
+        logprobs.grad = None
+        loss, _ = policy_loss(logprobs, proximal, adv, torch.ones(1, 2), 2, is_weights_B_T=torch.tensor([weights]))
+        loss.backward()
+        np.testing.assert_allclose(logprobs.grad[0].numpy(), expected, rtol=1e-6)

@@ -28,7 +28,8 @@ def examples(vocabulary: int, seed: int = 0) -> list[dict]:
         sampler = -rng.exponential(1.0, completion).astype(np.float32)
         teacher = -rng.exponential(1.0, completion).astype(np.float32)
         rows.append({"input_ids": rng.integers(3, vocabulary, prompt + completion), "prompt_length": prompt,
-                     "sampler_logprobs": sampler, "policy_logprobs": sampler, "teacher_logprobs": teacher,
+                     "sampler_logprobs": sampler, "policy_logprobs": sampler, "behaviour_logprobs": sampler,
+                     "is_weights": np.ones_like(sampler), "raw_is_weights": np.ones_like(sampler), "teacher_logprobs": teacher,
                      "advantages": teacher - sampler})
     return rows
 

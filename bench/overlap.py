@@ -115,11 +115,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     args = parser.parse_args()
-    runs = {name: [run(args.world, name, seed, args.epochs, args.eval_every) for seed in args.seeds]
-            for name in args.settings}
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "seeds": args.seeds, "epochs": args.epochs,
-              "runs": runs, "curves": {name: mean_curve([r["curve"] for r in rs]) for name, rs in runs.items()}}
     name = "overlap" if args.world == "toy" else f"overlap-{args.world}"
+    earlier = RESULTS / f"{name}.json"  # settings not re-run keep their earlier runs
+    runs = json.loads(earlier.read_text())["runs"] if earlier.is_file() and len(args.settings) < len(SETTINGS) else {}
+    runs.update({setting: [run(args.world, setting, seed, args.epochs, args.eval_every) for seed in args.seeds]
+                 for setting in args.settings})
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "seeds": args.seeds, "epochs": args.epochs,
+              "runs": runs, "curves": {setting: mean_curve([r["curve"] for r in rs]) for setting, rs in runs.items()}}
     save_results(RESULTS, name, result, markdown(args.world, result, args.epochs))
 
 

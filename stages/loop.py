@@ -14,9 +14,10 @@ Overlap (max_staleness s >= 1): generate at epoch e samples with the adapter of 
 in a worker process of their own while this process trains (train, export-lora: the training
 side), each side taking its stages in the order of the sequential loop and starting each one as
 soon as the datasets the pipeline table says it reads are complete: the sampling and scoring of
-epoch e+s run while epoch e trains. What each stage writes depends on its inputs alone, never on
+epoch e+s run while epoch e trains (eval, which nothing reads, after its epoch's score). What each stage writes depends on its inputs alone, never on
 which side got there first, so the datasets and adapters are those of the stage commands run one by
-one (tested), and a kill anywhere resumes to them. `overlap` (kd.stages.config.OverlapConfig)
+one with the same threads (tested; another thread count changes float rounding), and a kill
+anywhere resumes to them. `overlap` (kd.stages.config.OverlapConfig)
 splits the cores or GPUs between the sides.
 
 GPU memory: before each stage, the held engines it does not use (pipeline.Stage.engines) sleep, and
@@ -80,20 +81,17 @@ def sequential(config: Config, session: Session) -> None:
 
 
 def overlapped(config: Config, session: Session) -> None:
-    """The sampling side (the stages with engines) in a worker process, the training side here; each
-    side's next stage starts once the datasets it reads (pipeline.inputs_at) are complete."""
+    """The sampling side (the stages with engines) in a worker process, the training side here. The
+    worker gets its whole list at once and each side starts its next stage as soon as the datasets
+    it reads (pipeline.inputs_at) are complete, so generate and score of epoch e+s both run while
+    epoch e trains. Nothing reads eval: on the sampling side it comes after its epoch's score."""
     sides: dict[bool, list[tuple[int, pipeline.Stage]]] = {True: [], False: []}
     for epoch in range(config.epochs + 1):
-        for stage in pipeline.STAGES:
+        for stage in sorted(pipeline.STAGES, key=lambda stage: stage is pipeline.EVAL):
             if pipeline.runs_at(stage, epoch, config):
                 sides[bool(stage.engines)].append((epoch, stage))
     sampling, training = sides[True], sides[False]
-
-    def ready(epoch: int, stage: pipeline.Stage) -> bool:
-        return all(datasets_io.is_complete(pipeline.stage_dir(config, e, name))
-                   for e, name in pipeline.inputs_at(stage, epoch, config.max_staleness))
-
-    cores = os.cpu_count() or 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
     sampler_threads = config.overlap.sampler_threads or max(1, cores // 2)
     trainer_threads = config.overlap.trainer_threads or max(1, cores - cores // 2)
     import torch
@@ -103,20 +101,15 @@ def overlapped(config: Config, session: Session) -> None:
     console.print(f"overlapped loop (max_staleness {config.max_staleness}): sampling side {sampler_threads} threads"
                   + (f", GPUs {config.overlap.sampler_devices}" if config.overlap.sampler_devices else "")
                   + f"; training side {trainer_threads} threads")
-    side = SamplingSide(config, sampler_threads, config.overlap.sampler_devices)
-    running: tuple[int, pipeline.Stage] | None = None
+    side = SamplingSide(config, sampler_threads, config.overlap.sampler_devices, sampling)
     epoch_started = time.time()
     try:
-        while sampling or training or running:
-            if running is not None and side.done():
-                wrote, (epoch, stage), running = side.result(*running), running, None
+        while training or side.pending:
+            while side.done():
+                epoch, stage, wrote = side.result()
                 if stage is pipeline.EVAL:
                     print_eval(epoch, wrote)
-            if running is None and sampling and ready(*sampling[0]):
-                running = sampling.pop(0)
-                log.info("epoch %d: %s (sampling side)", running[0], running[1].command)
-                side.submit(*running)
-            if training and ready(*training[0]):
+            if training and ready(config, *training[0]):
                 epoch, stage = training.pop(0)
                 log.info("epoch %d: %s (training side)", epoch, stage.command)
                 stage.load().run(config, epoch, session)
@@ -124,38 +117,49 @@ def overlapped(config: Config, session: Session) -> None:
                     print_epoch(config, epoch, pipeline.stage_dir(config, epoch, "scored"),
                                 pipeline.stage_dir(config, epoch, "train"), time.time() - epoch_started)
                     epoch_started = time.time()
-            elif running is not None:
-                side.wait()
-            elif sampling or training:  # nothing runs and nothing can start: the table is inconsistent
-                raise RuntimeError(f"overlapped loop stalled before {(sampling or training)[0]}")
+            elif side.pending:
+                side.wait()  # what the training side waits for is the sampling side's
+            elif training:  # nothing runs and nothing can start: the table is inconsistent
+                raise RuntimeError(f"overlapped loop stalled before {training[0]}")
     finally:
-        side.close(running is None)
+        side.close()
         torch.set_num_threads(threads_before)
+
+
+def ready(config: Config, epoch: int, stage: pipeline.Stage) -> bool:
+    """Whether every dataset `stage` reads at `epoch` is complete."""
+    return all(datasets_io.is_complete(pipeline.stage_dir(config, e, name))
+               for e, name in pipeline.inputs_at(stage, epoch, config.max_staleness))
 
 
 class SamplingSide:
     """The worker process of the sampling side: its own Session (engines loaded once, kept across
-    epochs), one stage at a time over a pipe. It dies with the loop (Linux: PR_SET_PDEATHSIG), so a
-    killed loop leaves nothing writing behind it."""
+    epochs) runs `tasks` in order, each once its inputs are complete, and reports each over a pipe.
+    It dies with the loop (Linux: PR_SET_PDEATHSIG)."""
 
-    def __init__(self, config: Config, threads: int, devices: str):
+    def __init__(self, config: Config, threads: int, devices: str, tasks: list[tuple[int, pipeline.Stage]]):
         context = multiprocessing.get_context("spawn")  # CUDA and vLLM do not survive fork
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=sampling_worker, args=(child, config, threads, devices), name="kd-sampling")
+        self.tasks = list(tasks)
+        self.pending = len(tasks)
+        commands = [(epoch, stage.command) for epoch, stage in tasks]
+        self.process = context.Process(target=sampling_worker, args=(child, config, threads, devices, commands),
+                                       name="kd-sampling")
         self.process.start()
         child.close()
 
-    def submit(self, epoch: int, stage: pipeline.Stage) -> None:
-        self.connection.send((stage.command, epoch))
-
     def done(self) -> bool:
-        return self.connection.poll()
+        """A report is waiting, or the worker is gone (a forked engine process may keep the pipe open)."""
+        return self.pending > 0 and (self.connection.poll() or not self.process.is_alive())
 
     def wait(self) -> None:
         multiprocessing.connection.wait([self.connection, self.process.sentinel])
 
-    def result(self, epoch: int, stage: pipeline.Stage) -> Path:
+    def result(self) -> tuple[int, pipeline.Stage, Path]:
+        epoch, stage = self.tasks[len(self.tasks) - self.pending]
         try:
+            if not self.connection.poll():
+                raise EOFError
             ok, value = self.connection.recv()
         except (EOFError, ConnectionError):
             self.process.join()
@@ -163,20 +167,19 @@ class SamplingSide:
                           f"{self.process.exitcode}: killed, or out of memory); re-run the same command to resume") from None
         if not ok:
             raise value
-        return value
+        self.pending -= 1
+        return epoch, stage, value
 
-    def close(self, idle: bool) -> None:
-        """Stop the worker: asked to when it is idle, killed when it is in the middle of a stage (the
-        loop failed): what it was writing is staged, never published, and the next writer removes it."""
-        if idle and self.process.is_alive():
-            self.connection.send(None)
-            self.process.join(60)
+    def close(self) -> None:
+        """Stop the worker: it exits by itself once its list is done; on a failure it is killed in
+        the middle of a stage, whose output is staged, never published (the next writer removes it)."""
+        self.process.join(60 if not self.pending else 0)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
 
 
-def sampling_worker(connection, config: Config, threads: int, devices: str) -> None:
+def sampling_worker(connection, config: Config, threads: int, devices: str, tasks: list[tuple[int, str]]) -> None:
     import ctypes
     import signal
     import traceback
@@ -188,16 +191,19 @@ def sampling_worker(connection, config: Config, threads: int, devices: str) -> N
     import torch
 
     torch.set_num_threads(threads)
-    with Session(config, progress=False) as session:
-        while (task := connection.recv()) is not None:
-            stage = pipeline.by_command(task[0])
-            try:
+    try:
+        with Session(config, progress=False) as session:
+            for epoch, command in tasks:
+                stage = pipeline.by_command(command)
+                while not ready(config, epoch, stage):
+                    time.sleep(0.02)  # the adapter it samples with is the training side's to write
+                log.info("epoch %d: %s (sampling side)", epoch, command)
                 session.sleep_engines(keep=stage.engines)
-                connection.send((True, stage.load().run(config, task[1], session)))
-            except KdError as err:
-                connection.send((False, err))
-            except Exception:  # noqa: BLE001 - sent whole: an arbitrary exception may not pickle
-                connection.send((False, RuntimeError(f"the sampling side failed:\n{traceback.format_exc()}")))
+                connection.send((True, stage.load().run(config, epoch, session)))
+    except (KdError, OSError) as err:
+        connection.send((False, err))
+    except Exception:  # noqa: BLE001 - sent whole: an arbitrary exception may not pickle
+        connection.send((False, RuntimeError(f"the sampling side failed:\n{traceback.format_exc()}")))
 
 
 def print_epoch(config: Config, epoch: int, scored, trained, seconds: float) -> None:

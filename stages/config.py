@@ -285,11 +285,14 @@ class TrainConfig:
         (max_staleness), its numerical mismatch with the trainer (vLLM vs transformers, bf16) and its
         temperature. none: w as it is; tis: truncated IS, min(w, C) kept as a weight, C =
         is_threshold; mis: masked IS, tokens (is_level token) or whole sequences (is_level
-        sequence, by the geometric mean of their weights) with w outside [1/C, C] dropped from the
-        loss. As verl's rollout importance weights, slime's --use-tis and TRL's
+        geometric: by the geometric mean of their weights, verl's term) with w outside [1/C, C]
+        dropped from the loss (they stay in its normaliser, so masking shrinks the step). At T != 1
+        tis and mis also cut the temperature's own weights (biased, lower variance): none keeps
+        the exact correction. As verl's rollout importance weights, slime's --use-tis and TRL's
         vllm_importance_sampling_correction (kd.stages.loss).
-    max_ratio: abort when an importance ratio exceeds this (a diverged or mismatched sampler); a
-        guard, not part of the fingerprint: raise it and resume.
+    max_ratio: abort when the ratio pi_theta / pi_old exceeds this (the policy moved that far within
+        an epoch's optimiser steps); a guard, not part of the fingerprint: raise it and resume. The
+        sampler's own disagreement is in the off-policy weights, logged per step (is_weight_*).
     precision: auto (bf16 on a GPU that has it), float32 or bf16.
     logging_steps: optimiser steps between the train_step lines of metrics.jsonl and TensorBoard (the train
         dataset holds every step).
@@ -337,7 +340,7 @@ class TrainConfig:
     ratio_cap: float = 0.0
     is_correction: Literal["none", "tis", "mis"] = "tis"
     is_threshold: float = 2.0
-    is_level: Literal["token", "sequence"] = "token"
+    is_level: Literal["token", "geometric"] = "token"
     max_ratio: float = retunable(1e4)
     precision: Literal["auto", "float32", "bf16"] = "auto"
     logging_steps: int = retunable(1)
@@ -371,7 +374,7 @@ class TrainConfig:
         _check(self.ratio_cap == 0 or self.ratio_cap >= 1, "train.ratio_cap", "must be 0 (off) or >= 1")
         _check(self.is_threshold > 1, "train.is_threshold", "must be > 1 (the weights kept are those in [1/C, C], or below C)")
         _check(self.is_level == "token" or self.is_correction == "mis", "train.is_level",
-               "sequence applies to is_correction mis only (tis truncates each token's weight); use token")
+               "geometric applies to is_correction mis only (tis truncates each token's weight); use token")
         _check(self.max_ratio > 1, "train.max_ratio", "must be > 1")
         _check(self.logging_steps > 0, "train.logging_steps", "must be > 0")
         _check(self.micro_batch_tokens >= 0, "train.micro_batch_tokens",
@@ -459,7 +462,9 @@ class OverlapConfig:
 
     sampler_threads, trainer_threads: torch CPU threads of each side (0: half of the cores each).
     sampler_devices: CUDA_VISIBLE_DEVICES of the sampling side, e.g. "1" or "1,2" (empty: the same
-        GPUs as the trainer; give them apart so neither waits for the other's memory).
+        GPUs as the trainer). The two sides are two processes that do not put each other's engines to
+        sleep: on one GPU, size an in-process engine's gpu_memory_utilization to leave the trainer
+        its share, or give the sides different GPUs.
     """
 
     sampler_threads: int = 0

@@ -194,7 +194,7 @@ def importance_weights(proximal_logprobs: np.ndarray, sampler_logprobs: np.ndarr
     of the policy it holds at the epoch's start; `sampler_logprobs` log mu, the sampler's.
     correction none: w; tis: min(w, threshold) (truncated IS: Ionides 2008; Yao et al. 2025, "Your
     efficient RL framework secretly brings you off-policy RL training", slime --use-tis); mis: w where
-    it lies in [1/threshold, threshold] and 0 elsewhere, per token or (level sequence) for the whole
+    it lies in [1/threshold, threshold] and 0 elsewhere, per token or (level geometric) for the whole
     sequence by the geometric mean of its weights (masked IS: verl's rollout_is mask mode, NeMo-RL's
     ICE-POP). A weight is data: the gradient flows through the ratio it multiplies."""
     log_w = np.clip(np.asarray(proximal_logprobs, np.float64) - np.asarray(sampler_logprobs, np.float64), -50.0, 50.0)

@@ -38,7 +38,7 @@ class Term:
     data, cfg)`: its sum over the N completion positions of a micro-batch, from the student's
     logprobs there ([N, 1 + K]: the sampled token, then the teacher's top-k) and the per-token
     columns train collates, at those positions: sampler_logprobs, policy_logprobs (pi_old),
-    behaviour_logprobs (the trainer's of the policy that sampled), is_weights and raw_is_weights
+    sampling_policy_logprobs (the trainer's of the policy that sampled), is_weights and raw_is_weights
     (the off-policy weights corrected and as they are), teacher_logprobs,
     advantages [N] and, with top-k, teacher_top_ids, teacher_top_logprobs [N, K].
     A term over another scored column also adds it to train.features and train.Collator. The policy
@@ -124,7 +124,7 @@ def step_loss(model, head, batch: dict, cfg: "TrainConfig", normaliser, processe
     from kd.stages.loss import policy_loss
 
     student_N_K, entropy, mask_B_T = student_logprobs(model, head, batch)
-    data = {name: batch[name][mask_B_T] for name in ("sampler_logprobs", "policy_logprobs", "behaviour_logprobs",
+    data = {name: batch[name][mask_B_T] for name in ("sampler_logprobs", "policy_logprobs", "sampling_policy_logprobs",
                                                       "is_weights", "raw_is_weights", "teacher_logprobs", "advantages", *TOP_K_COLUMNS)
             if name in batch}
     everywhere_N = mask_B_T.new_ones(len(student_N_K))
@@ -138,6 +138,6 @@ def step_loss(model, head, batch: dict, cfg: "TrainConfig", normaliser, processe
     with torch.no_grad():
         weights_N = data["raw_is_weights"].float().cpu()
         corrected = int((data["is_weights"].float().cpu() != weights_N).sum())
-        mismatch_sum = float((data["sampler_logprobs"] - data["behaviour_logprobs"]).abs().sum())
+        mismatch_sum = float((data["sampler_logprobs"] - data["sampling_policy_logprobs"]).abs().sum())
         kl_sum = float((data["policy_logprobs"] - data["teacher_logprobs"]).sum())
     return StepLoss(loss * processes, float(loss.detach()), stats, kl_sum, entropy, mismatch_sum, corrected, weights_N)

@@ -75,18 +75,13 @@ class Policy:
     def holding(self, adapter: Path | None) -> Iterator[None]:
         """The model with `adapter`'s LoRA weights (the fresh LoRA at None) inside the block, its own
         after: the trainer's logprobs of an older policy (max_staleness) without a second model."""
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
         own = {name: weight.detach().clone() for name, weight in self.trainable.items()}
+        holds = self.holds
         try:
-            weights = self.fresh if adapter is None else load_peft_weights(str(adapter), device="cpu")
-            set_peft_model_state_dict(self.model, weights)
-        except (RuntimeError, ValueError, KeyError, OSError) as err:
-            raise adapter_misfit(adapter, err) from None
-        try:
+            self.load(adapter)
             yield
         finally:
+            self.holds = holds
             with torch.no_grad():
                 for name, weight in self.trainable.items():
                     weight.copy_(own[name])

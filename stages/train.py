@@ -62,7 +62,7 @@ def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0,
              kl_weights: dict[str, float] | None = None) -> list[dict]:
     """One training example per sample: token ids plus per-target-position logprobs and advantages
     (and the teacher's top-k ids and logprobs, [T, K], when the top-k divergences are on).
-    `policy_logprobs` (o_t of kd.stages.loss), `behaviour_logprobs` and the off-policy weights start
+    `policy_logprobs` (o_t of kd.stages.loss), `sampling_policy_logprobs` and the off-policy weights start
     as the sampler's and 1; `recompute_old_policy` puts the trainer's own in before the first step. `kl_weights`: each
     teacher's kl_weight by name (config.teachers; absent: 1). The task reward is centred over the
     samples of each prompt in `table` (the whole epoch's scored dataset: all G samples of a prompt)."""
@@ -87,7 +87,7 @@ def features(table: pa.Table, cfg: TrainConfig, source: Path, top_k: int = 0,
         example = {
             "input_ids": np.concatenate([prompt, completion]), "prompt_length": len(prompt),
             "kl_coef": kl_coef, "reward_advantage": reward_advantage,
-            "sampler_logprobs": sampler, "policy_logprobs": sampler, "behaviour_logprobs": sampler,
+            "sampler_logprobs": sampler, "policy_logprobs": sampler, "sampling_policy_logprobs": sampler,
             "is_weights": np.ones_like(sampler), "raw_is_weights": np.ones_like(sampler), "teacher_logprobs": teacher,
             "advantages": loss_lib.advantages(sampler, teacher, kl_coef, cfg.gamma, reward_advantage),
         }
@@ -129,7 +129,7 @@ class Collator:
     order their completion tokens appear in the batch (each row in turn).
     """
 
-    PER_TOKEN = ("sampler_logprobs", "policy_logprobs", "behaviour_logprobs", "is_weights", "raw_is_weights",
+    PER_TOKEN = ("sampler_logprobs", "policy_logprobs", "sampling_policy_logprobs", "is_weights", "raw_is_weights",
                  "teacher_logprobs", "advantages")
 
     def __init__(self, pad_token_id: int, top_k: int = 0, micro_batch_tokens: int = 0):
@@ -378,7 +378,7 @@ class DistillTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg: TrainConfig = self.train_config
         # The model is in training mode (Trainer's), which activation checkpointing needs; every dropout
-        # is off (kd.stages.models.disable_dropout), so this forward is the policy that sampled.
+        # is off (kd.stages.models.disable_dropout), so at the first step this forward is pi_old, recomputed.
         normaliser = num_items_in_batch if num_items_in_batch is not None else (inputs["shift_labels"] != objective.IGNORE).sum()
         result = objective.step_loss(model, self.head, inputs, cfg, normaliser, self.accelerator.num_processes)
         stats, step = result.stats, self.state.global_step + 1
@@ -386,8 +386,9 @@ class DistillTrainer(Trainer):
             raise KdError(f"train: non-finite loss at optimiser step {step}; lower train.learning_rate or check the scored data")
         if stats.ratio_max > cfg.max_ratio:
             raise KdError(
-                f"train: importance ratio {stats.ratio_max:.3g} > train.max_ratio {cfg.max_ratio:g} at optimiser step "
-                f"{step}; sampler and trainer disagree: set train.ratio_cap or clip_epsilon, check the sampler, or raise "
+                f"train: importance ratio pi_theta / pi_old {stats.ratio_max:.3g} > train.max_ratio {cfg.max_ratio:g} at "
+                f"optimiser step {step}; the policy moved that far within the epoch: lower train.learning_rate, set "
+                "train.clip_epsilon or ratio_cap, or raise "
                 "train.max_ratio (a guard, not part of the run's results: the run resumes with it)"
             )
         # The loss each process adds up to the whole batch's loss: its tokens over all processes' tokens.
@@ -406,8 +407,9 @@ def trainer_logprobs(trainer: "DistillTrainer", examples: list[dict], cfg: Train
     found: list[np.ndarray] = [np.empty(0, np.float32)] * len(examples)
     for first in range(0, len(examples), size):
         for batch in micro_batches(collate(examples[first : first + size])):
-            batch = {name: value.to(trainer.args.device) for name, value in batch.items()}
-            with trainer.autocast_smart_context_manager():
+            # The model's device (DeepSpeed places it only in train()) and the training forward's autocast.
+            batch = {name: value.to(model.device) for name, value in batch.items()}
+            with trainer.accelerator.autocast():
                 picked_N_K, _, _ = objective.student_logprobs(model, trainer.head, batch)
             indices = [first + i for i in batch["sequences"].tolist()]
             counts = [len(examples[i]["teacher_logprobs"]) for i in indices]
@@ -429,7 +431,7 @@ def recompute_old_policy(trainer: "DistillTrainer", policy: Policy, examples: li
         with policy.holding(sampled_with):
             behaviour = trainer_logprobs(trainer, examples, cfg)
     for example, o, b in zip(examples, old, behaviour):
-        example["policy_logprobs"], example["behaviour_logprobs"] = o, b
+        example["policy_logprobs"], example["sampling_policy_logprobs"] = o, b
         example["raw_is_weights"], example["is_weights"] = loss_lib.importance_weights(
             o, example["sampler_logprobs"], cfg.is_correction, cfg.is_threshold, cfg.is_level)
         example["advantages"] = loss_lib.advantages(o, example["teacher_logprobs"], example["kl_coef"],

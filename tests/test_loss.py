@@ -224,9 +224,9 @@ def test_importance_weights_truncated_and_masked_by_hand():
     _, mis = importance_weights(proximal, sampler, "mis", 1.7)
     np.testing.assert_allclose(mis, [1, 0, 0, 5 / 3], rtol=1e-6)  # outside [1/C, C]: dropped
     # geometric mean of the weights: exp(mean log w) = (1 * 5 * 5/9 * 5/3)^(1/4) = 1.47 -> kept under C = 1.7 ...
-    _, kept = importance_weights(proximal, sampler, "mis", 1.7, "sequence")
+    _, kept = importance_weights(proximal, sampler, "mis", 1.7, "geometric")
     np.testing.assert_allclose(kept, raw, rtol=1e-6)
-    _, dropped = importance_weights(proximal, sampler, "mis", 1.4, "sequence")  # ... and dropped under 1.4
+    _, dropped = importance_weights(proximal, sampler, "mis", 1.4, "geometric")  # ... and dropped under 1.4
     assert not dropped.any()
 
 

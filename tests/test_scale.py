@@ -28,7 +28,7 @@ def examples(vocabulary: int, seed: int = 0) -> list[dict]:
         sampler = -rng.exponential(1.0, completion).astype(np.float32)
         teacher = -rng.exponential(1.0, completion).astype(np.float32)
         rows.append({"input_ids": rng.integers(3, vocabulary, prompt + completion), "prompt_length": prompt,
-                     "sampler_logprobs": sampler, "policy_logprobs": sampler, "behaviour_logprobs": sampler,
+                     "sampler_logprobs": sampler, "policy_logprobs": sampler, "sampling_policy_logprobs": sampler,
                      "is_weights": np.ones_like(sampler), "raw_is_weights": np.ones_like(sampler), "teacher_logprobs": teacher,
                      "advantages": teacher - sampler})
     return rows
@@ -141,3 +141,14 @@ def test_hf_engines_follow_the_trainers_attention(make_config, attention):
         student = session.engine("student", config.generate.engine)
         teacher = session.engine("teacher", config.score.engine)
         assert student.base.config._attn_implementation == teacher.base.config._attn_implementation == attention
+
+
+def test_holding_an_older_adapter_puts_its_weights_in_and_the_trained_ones_back(policy):
+    """The trainer's logprobs of the policy that sampled (max_staleness) come from the same model
+    with that adapter put in for the block; the weights being trained are back after it."""
+    policy, _ = policy
+    trained = {name: tensor.clone() for name, tensor in policy.weights().items()}
+    with policy.holding(None):
+        assert all(torch.equal(tensor, policy.fresh[name]) for name, tensor in policy.weights().items())
+    assert all(torch.equal(tensor, trained[name]) for name, tensor in policy.weights().items())
+    assert any(not torch.equal(trained[name], policy.fresh[name]) for name in trained)

@@ -38,7 +38,7 @@ bench-engines:
     python bench/engines.py
 
 # Every benchmark, one after another (results in bench/results/, summary in BENCHMARKS.md)
-bench: bench-engines bench-topk bench-vs-trl bench-efficiency bench-offpolicy bench-slurm bench-memory bench-real bench-reward bench-scale bench-overlap
+bench: bench-engines bench-topk bench-vs-trl bench-efficiency bench-offpolicy bench-slurm bench-memory bench-real bench-reward bench-scale bench-overlap bench-stability bench-retention
 
 # One toy epoch as Slurm jobs: 1 vs 2 array tasks, 1 vs 2 training processes, Slurm's overhead -> bench/results/slurm.md
 bench-slurm: install-slurm toy
@@ -115,3 +115,13 @@ bench-overlap *args: toy
 [positional-arguments]
 bench-scale *args:
     python bench/scale.py "$@"
+
+# Gradient spikes of the default toy loop with and without train.ratio_cap, 2 seeds -> bench/results/stability.md
+[positional-arguments]
+bench-stability *args: toy
+    python bench/stability.py "$@"
+
+# Disk per epoch of the real world, keeping everything vs keep_epochs 1 -> bench/results/retention.md
+[positional-arguments]
+bench-retention *args: real
+    python bench/retention.py "$@"

@@ -43,10 +43,14 @@ SETTINGS = {  # name -> (overrides, environment)
 }
 
 
-def run(world: str, name: str, seed: int, epochs: int, eval_every: int) -> dict:
-    overrides, env = SETTINGS[name]
+def run(world: str, name: str, seed: int, epochs: int, eval_every: int, bench: str = "overlap",
+        settings: dict = SETTINGS) -> dict:
+    """One `kd loop` of setting `name` of `settings` (its overrides and environment): its epoch wall
+    time, stage seconds, held-out curve and train-step statistics, read from its metrics.jsonl."""
+    overrides, env = settings[name]
     config, _ = WORLDS[world]
-    run_id = f"bench-overlap-{world}-{name.split(',')[0].replace(' ', '').replace('=', '')}-{env and 'c1' or 'cN'}-seed{seed}"
+    tag = "".join(c for c in name.split(",")[0] if c.isalnum() or c in "._-")
+    run_id = f"bench-{bench}-{world}-{tag}-{env and 'c1' or 'cN'}-seed{seed}"
     shutil.rmtree(ROOT / "runs" / run_id, ignore_errors=True)
     command = ["kd", "loop", "--config", str(ROOT / config), "--run", run_id, "--set", f"epochs={epochs}",
                "--set", f"eval.every={eval_every}", "--set", f"seed={seed}"]
@@ -62,6 +66,7 @@ def run(world: str, name: str, seed: int, epochs: int, eval_every: int) -> dict:
     first = min(r["time"] - r.get("wall_seconds", 0.0) for r in records)
     steps = [r for r in records if r["stage"] == "train_step"]
     grad_norms = [r["grad_norm"] for r in steps if r["grad_norm"] is not None]
+    median = statistics.median(grad_norms)
     curve = sorted(({"epoch": r["epoch"], "loop_seconds": r["time"] - first, "heldout_reverse_kl": r["heldout_reverse_kl"],
                      "accuracy": r["accuracy"]} for r in records if r["stage"] == "eval"), key=lambda p: p["epoch"])
     return {
@@ -69,7 +74,9 @@ def run(world: str, name: str, seed: int, epochs: int, eval_every: int) -> dict:
         "epoch_seconds": statistics.median(b - a for a, b in zip(exports, exports[1:])),
         "stage_seconds": {stage: statistics.mean(r["wall_seconds"] for r in records if r["stage"] == stage)
                           for stage in ("generate", "score", "train", "eval")},
-        "grad_norm_max_over_median": max(grad_norms) / statistics.median(grad_norms),
+        "grad_norm_max_over_median": max(grad_norms) / median,
+        "spikes": [{"epoch": r["epoch"], "step": r["step"], "grad_norm_over_median": r["grad_norm"] / median,
+                    "ratio_max": r["ratio_max"]} for r in steps if r["grad_norm"] is not None and r["grad_norm"] > 3 * median],
         "ratio_max": max(r["ratio_max"] for r in steps),
         "is_weight_max": max(r["is_weight_max"] for r in steps),
         "is_corrected_fraction": statistics.mean(r["is_corrected_fraction"] for r in steps),

@@ -65,7 +65,7 @@ def run_stage(command: str, epoch: int, config, overrides, run_id, **options) ->
     Only rank 0 of a multi-process `kd train` takes locks: it is the one that writes."""
     from contextlib import nullcontext
 
-    from kd.stages import locks, pipeline, rundir
+    from kd.stages import locks, pipeline, retention, rundir
 
     stage = pipeline.by_command(command)
     resolved = resolve_config(config, overrides, run_id)
@@ -78,6 +78,7 @@ def run_stage(command: str, epoch: int, config, overrides, run_id, **options) ->
         own_lock = nullcontext() if stage.shardable else locks.named(resolved.run_dir, name, blocking=False)
         with locks.whole_run(resolved.run_dir, shared=True), own_lock:
             typer.echo(stage.load().run(resolved, epoch, **options))
+            retention.prune(resolved)
 
 
 @app.command()
@@ -256,7 +257,8 @@ def verify(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
     for path, problems in bad.items():
         for problem in problems:
             typer.echo(f"{path}: {problem}", err=True)
-    typer.echo(f"{len(report['datasets']) - len(bad)} of {len(report['datasets'])} datasets verify "
+    pruned = f"; {len(report['pruned'])} more removed by retention, as recorded" if report["pruned"] else ""
+    typer.echo(f"{len(report['datasets']) - len(bad)} of {len(report['datasets'])} datasets verify{pruned} "
                f"({report['seconds']:.2f}s)")
     if bad:
         raise typer.Exit(1)

@@ -78,15 +78,27 @@ class EngineConfig:
         for several GPUs leave it auto and choose them with CUDA_VISIBLE_DEVICES).
     max_batch_tokens / max_batch_rows: the hf engine pads batches up to these bounds; vLLM takes
         max_batch_tokens as max_num_batched_tokens, which bounds prompt-logprob memory when scoring.
-    server: URL of a running vLLM (OpenAI-compatible) or SGLang server (e.g. http://127.0.0.1:8000); empty:
-        in-process (hf, vllm).
+    server: URL of a running vLLM (OpenAI-compatible) or SGLang server (e.g. http://127.0.0.1:8000), or a
+        list of URLs of servers of the same model (YAML `[http://a:8000, http://b:8000]`, also in --set);
+        empty: in-process (hf, vllm). Requests go round the servers in turn; a server that fails a request
+        (down, HTTP 5xx, past its timeout) is named in one warning and skipped for a minute while the
+        others take its requests; a request fails only when every server has failed it max_retries + 1
+        times. Before its first request each server's model is checked (vLLM: GET /v1/models, the
+        `id` and `root` of its base models; SGLang: GET /model_info, `model_path` and
+        `served_model_name`) against served_model, else the configured model (the teacher's for a
+        scorer, the student's for a sampler): a path matches the same directory written otherwise
+        (relative, absolute, through a link), a hub id only itself.
+    served_model: the name or path the servers are expected to serve, for a server started with
+        another path or --served-model-name than the configured model (empty: the configured model).
     gpu_memory_utilization: vLLM's memory fraction; 0 picks 0.9 on a GPU and 0.3 on CPU (where it
         is a fraction of host memory and 0.9 fails).
     cpu_kvcache_gib: VLLM_CPU_KVCACHE_SPACE for vLLM on CPU (ignored on GPUs).
     max_model_len: vLLM context length (0: the model's own).
     tensor_parallel_size, enforce_eager: passed to vLLM.
-    request_timeout, max_retries, concurrency: server mode: per request seconds, retries with
-        exponential backoff, requests in flight.
+    request_timeout, seconds_per_token, max_retries, concurrency: server mode: each try of a request
+        may take request_timeout + seconds_per_token x its tokens (the ids sent plus the new tokens
+        asked for) seconds, so a long completion is not cut and sent again (0.05 s: 20 tokens/s, a
+        slow decode); retries with exponential backoff; requests in flight.
     sleep: an in-process engine on a GPU gives its GPU memory back while a stage that does not use it
         runs (train; the other engine's stages) and takes it back when next used: vLLM's sleep mode
         (level 1: weights to CPU RAM, KV cache dropped), hf by moving the model to CPU memory. So
@@ -100,13 +112,15 @@ class EngineConfig:
     device: str = retunable("auto")
     max_batch_tokens: int = retunable(32768)
     max_batch_rows: int = retunable(256)
-    server: str = retunable("")
+    server: str | list[str] = retunable("")
+    served_model: str = retunable("")
     gpu_memory_utilization: float = retunable(0.0)
     cpu_kvcache_gib: int = retunable(1)
     max_model_len: int = retunable(0)
     tensor_parallel_size: int = retunable(1)
     enforce_eager: bool = retunable(False)
     request_timeout: float = retunable(120.0)
+    seconds_per_token: float = retunable(0.05)
     max_retries: int = retunable(3)
     concurrency: int = retunable(16)
     sleep: bool = retunable(True)
@@ -121,12 +135,24 @@ class EngineConfig:
                "engine.device", f"{self.device} puts vLLM on one GPU, but tensor_parallel_size is "
                f"{self.tensor_parallel_size}; leave device auto and choose the GPUs with CUDA_VISIBLE_DEVICES")
         _check(self.request_timeout > 0, "engine.request_timeout", "must be > 0")
+        _check(self.seconds_per_token >= 0, "engine.seconds_per_token", "must be >= 0")
         _check(self.max_retries >= 0, "engine.max_retries", "must be >= 0")
         _check(self.concurrency > 0, "engine.concurrency", "must be > 0")
         serving = [kind for kind, registered in ENGINES.items() if registered.server]
         _check(not self.server or self.kind in serving, "engine.server", f"server mode needs engine.kind: {' or '.join(serving)}")
         _check(bool(self.server) or ENGINES[self.kind].local, "engine.server",
                f"engine.kind {self.kind} runs against a server only: set engine.server (e.g. http://127.0.0.1:30000)")
+        _check(self.server != [], "engine.server", "an empty list; give one URL or more, or \"\" for an in-process engine")
+        for url in self.servers():
+            _check(re.fullmatch(r"https?://[^\s/]+(/\S*)?", url) is not None, "engine.server",
+                   f"{url!r} is not an http:// or https:// URL, e.g. http://127.0.0.1:8000")
+        _check(len(set(self.servers())) == len(self.servers()), "engine.server", "a URL is listed twice")
+        _check(not self.served_model or bool(self.server), "engine.served_model",
+               "names what a server serves, but engine.server is not set")
+
+    def servers(self) -> list[str]:
+        """engine.server as a list of URLs (empty: in-process)."""
+        return [self.server] if isinstance(self.server, str) and self.server else list(self.server or [])
 
 
 # Arguments of apply_chat_template that kd sets itself: a template variable of these names is refused.
@@ -294,8 +320,8 @@ class TrainConfig:
         an epoch's optimiser steps); a guard, not part of the fingerprint: raise it and resume. The
         sampler's own disagreement is in the off-policy weights, logged per step (is_weight_*).
     precision: auto (bf16 on a GPU that has it), float32 or bf16.
-    logging_steps: optimiser steps between the train_step lines of metrics.jsonl and TensorBoard (the train
-        dataset holds every step).
+    logging_steps: optimiser steps between the train_step lines of metrics.jsonl, TensorBoard and W&B
+        (report_to), each written as its step is taken (the train dataset holds every step).
     gradient_checkpointing: recompute each decoder layer's activations in backward instead of keeping
         them (transformers' gradient checkpointing, non-reentrant), with every dropout off in the
         recomputed forward too: the memory of a step's activations falls from every layer's to one
@@ -411,9 +437,13 @@ class EvalConfig:
 class SlurmJob:
     """Resources of one stage's Slurm job (see configs/slurm/).
 
-    tasks: array tasks (shards) for generate and score; processes (one per GPU) for train; 1 otherwise.
+    tasks: array tasks (shards) for generate and score; processes per node (one per GPU) for train; 1 otherwise.
     gpus: GPUs per task (--gres=gpu:N; 0: none); cpus: --cpus-per-task; mem: --mem (e.g. 16G);
     time: --time limit (e.g. 02:00:00).
+    nodes: --nodes, train only (1 for the other stages, which scale out as array tasks): accelerate
+        runs on each node (kd.stages.slurm), and each node gets tasks processes, gpus, cpus and mem
+        (Slurm counts --gres, --cpus-per-task and --mem per node with --ntasks-per-node=1), so a train
+        job runs nodes x tasks processes.
     """
 
     tasks: int = 1
@@ -421,9 +451,11 @@ class SlurmJob:
     cpus: int = 1
     mem: str = "4G"
     time: str = "01:00:00"
+    nodes: int = 1
 
     def __post_init__(self) -> None:
         _check(self.tasks > 0, "slurm.<stage>.tasks", "must be > 0")
+        _check(self.nodes > 0, "slurm.<stage>.nodes", "must be > 0")
         _check(self.gpus >= 0, "slurm.<stage>.gpus", "must be >= 0")
         _check(self.cpus > 0, "slurm.<stage>.cpus", "must be > 0")
 
@@ -436,7 +468,7 @@ class SlurmConfig:
     template: sbatch script template (string.Template; empty: the packaged configs/slurm/stage.sbatch).
     partition, account: --partition / --account (empty: the cluster's default).
     setup: shell lines run before kd in every job (module load, venv activation, ...).
-    accelerate_config: `accelerate launch --config_file` for train with tasks > 1 (e.g.
+    accelerate_config: `accelerate launch --config_file` for train with tasks or nodes > 1 (e.g.
         configs/accelerate/ddp.yaml, deepspeed-zero2.yaml; FSDP is refused); empty: plain DDP, one process
         per task (gloo on CPU).
     generate, score, train, export_lora, eval: each stage's job resources.
@@ -452,6 +484,11 @@ class SlurmConfig:
     train: SlurmJob = field(default_factory=SlurmJob)
     export_lora: SlurmJob = field(default_factory=SlurmJob)
     eval: SlurmJob = field(default_factory=SlurmJob)
+
+    def __post_init__(self) -> None:
+        for name in ("generate", "score", "export_lora", "eval"):
+            arrays = f" ({name} scales out as array tasks: slurm.{name}.tasks)" if name in ("generate", "score") else ""
+            _check(getattr(self, name).nodes == 1, f"slurm.{name}.nodes", f"must be 1: only train runs on several nodes{arrays}")
 
 
 @dataclass
@@ -476,6 +513,28 @@ class OverlapConfig:
         _check(self.trainer_threads >= 0, "overlap.trainer_threads", "must be >= 0 (0: half of the cores)")
         _check(re.fullmatch(r"(\d+(,\d+)*)?", self.sampler_devices) is not None, "overlap.sampler_devices",
                f"{self.sampler_devices!r} is not a list of GPU indices such as 1 or 1,2")
+
+
+@dataclass
+class WandbConfig:
+    """The Weights & Biases run that report_to: [..., wandb] logs to (pip install 'kd[wandb]').
+
+    project, entity: where the run goes (entity empty: your default entity).
+    name: the run's display name (empty: run_id). tags: W&B tags.
+    The W&B run's id is kept in runs/<run_id>/wandb-id, so a resumed kd run logs to the same W&B run;
+    WANDB_MODE=offline keeps it on disk under runs/<run_id>/wandb/ for `wandb sync`.
+    """
+
+    project: str = "kd"
+    name: str = ""
+    entity: str = ""
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.project), "wandb.project", "must be a non-empty W&B project name, e.g. kd")
+
+
+REPORTERS = ("tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
@@ -562,6 +621,16 @@ class Config:
         before; the base student before epoch 0), so `kd loop` trains epoch e while it samples and
         scores epoch e+s (`overlap`), and train's importance correction (train.is_correction) accounts
         for the older sampler. kd.stages.pipeline.
+    keep_epochs: retention: keep the datasets (rollouts, scored, train, adapter) of the newest N trained
+        epochs and remove older ones once every stage that reads them has finished (0: keep all);
+        at least 1 + max_staleness, so that the epochs a grown run adds find their adapters. Eval
+        datasets and metrics are always kept. kd.stages.retention.
+    keep_adapters_every: with keep_epochs, also keep for good the adapter of every K-th epoch (the
+        policy after K, 2K, ... epochs of training; 0: none); keep_epochs 0 keeps them all anyway.
+    report_to: where metrics go besides runs/<run_id>/metrics.jsonl, which is always written:
+        tensorboard (runs/<run_id>/tb/), wandb (Weights & Biases, the `wandb` section; the extra
+        kd[wandb]); [] for metrics.jsonl alone. Each optimiser step's row as it happens (kd.stages.reporters).
+    wandb: the W&B project, run name, entity and tags (WandbConfig).
     """
 
     run_id: str = retunable("toy")
@@ -580,13 +649,22 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     max_staleness: int = 0
+    keep_epochs: int = retunable(0)
+    keep_adapters_every: int = retunable(0)
     overlap: OverlapConfig = retunable(default_factory=OverlapConfig)
     slurm: SlurmConfig = retunable(default_factory=SlurmConfig)
+    report_to: list[Literal[REPORTERS]] = retunable(default_factory=lambda: ["tensorboard"])
+    wandb: WandbConfig = retunable(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(self.max_staleness >= 0, "max_staleness", "must be >= 0 (0: each epoch samples with the adapter trained just before)")
         _check(bool(self.run_id) and "/" not in self.run_id, "run_id", "must be a non-empty name without '/'")
+        _check(len(set(self.report_to)) == len(self.report_to), "report_to", f"{self.report_to}: a reporter is listed twice")
+        _check(self.keep_epochs == 0 or self.keep_epochs >= 1 + self.max_staleness, "keep_epochs", (
+            f"must be 0 (keep every epoch) or at least 1 + max_staleness = {1 + self.max_staleness}: the next "
+            "epochs sample with the adapters of the newest 1 + max_staleness epochs"))
+        _check(self.keep_adapters_every >= 0, "keep_adapters_every", "must be >= 0 (0: keep no adapter beyond keep_epochs)")
         _check(self.generate.engine.kind != "sglang" or self.generate.top_p == 1, "generate.top_p", (
             "must be 1 with generate.engine.kind sglang: SGLang returns the nucleus' own logprob only under a top_k "
             "bound (sampling masks), which would sample another distribution; use engine hf or vllm for top_p < 1"))
@@ -692,7 +770,11 @@ def convert(hint: Any, value: Any, name: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
+        alternatives = [a for a in args if a is not type(None)]
+        lists = [a for a in alternatives if typing.get_origin(a) is list]
+        # `str | list[str]`: a list is read as the list, anything else as the other alternative
+        (inner,) = lists if lists and (isinstance(value, list) or len(lists) == len(alternatives)) else \
+            [a for a in alternatives if a not in lists]
         return convert(inner, value, name)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, f"{name}.")

@@ -38,6 +38,7 @@ from kd.stages.schemas import KINDS, DatasetKind
 
 MANIFEST = "manifest.json"
 MARKERS = "_shards"  # a sharded dataset's per-shard markers (kd.stages.shards writes them)
+PRUNED = "pruned.json"  # per epoch directory: what retention removed there (kd.stages.retention)
 # Stages verify their inputs (sizes, sha256, rows, schema, provenance) before reading them;
 # `kd --no-verify ...` turns that off for the impatient.
 VERIFY_INPUTS = True
@@ -201,13 +202,29 @@ def manifest_hash(directory: Path) -> str:
     return sha256_file(Path(directory) / MANIFEST)
 
 
+def pruned_record(directory: Path) -> dict | None:
+    """What retention recorded of dataset `directory` when it removed it (kind, rows, bytes and its
+    manifest's sha256, which the datasets made from it still check), or None: it was not pruned."""
+    try:
+        record = json.loads((Path(directory).parent / PRUNED).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get(Path(directory).name) if isinstance(record, dict) else None
+
+
 def is_complete(directory: Path) -> bool:
-    return read_manifest(directory) is not None
+    """The stage writing `directory` finished: its manifest is there, or retention has since removed
+    the dataset (pruned_record), so no stage redoes it."""
+    return read_manifest(directory) is not None or pruned_record(directory) is not None
 
 
 def require(directory: Path, kind: DatasetKind, hint: str) -> dict:
     """The manifest of an input dataset, or a one-line error saying what to run first."""
     manifest = read_manifest(directory)
+    if manifest is None and pruned_record(directory) is not None:
+        raise KdError(f"{directory}: removed by retention (keep_epochs; recorded in {Path(directory).parent / PRUNED}) "
+                      "once every stage of the run that reads it had finished; what needs it again needs a run "
+                      "that keeps it (a larger keep_epochs, or 0 to keep every epoch)")
     if manifest is None:
         raise KdError(missing_message(Path(directory), kind.name) or f"{directory}: no complete {kind.name} dataset here; {hint}")
     if manifest["kind"] != kind.name:
@@ -439,7 +456,11 @@ def dataset_problems(directory: Path, hashes: bool = True, read_parts: bool = Tr
     for source in manifest["inputs"]:
         path = Path(source["path"])
         if not (path / MANIFEST).is_file():
-            problems.append(f"input {path}: missing")
+            record = pruned_record(path)
+            if record is None:
+                problems.append(f"input {path}: missing")
+            elif record["manifest_sha256"] != source["manifest_sha256"]:
+                problems.append(f"input {path}: pruned, and the manifest recorded then is not the one this dataset was made from")
         elif manifest_hash(path) != source["manifest_sha256"]:
             problems.append(f"input {path}: changed since this dataset was made from it")
     return problems

@@ -76,5 +76,5 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
         table, stats = evaluate(session, adapter, epoch)
         stage_config = {"seed": config.seed, "student": config.student, "teacher": config.teacher, "eval": config.to_dict()["eval"]}
         datasets_io.write_dataset(out, EVAL, table, stage_config, [adapter] if adapter is not None else [], stats, started)
-        rundir.log_metrics(config, {"epoch": epoch, "stage": "eval", "wall_seconds": time.time() - started, **stats})
+        rundir.log_metrics(config, {"epoch": epoch, "stage": pipeline.EVAL.command, "wall_seconds": time.time() - started, **stats})
         return out

@@ -46,7 +46,7 @@ def run(config: Config, epoch: int, session: Session | None = None, merge: bool 
     stats = {"merged": merge, "bytes": (source / "adapter" / "adapter_model.safetensors").stat().st_size}
     stage_config = {"student": config.student, "merge": merge}
     datasets_io.write_dataset(out, ADAPTER, None, stage_config, [source], stats, started, write_files)
-    rundir.log_metrics(config, {"epoch": epoch, "stage": "export-lora", "wall_seconds": time.time() - started, **stats})
+    rundir.log_metrics(config, {"epoch": epoch, "stage": pipeline.EXPORT_LORA.command, "wall_seconds": time.time() - started, **stats})
     return out
 
 

@@ -94,6 +94,6 @@ def run(config: Config, epoch: int, session: Session | None = None, shard: int =
                     "route_by": config.score.route_by, "teachers": list(config.teachers)}
     manifest = shards.write(out, ROLLOUTS, shard, num_shards, stage_config, [adapter] if adapter else [], produce, rollout_stats)
     if manifest is not None:
-        rundir.log_metrics(config, {"epoch": epoch, "stage": "generate", "wall_seconds": manifest["wall_seconds"],
+        rundir.log_metrics(config, {"epoch": epoch, "stage": pipeline.GENERATE.command, "wall_seconds": manifest["wall_seconds"],
                                      **manifest["stats"]})
     return out

@@ -38,30 +38,38 @@ from pathlib import Path
 
 from rich.table import Table
 
-from kd.stages import datasets_io, locks, pipeline, report, rundir
+from kd.stages import datasets_io, locks, pipeline, report, reporters, retention, rundir
 from kd.stages.config import Config
 from kd.stages.errors import KdError
 from kd.stages.progress import console
-from kd.stages.session import Session
+from kd.stages.session import Session, quiet_transformers
 
 log = logging.getLogger(__name__)
 
 
 def run(config: Config, overwrite: bool = False) -> list[dict]:
-    """Every stage of pipeline.STAGES at the epochs it runs, in order; the held-out table at the end."""
+    """Every stage of pipeline.STAGES at the epochs it runs, in order; the held-out table at the end.
+
+    On a terminal, bars show the work inside each stage (samples drawn, sequences scored, optimiser
+    steps; kd.stages.progress) and vanish when it ends; elsewhere (a log file, a pipe) it prints only
+    one line per epoch and per evaluation."""
     rundir.prepare(config, overwrite)
     started = time.time()
-    with locks.whole_run(config.run_dir), Session(config, progress=False) as session:
-        # A bad train prompt file fails now, not after the first evaluation has written a dataset.
-        session.prompts(config.generate.prompts, config.generate.max_new_tokens)
-        if config.max_staleness:
-            overlapped(config, session)
-        else:
-            sequential(config, session)
-    rows = summary(config)
-    console.print(summary_table(rows, time.time() - started))
-    console.print(stage_times(config))
-    console.print(f"report: {report.run(config.run_dir) / 'report.md'}")
+    quiet_transformers()  # per-load bars of transformers would drown the epoch lines
+    try:
+        with locks.whole_run(config.run_dir), Session(config, progress=True) as session:
+            # A bad train prompt file fails now, not after the first evaluation has written a dataset.
+            session.prompts(config.generate.prompts, config.generate.max_new_tokens)
+            if config.max_staleness:
+                overlapped(config, session)
+            else:
+                sequential(config, session)
+        rows = summary(config)
+        console.print(summary_table(rows, time.time() - started))
+        console.print(stage_times(config))
+        console.print(f"report: {report.run(config.run_dir) / 'report.md'}")
+    finally:
+        reporters.close(config)
     return rows
 
 
@@ -73,6 +81,7 @@ def sequential(config: Config, session: Session) -> None:
                 log.info("epoch %d: %s", epoch, stage.command)
                 session.sleep_engines(keep=stage.engines)
                 wrote[stage.output] = stage.load().run(config, epoch, session)
+                retention.prune(config)
             if stage is pipeline.EVAL and "eval" in wrote:
                 print_eval(epoch, wrote["eval"])
                 epoch_started = time.time()  # the epoch line times the training stages
@@ -113,6 +122,7 @@ def overlapped(config: Config, session: Session) -> None:
                 epoch, stage = training.pop(0)
                 log.info("epoch %d: %s (training side)", epoch, stage.command)
                 stage.load().run(config, epoch, session)
+                retention.prune(config)
                 if stage is pipeline.EXPORT_LORA:
                     print_epoch(config, epoch, pipeline.stage_dir(config, epoch, "scored"),
                                 pipeline.stage_dir(config, epoch, "train"), time.time() - epoch_started)
@@ -140,6 +150,7 @@ class SamplingSide:
     def __init__(self, config: Config, threads: int, devices: str, tasks: list[tuple[int, pipeline.Stage]]):
         context = multiprocessing.get_context("spawn")  # CUDA and vLLM do not survive fork
         self.connection, child = context.Pipe()
+        self.config = config
         self.tasks = list(tasks)
         self.pending = len(tasks)
         commands = [(epoch, stage.command) for epoch, stage in tasks]
@@ -168,7 +179,10 @@ class SamplingSide:
         if not ok:
             raise value
         self.pending -= 1
-        return epoch, stage, value
+        wrote, records = value
+        for record in records:  # the worker's W&B records: this process holds the W&B run
+            reporters.to_wandb(self.config, record)
+        return epoch, stage, wrote
 
     def close(self) -> None:
         """Stop the worker: it exits by itself once its list is done; on a failure it is killed in
@@ -199,7 +213,9 @@ def sampling_worker(connection, config: Config, threads: int, devices: str, task
                     time.sleep(0.02)  # the adapter it samples with is the training side's to write
                 log.info("epoch %d: %s (sampling side)", epoch, command)
                 session.sleep_engines(keep=stage.engines)
-                connection.send((True, stage.load().run(config, epoch, session)))
+                with reporters.held() as records:
+                    wrote = stage.load().run(config, epoch, session)
+                connection.send((True, (wrote, records)))
     except (KdError, OSError) as err:
         connection.send((False, err))
     except Exception:  # noqa: BLE001 - sent whole: an arbitrary exception may not pickle
@@ -207,8 +223,11 @@ def sampling_worker(connection, config: Config, threads: int, devices: str, task
 
 
 def print_epoch(config: Config, epoch: int, scored, trained, seconds: float) -> None:
-    kl = datasets_io.read_manifest(scored)["stats"]["teacher_kl"]
-    train_stats = datasets_io.read_manifest(trained)["stats"]
+    manifests = datasets_io.read_manifest(scored), datasets_io.read_manifest(trained)
+    if None in manifests:  # a resumed run's epoch that retention has pruned since
+        return
+    kl = manifests[0]["stats"]["teacher_kl"]
+    train_stats = manifests[1]["stats"]
     console.print(
         f"epoch {epoch + 1:4d}/{config.epochs}  teacher_kl {kl:7.4f}  ratio_max {train_stats['ratio_max']:6.3f}  "
         f"grad_norm {train_stats['grad_norm']:6.3f}  lr {train_stats['learning_rate']:.2e}  {seconds:5.1f}s"

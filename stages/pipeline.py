@@ -97,6 +97,14 @@ def inputs_at(stage: Stage, epoch: int, staleness: int) -> list[tuple[int, str]]
     return [(e, name) for e, name in wanted if e >= 0]
 
 
+def readers_of(config: Config, epoch: int, output: str) -> list[tuple[int, Stage]]:
+    """(epoch, stage) of every stage of the run that reads dataset `output` of `epoch` (the inverse of
+    inputs_at, over the epochs the run has): once they are all complete, nothing needs it any more."""
+    reach = 2 + config.max_staleness  # no input reaches further back than 1 + s epochs
+    return [(e, stage) for stage in STAGES for e in range(epoch, epoch + reach)
+            if runs_at(stage, e, config) and (epoch, output) in inputs_at(stage, e, config.max_staleness)]
+
+
 def stage_dir(config: Config, epoch: int, output: str) -> Path:
     """runs/<id>/<epoch:04d>/<output>: where the stage writing `output` puts it."""
     if by_output(output) is None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from kd.stages import datasets_io, rundir
+from kd.stages import datasets_io, pipeline, reporters, rundir
 from kd.stages.errors import KdError
+
+EVAL, SCORE, STEP = pipeline.EVAL.command, pipeline.SCORE.command, reporters.TRAIN_STEP
 
 FIGURES = {
     "kl.png": "teacher KL (training samples) and held-out reverse KL per epoch",
@@ -54,7 +56,7 @@ def line_plot(path: Path, title: str, xlabel: str, lines: list[tuple[str, tuple[
 
 
 def summary_markdown(run_dir: Path, records: list[dict]) -> str:
-    evals = sorted((r for r in records if r.get("stage") == "eval"), key=lambda r: r["epoch"])
+    evals = sorted((r for r in records if r.get("stage") == EVAL), key=lambda r: r["epoch"])
     lines = [f"# Run {run_dir.name}", ""]
     if evals:
         first, last = evals[0], evals[-1]
@@ -88,25 +90,26 @@ def run(run_dir: Path) -> Path:
     staging.mkdir()
     try:
         line_plot(staging / "kl.png", "reverse KL per token", "epoch", [
-            ("teacher KL of the epoch's samples (score)", series(records, "score", "teacher_kl"), "-"),
-            ("held-out reverse KL (eval)", series(records, "eval", "heldout_reverse_kl"), "o-"),
+            ("teacher KL of the epoch's samples (score)", series(records, SCORE, "teacher_kl"), "-"),
+            ("held-out reverse KL (eval)", series(records, EVAL, "heldout_reverse_kl"), "o-"),
         ])
         line_plot(staging / "accuracy.png", "task accuracy", "epoch", [
-            ("held-out, greedy (eval)", series(records, "eval", "accuracy"), "o-"),
-            ("training samples (score)", series(records, "score", "accuracy"), "-"),
+            ("held-out, greedy (eval)", series(records, EVAL, "accuracy"), "o-"),
+            ("training samples (score)", series(records, SCORE, "accuracy"), "-"),
         ])
         line_plot(staging / "ratios.png", "importance ratio pi_theta / pi_old, off-policy weight pi_old / sampler",
                   "optimiser step", [
-            ("ratio mean", series(records, "train_step", "ratio_mean", "global_step"), "-"),
-            ("ratio max", series(records, "train_step", "ratio_max", "global_step"), "-"),
-            ("weight p99", series(records, "train_step", "is_weight_p99", "global_step"), "-"),
-            ("weight max", series(records, "train_step", "is_weight_max", "global_step"), "-"),
+            ("ratio mean", series(records, STEP, "ratio_mean", "global_step"), "-"),
+            ("ratio max", series(records, STEP, "ratio_max", "global_step"), "-"),
+            ("weight p99", series(records, STEP, "is_weight_p99", "global_step"), "-"),
+            ("weight max", series(records, STEP, "is_weight_max", "global_step"), "-"),
         ], log_scale=True)  # one large ratio would flatten the rest
         line_plot(staging / "mismatch.png", "mean |sampler - trainer| logprob per token", "optimiser step", [
-            ("mismatch", series(records, "train_step", "mismatch", "global_step"), "-"),
+            ("mismatch", series(records, STEP, "mismatch", "global_step"), "-"),
         ])
         line_plot(staging / "throughput.png", "tokens per second", "epoch", [
-            (stage, series(records, stage, "tokens_per_second"), "-") for stage in ("generate", "score", "train")
+            (stage.command, series(records, stage.command, "tokens_per_second"), "-")
+            for stage in (pipeline.GENERATE, pipeline.SCORE, pipeline.TRAIN)
         ])
         (staging / "report.md").write_text(summary_markdown(run_dir, records))
         datasets_io.fault_point(out, "staged")  # a process sent SIGTERM publishes nothing (datasets_io.TERMINATED)

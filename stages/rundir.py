@@ -20,7 +20,7 @@ from typing import Iterator
 
 import yaml
 
-from kd.stages import config as config_lib, datasets_io, pipeline
+from kd.stages import config as config_lib, datasets_io, pipeline, reporters
 from kd.stages.config import Config
 from kd.stages.errors import KdError
 from kd.stages.schemas import ADAPTER
@@ -51,6 +51,7 @@ def policy_adapter(config: Config, epoch: int, stage: pipeline.Stage = pipeline.
 
 def prepare(config: Config, overwrite: bool = False) -> Path:
     """Create the run directory with its config.yaml, or check that an existing one matches."""
+    reporters.require_wandb(config)
     run_dir = config.run_dir
     saved = run_dir / "config.yaml"
     if saved.is_file():
@@ -99,9 +100,6 @@ def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif x != y:
             out.append(f"{prefix}{key}")
     return out
-
-
-_writers: dict[Path, object] = {}
 
 
 def peak_rss_gib() -> float | None:
@@ -157,13 +155,13 @@ def gpu_used_gib() -> float | None:
 
 
 # Records a stage writes about its own parts (each optimiser step; each teacher self-check), not stages.
-WITHIN_STAGES = ("train_step", "score_self_check")
+WITHIN_STAGES = (reporters.TRAIN_STEP, reporters.SELF_CHECK)
 
 
 def log_metrics(config: Config, record: dict) -> None:
-    """Append one line to metrics.jsonl, and its numbers to TensorBoard under <stage>/<name>.
+    """Append one line to metrics.jsonl, and send its numbers to config.report_to (TensorBoard,
+    W&B: kd.stages.reporters, which names them), at once: a train step's row while train runs.
 
-    TensorBoard's x axis is the global optimiser step for train steps and the epoch otherwise.
     A stage's record carries `peak_rss_gib`, the process's peak resident memory since the previous
     stage's record (or the process start): in `kd loop`, the stage's own peak, models kept loaded
     included; for a sharded stage, that of the array task that completed the dataset. Likewise
@@ -181,19 +179,17 @@ def log_metrics(config: Config, record: dict) -> None:
         record["gpu_used_gib"] = gpu_used_gib()
     with open(config.run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record, default=float) + "\n")
-    from torch.utils.tensorboard import SummaryWriter
-
-    tb_dir = config.run_dir / "tb"
-    writer = _writers.get(tb_dir) or _writers.setdefault(tb_dir, SummaryWriter(str(tb_dir)))
-    step = record["global_step"] if record["stage"] == "train_step" else record["epoch"]
-    for name, value in record.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("time", "epoch", "step", "global_step"):
-            writer.add_scalar(f"{record['stage']}/{name}", value, step)
-    writer.flush()
+    reporters.report(config, record)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl in the order written, a train step's row once: train logs each
+    step as it is taken, so a train stage killed and re-run (from the epoch's start, its checkpoint)
+    logged the steps it redid twice; the last row of each global_step is kept, where the first was."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    last = {r["global_step"]: r for r in records if r["stage"] == reporters.TRAIN_STEP}
+    return [last.pop(r["global_step"]) if r["stage"] == reporters.TRAIN_STEP else r
+            for r in records if r["stage"] != reporters.TRAIN_STEP or r["global_step"] in last]

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kd.stages import datasets_io, pipeline, rundir, shards, tasks
+from kd.stages import datasets_io, pipeline, reporters, rundir, shards, tasks
 from kd.stages.config import Config, teacher_field
 from kd.stages.engines import Scores
 from kd.stages.errors import KdError
@@ -209,7 +209,7 @@ def run(config: Config, epoch: int, session: Session | None = None, shard: int =
                 f" shard {shard}/{num_shards}" if num_shards > 1 else "")
             prompts, scores = teacher_scores(own, mine, where, config.score.top_k)
             self_check(own, mine, prompts, scores, name, where, lambda numbers: rundir.log_metrics(
-                config, {"epoch": epoch, "stage": "score_self_check", "shard": shard, **numbers}))
+                config, {"epoch": epoch, "stage": reporters.SELF_CHECK, "shard": shard, **numbers}))
             return with_top_k(with_reward(with_teacher(mine, prompts, [s.logprobs for s in scores]), config.task), scores)
 
         return produce
@@ -225,5 +225,5 @@ def run(config: Config, epoch: int, session: Session | None = None, shard: int =
                 break
     if manifest is not None:
         numbers = {k: v for k, v in manifest["stats"].items() if k not in ("template_probe", "teachers")}
-        rundir.log_metrics(config, {"epoch": epoch, "stage": "score", "wall_seconds": manifest["wall_seconds"], **numbers})
+        rundir.log_metrics(config, {"epoch": epoch, "stage": pipeline.SCORE.command, "wall_seconds": manifest["wall_seconds"], **numbers})
     return out

@@ -6,7 +6,8 @@
 
 Per epoch e: generate (an array job, one task per shard) -> score (an array job; one per teacher
 with score.teachers, each filling in its teacher's shards, kd.stages.score) -> train (one job;
-with slurm.train.tasks > 1, that many processes under `accelerate launch`) -> export-lora, each
+with slurm.train.tasks > 1, that many processes under `accelerate launch`, on each of
+slurm.train.nodes nodes) -> export-lora, each
 `--dependency=afterok` on the job before it; generate of e waits for export-lora of e-1, and eval
 runs at the loop's eval epochs once the adapter it evaluates exists. Jobs are submitted with
 `--kill-on-invalid-dep=yes`: when one fails, the jobs waiting on it are removed rather than left
@@ -57,8 +58,8 @@ def resources_of(config: Config, stage: Stage) -> SlurmJob:
 
 
 def stage_command(config: Config, stage: Stage, epoch: int, python: str, teacher: str | None = None) -> str:
-    """The shell line a job runs: kd itself, under accelerate for a multi-process train; `teacher`:
-    score that teacher's rows only."""
+    """The shell lines a job runs: kd itself, under accelerate for a multi-process train (on_each_node
+    for several nodes); `teacher`: score that teacher's rows only."""
     config_file = (config.run_dir / "config.yaml").resolve()
     kd_args = f"-m kd.cli.main {stage.command} --config {shlex.quote(str(config_file))} --epoch {epoch}"
     if teacher is not None:
@@ -68,21 +69,42 @@ def stage_command(config: Config, stage: Stage, epoch: int, python: str, teacher
         # The array index is the shard, explicitly: a resubmission of missing shards only
         # (--array=1,3) must not renumber them.
         kd_args += f" --shard $SLURM_ARRAY_TASK_ID --num-shards {job.tasks}"
-    if stage is pipeline.TRAIN and job.tasks > 1:
+    if stage is pipeline.TRAIN and job.tasks * job.nodes > 1:
         accelerate_config = config.slurm.accelerate_config or str(
             packaged("accelerate/ddp.yaml" if job.gpus else "accelerate/cpu-ddp.yaml")
         )
         # A port per job: two trainings on one node must not share torchrun's rendezvous port.
-        return (f"{python} -m accelerate.commands.launch --config_file {shlex.quote(accelerate_config)} "
-                f"--num_processes {job.tasks} --num_cpu_threads_per_process {max(1, job.cpus // job.tasks)} "
-                f"--main_process_port $((20000 + SLURM_JOB_ID % 20000)) {kd_args}")
+        # --num_processes counts the processes of every node (accelerate divides it by --num_machines).
+        launch = (f"{python} -m accelerate.commands.launch --config_file {shlex.quote(accelerate_config)} "
+                  f"--num_processes {job.tasks * job.nodes} --num_cpu_threads_per_process {max(1, job.cpus // job.tasks)} "
+                  f"--main_process_port $((20000 + SLURM_JOB_ID % 20000))")
+        return f"{launch} {kd_args}" if job.nodes == 1 else on_each_node(job, launch, kd_args)
     return f"{python} {kd_args}"
+
+
+def on_each_node(job: SlurmJob, launch: str, kd_args: str) -> str:
+    """`launch` (accelerate launch) of kd on each of the job's nodes: one srun task per node, machine
+    rank = the node's index in the job ($SLURM_NODEID), every rank meeting at the first node of
+    $SLURM_JOB_NODELIST (torchrun's static rendezvous: accelerate's --num_machines, --machine_rank,
+    --main_process_ip; https://huggingface.co/docs/accelerate/basic_tutorials/launch)."""
+    # Machine rank 0 hosts the rendezvous, so it must run on the main host: srun numbers the nodes in
+    # the order of the job's node list, whose first node is also the one running this batch script.
+    per_node = (f"exec {launch} --num_machines {job.nodes} --machine_rank $SLURM_NODEID "
+                f"--main_process_ip $KD_MAIN_HOST {kd_args}")
+    # srun does not inherit sbatch's --cpus-per-task (since Slurm 22.05, per its release notes), and a
+    # node whose launch fails must end the others, which would otherwise wait for it at the rendezvous
+    # until the time limit.
+    return ('KD_MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
+            "export KD_MAIN_HOST\n"
+            f"srun --nodes={job.nodes} --ntasks-per-node=1 --cpus-per-task={job.cpus} --kill-on-bad-exit=1 "
+            f"bash -c {shlex.quote(per_node)}")
 
 
 def render(config: Config, epoch: int, stage: Stage, python: str, workdir: Path, array: str,
            teacher: str | None = None) -> str:
     job = resources_of(config, stage)
     directives = [f"#SBATCH --array={array}"] if array else []
+    directives += [f"#SBATCH --nodes={job.nodes}", "#SBATCH --ntasks-per-node=1"] if job.nodes > 1 else []
     directives += [f"#SBATCH --gres=gpu:{job.gpus}"] if job.gpus else []
     directives += [f"#SBATCH --partition={config.slurm.partition}"] if config.slurm.partition else []
     directives += [f"#SBATCH --account={config.slurm.account}"] if config.slurm.account else []

@@ -6,7 +6,7 @@ A dataset is done when its manifest exists (a scored one of several teachers sho
 each scored); a sharded one shows how many of its shards are done and how many are being written
 (their shard locks are held); a stage being written by a live
 process on this host shows "writing"; a stage with a job of `kd slurm` still in the queue shows
-its Slurm state (pending, running, ...).
+its Slurm state (pending, running, ...); one that retention removed once done shows "pruned".
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def stage_state(config: Config, epoch: int, stage: Stage, queue: dict[str, str])
         if len(stats.get("teachers") or {}) > 1:  # the rows each teacher scored
             details.append(", ".join(f"{name} {split['rows']}" for name, split in stats["teachers"].items()))
         return f"done ({'; '.join(details)})" if details else "done"
+    if datasets_io.pruned_record(out) is not None:
+        return "pruned"  # done, then removed by retention (kd.stages.retention)
     name = slurm.job_name(config, epoch, stage.command)
     # A score of several teachers is one job per teacher, named <name>-<teacher>.
     state = queue.get(name) or next((s for job, s in queue.items() if job.startswith(f"{name}-")), None)

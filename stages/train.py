@@ -27,20 +27,23 @@ import contextlib
 import copy
 import gc
 import json
+import math
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from kd.stages import datasets_io, loss as loss_lib, objective, pipeline, rundir
+from kd.stages import datasets_io, loss as loss_lib, objective, pipeline, reporters, rundir
 from kd.stages.config import Config, TrainConfig
 from kd.stages.models import OutputHead
 from kd.stages.policy import OPTIMIZER, Policy, train_attention, train_device, uses_bf16
+from kd.stages.progress import bar
 from kd.stages.schedule import lr_factor, steps_per_epoch
 from kd.stages.errors import KdError
 from kd.stages.schemas import SCORED, TRAIN_STEPS
@@ -216,7 +219,9 @@ def per_process_batch(cfg: TrainConfig, processes: int) -> int:
 
 
 def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], output_dir: Path, epoch: int,
-                 global_step: int, optimizer_state: dict | None, progress: bool, top_k: int = 0, staleness: int = 0):
+                 global_step: int, optimizer_state: dict | None, publish: Callable[[dict], None], top_k: int = 0,
+                 staleness: int = 0):
+    """A DistillTrainer for one epoch; `publish` gets each optimiser step's row as it is taken (main process)."""
     cfg = config.train
     use_bf16 = uses_bf16(cfg)
     args = TrainingArguments(
@@ -224,10 +229,12 @@ def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], 
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.passes,
         max_grad_norm=cfg.max_grad_norm, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         # Every optimiser step is a row of the train dataset (StepRecorder logs at each); train.logging_steps
-        # thins only the lines of metrics.jsonl and TensorBoard, so it changes nothing a run writes.
+        # thins only the lines of metrics.jsonl and config.report_to, so it changes nothing a run writes;
+        # kd.stages.reporters, not Trainer's integrations, sends them (report_to=[] here).
         logging_steps=1, save_strategy="no", report_to=[], seed=config.seed + epoch,
         remove_unused_columns=False, bf16=use_bf16, use_cpu=train_device(cfg).type == "cpu",
-        dataloader_num_workers=0, disable_tqdm=not progress, average_tokens_across_devices=True,
+        # Trainer's bar and log lines: off; the bar is kd's (train.run), the rows go to metrics.jsonl as they come.
+        dataloader_num_workers=0, disable_tqdm=True, average_tokens_across_devices=True,
         # Non-reentrant: the frozen base's inputs need no requires_grad, and DDP may take unused parameters.
         gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
     )
@@ -240,7 +247,7 @@ def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(global_step + step, cfg, total_steps)
     )
-    recorder = StepRecorder(global_step, staleness)
+    recorder = StepRecorder(global_step, staleness, publish)
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=examples,
         data_collator=Collator(model.config.pad_token_id or 0, top_k, cfg.micro_batch_tokens),
@@ -259,8 +266,7 @@ def make_trainer(config: Config, policy: "Policy", model, examples: list[dict], 
             "micro-batch, which DeepSpeed counts as micro-steps of their own; use DDP (configs/accelerate/ddp.yaml) "
             "or train.micro_batch_tokens 0"
         )
-    if not progress:
-        trainer.remove_callback(PrinterCallback)  # the driver prints its own line per epoch
+    trainer.remove_callback(PrinterCallback)
     return trainer
 
 
@@ -284,13 +290,13 @@ class StepRecorder(TrainerCallback):
     """Collects one metrics row per optimiser step from the loss stats and Trainer's own logs.
 
     Under several processes each sees only its micro-batches: the sums are all-reduced at each log,
-    so the row describes the whole effective batch (rank 0 writes it).
+    so the row describes the whole effective batch; the main process `publish`es it at once.
     """
 
     SUMS = ("tokens", "kl", "entropy", "loss", "mismatch", "ratio", "clipped", "corrected")
 
-    def __init__(self, global_step: int, staleness: int):
-        self.global_step, self.staleness = global_step, staleness
+    def __init__(self, global_step: int, staleness: int, publish: Callable[[dict], None]):
+        self.global_step, self.staleness, self.publish = global_step, staleness, publish
         self.sums = dict.fromkeys(self.SUMS, 0.0)
         self.ratio_max = 0.0
         self.weights: list[torch.Tensor] = []
@@ -341,6 +347,8 @@ class StepRecorder(TrainerCallback):
             "is_weight_p50": p50, "is_weight_p99": p99, "is_weight_max": most,
             "is_corrected_fraction": total["corrected"] / tokens, "staleness": self.staleness,
         })
+        if state.is_world_process_zero:
+            self.publish(self.rows[-1])
         self.sums = dict.fromkeys(self.SUMS, 0.0)
         self.ratio_max = 0.0
         self.weights = []
@@ -468,7 +476,8 @@ def previous_state(config: Config, epoch: int) -> tuple[Path | None, int]:
 
 
 def run(config: Config, epoch: int, session: Session | None = None, progress: bool | None = None) -> Path:
-    """Write <epoch>/train. `progress`: Trainer's bar and log lines (default: the session's, else on)."""
+    """Write <epoch>/train; each optimiser step's row goes to metrics.jsonl (and config.report_to) as it
+    is taken. `progress`: a bar of the optimiser steps (default: the session's, else on)."""
     if progress is None:
         progress = session.progress if session is not None else True
     out = pipeline.stage_dir(config, epoch, "train")
@@ -496,10 +505,22 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
     with using(config, session) as own:
         policy = own.policy()
     model, optimizer_state = policy.resume(previous)
-    with tempfile.TemporaryDirectory(prefix="kd-trainer-") as work:
+    cfg = config.train
+    # Trainer's count: the batches of the epoch, grad_accum to an optimiser step, `passes` times over.
+    total = cfg.passes * math.ceil(math.ceil(len(examples) / cfg.batch_size) / cfg.grad_accum)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with tempfile.TemporaryDirectory(prefix="kd-trainer-") as work, \
+            bar(f"train epoch {epoch}", total, progress and main) as advance:
+
+        def publish(row: dict) -> None:
+            # A re-run of a killed stage logs the steps it redoes again: readers keep the last (rundir.read_metrics).
+            if row["global_step"] % cfg.logging_steps == 0:
+                rundir.log_metrics(config, {"epoch": epoch, "stage": reporters.TRAIN_STEP, **row})
+            advance(1)
+
         trainer = make_trainer(
-            config, policy, model, examples, Path(work), epoch, global_step, optimizer_state, progress,
-            top_k if config.train.uses_top_k else 0, staleness,
+            config, policy, model, examples, Path(work), epoch, global_step, optimizer_state, publish,
+            top_k if cfg.uses_top_k else 0, staleness,
         )
         recompute_old_policy(trainer, policy, examples, config.train, sampled_with, holds_sampler)
         # Trainer.train() begins with accelerate's free_memory(): a full gc.collect(), which scans every
@@ -541,10 +562,8 @@ def run(config: Config, epoch: int, session: Session | None = None, progress: bo
     if trainer.is_world_process_zero():
         table = pa.Table.from_pylist(steps, schema=TRAIN_STEPS.schema)
         datasets_io.write_dataset(out, TRAIN_STEPS, table, stage_config, inputs, stats, started, write_files)
-        rundir.log_metrics(config, {"epoch": epoch, "stage": "train", "wall_seconds": time.time() - started, **stats})
-        for row in steps:
-            if row["global_step"] % config.train.logging_steps == 0:
-                rundir.log_metrics(config, {"epoch": epoch, "stage": "train_step", **row})
+        rundir.log_metrics(config, {"epoch": epoch, "stage": pipeline.TRAIN.command, "wall_seconds": time.time() - started,
+                                    **stats})
     trainer.accelerator.wait_for_everyone()
     policy.trained(out, final_optimizer_state)
     return out

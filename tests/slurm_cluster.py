@@ -1,8 +1,12 @@
-"""A real single-node Slurm for the tests and the Slurm benchmark: munged, slurmctld and slurmd from
-Debian's slurm-wlm, on this host, with state, logs and ports of their own (nothing in /etc/slurm).
+"""A real Slurm for the tests and the Slurm benchmark: munged, slurmctld and slurmd from Debian's
+slurm-wlm, on this host, with state, logs and ports of their own (nothing in /etc/slurm).
 
     with LocalSlurm(tmp_dir) as cluster:        # cluster.env: SLURM_CONF for sbatch, squeue, kd slurm
         subprocess.run(["sbatch", ...], env={**os.environ, **cluster.env})
+
+nodes > 1: that many nodes, each a slurmd of its own on this host (`slurmd -N`; Debian's build allows
+several per host), so a multi-node job really spans Slurm nodes, srun steps included; the first
+is named after this host, so its name resolves (the others' need not: nothing connects to them).
 
 No cgroups: ProctrackType=proctrack/linuxproc and TaskPlugin=task/none run in a container without
 systemd. Jobs run as the submitting user with its environment (sbatch's default --export=ALL).
@@ -61,10 +65,11 @@ def start_munge() -> None:
 
 
 class LocalSlurm:
-    def __init__(self, root: Path, cpus: int | None = None):
+    def __init__(self, root: Path, cpus: int | None = None, nodes: int = 1):
         self.root = Path(root)
         self.cpus = cpus or os.cpu_count() or 1
         self.node = socket.gethostname().split(".")[0]
+        self.nodes = [self.node] + [f"{self.node}-node{i}" for i in range(1, nodes)]
         self.conf = self.root / "slurm.conf"
         self.env = {"SLURM_CONF": str(self.conf)}
         self.processes: list[subprocess.Popen] = []
@@ -75,11 +80,12 @@ class LocalSlurm:
         memory_mb = int(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 * 0.8)
         lines = {
             "ClusterName": "kdtest", "SlurmctldHost": f"{self.node}(127.0.0.1)",
-            "SlurmctldPort": free_port(), "SlurmdPort": free_port(),
+            "SlurmctldPort": free_port(),
             "SlurmUser": "root", "SlurmdUser": "root", "AuthType": "auth/munge",
-            "StateSaveLocation": self.root / "state", "SlurmdSpoolDir": self.root / "spool",
-            "SlurmctldPidFile": self.root / "slurmctld.pid", "SlurmdPidFile": self.root / "slurmd.pid",
-            "SlurmctldLogFile": self.root / "log" / "slurmctld.log", "SlurmdLogFile": self.root / "log" / "slurmd.log",
+            # %n: the node's name, so that the slurmds of one host keep apart.
+            "StateSaveLocation": self.root / "state", "SlurmdSpoolDir": self.root / "spool-%n",
+            "SlurmctldPidFile": self.root / "slurmctld.pid", "SlurmdPidFile": self.root / "slurmd-%n.pid",
+            "SlurmctldLogFile": self.root / "log" / "slurmctld.log", "SlurmdLogFile": self.root / "log" / "slurmd-%n.log",
             "ProctrackType": "proctrack/linuxproc", "TaskPlugin": "task/none", "MpiDefault": "none",
             "JobAcctGatherType": "jobacct_gather/none", "AccountingStorageType": "accounting_storage/none",
             "SelectType": "select/cons_tres", "SelectTypeParameters": "CR_CPU",
@@ -89,8 +95,9 @@ class LocalSlurm:
             "PlugStackConfig": self.root / "plugstack.conf",
         }
         text = "".join(f"{key}={value}\n" for key, value in lines.items())
-        text += (f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={memory_mb} State=UNKNOWN\n"
-                 "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n")
+        text += "".join(f"NodeName={name} NodeHostname={self.node} NodeAddr=127.0.0.1 Port={free_port()} CPUs={self.cpus} "
+                        f"RealMemory={memory_mb} State=UNKNOWN\n" for name in self.nodes)
+        text += "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n"
         (self.root / "plugstack.conf").write_text("")
         self.conf.write_text(text)
 
@@ -98,20 +105,22 @@ class LocalSlurm:
         start_munge()
         self.write_conf()
         env = {**os.environ, **self.env}
-        for daemon in ("slurmctld", "slurmd"):
+        # -D: foreground, so the daemon is our child and dies with stop(); -i: ignore stale state.
+        daemons = {"slurmctld": ["-i"], **{f"slurmd-{name}": ["-N", name] for name in self.nodes}}
+        for daemon, options in daemons.items():
             log = open(self.root / "log" / f"{daemon}.stderr", "w")
-            # -D: foreground, so the daemon is our child and dies with stop(); -i: ignore stale state.
-            args = [f"/usr/sbin/{daemon}", "-D", "-f", str(self.conf)] + (["-i"] if daemon == "slurmctld" else [])
+            args = [f"/usr/sbin/{daemon.split('-')[0]}", "-D", "-f", str(self.conf), *options]
             self.processes.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.time() + 60
         while time.time() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
-            if state.returncode == 0 and state.stdout.strip() in ("idle", "mixed", "allocated"):
+            state = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True)
+            states = state.stdout.split()
+            if state.returncode == 0 and len(states) == len(self.nodes) and set(states) <= {"idle", "mixed", "allocated"}:
                 return self
             if any(p.poll() is not None for p in self.processes):
                 break
             time.sleep(0.5)
-        logs = " | ".join((self.root / "log" / f"{d}.stderr").read_text()[-500:] for d in ("slurmctld", "slurmd"))
+        logs = " | ".join((self.root / "log" / f"{d}.stderr").read_text()[-500:] for d in daemons)
         self.stop()
         raise RuntimeError(f"Slurm did not come up: {logs}")
 

@@ -217,6 +217,21 @@ def short_context_teacher(tmp: Path):
         settings = json.loads((teacher / "config.json").read_text())
         (teacher / "config.json").write_text(json.dumps({**settings, "max_position_embeddings": 48}))
     return fresh("generate", "--set", f"teacher={teacher}")
+def wandb_not_installed(tmp: Path):
+    """A run that reports to W&B where `import wandb` fails, as where it is not installed."""
+    saved = sys.modules.get("wandb")
+    sys.modules["wandb"] = None  # Python's own marker of a module that cannot be imported
+
+    def restore() -> None:
+        if saved is None:
+            del sys.modules["wandb"]
+        else:
+            sys.modules["wandb"] = saved
+
+    wandb_not_installed.cleanup = restore
+    return fresh("generate", "--set", "report_to=[tensorboard, wandb]")
+
+
 def routed_to_no_teacher(tmp: Path):
     """Two teachers routed by `domain`; a prompt names a third (refused before any model loads)."""
     prompts = write(tmp / "routed.jsonl", '{"prompt": "1+1"}\n{"prompt": "2+2", "domain": "math"}\n')
@@ -270,6 +285,10 @@ CASES = [
     ("gradient checkpointing that is not a boolean", lambda tmp: fresh("train", "--set", "train.gradient_checkpointing=maybe"),
      "train.gradient_checkpointing: expected bool"),
     ("negative max_staleness", lambda tmp: fresh("loop", "--set", "max_staleness=-1"), "max_staleness: must be >= 0"),
+    ("retention shorter than the staleness", lambda tmp: fresh("loop", "--set", "max_staleness=1", "--set", "keep_epochs=1"),
+     "keep_epochs: must be 0 (keep every epoch) or at least 1 + max_staleness = 2"),
+    ("negative keep_adapters_every", lambda tmp: fresh("loop", "--set", "keep_epochs=2", "--set", "keep_adapters_every=-1"),
+     "keep_adapters_every: must be >= 0"),
     ("unknown importance correction", lambda tmp: fresh("train", "--set", "train.is_correction=clip"),
      "not one of none, tis, mis"),
     ("importance threshold at or below 1", lambda tmp: fresh("train", "--set", "train.is_threshold=1"),
@@ -281,6 +300,18 @@ CASES = [
     ("negative sampler threads", lambda tmp: fresh("loop", "--set", "overlap.sampler_threads=-2"),
      "overlap.sampler_threads: must be >= 0"),
     ("unknown engine", lambda tmp: fresh("score", "--set", "score.engine.kind=tgi"), "not one of hf, vllm, sglang"),
+    ("server that is not a URL", lambda tmp: fresh("score", "--set", "score.engine.kind=vllm", "--set",
+                                                   "score.engine.server=127.0.0.1:8001"),
+     "score.engine.server: '127.0.0.1:8001' is not an http:// or https:// URL"),
+    ("server list naming a server twice", lambda tmp: fresh("score", "--set", "score.engine.kind=vllm", "--set",
+                                                            "score.engine.server=[http://127.0.0.1:8001, http://127.0.0.1:8001]"),
+     "score.engine.server: a URL is listed twice"),
+    ("empty server list", lambda tmp: fresh("score", "--set", "score.engine.kind=vllm", "--set", "score.engine.server=[]"),
+     "score.engine.server: an empty list; give one URL or more"),
+    ("served_model without a server", lambda tmp: fresh("score", "--set", "score.engine.served_model=Qwen/Qwen3-32B"),
+     "score.engine.served_model: names what a server serves, but engine.server is not set"),
+    ("negative seconds_per_token", lambda tmp: fresh("score", "--set", "score.engine.seconds_per_token=-1"),
+     "score.engine.seconds_per_token: must be >= 0"),
     ("malformed --set", lambda tmp: fresh("generate", "--set", "epochs"), "expected section.key=value"),
     ("top-k loss without top-k scores", lambda tmp: fresh("train", "--set", "train.topk_reverse_kl=1"),
      "need the teacher's top-k: set score.top_k"),
@@ -308,6 +339,11 @@ CASES = [
     ("Slurm resources file without a slurm section",
      lambda tmp: ["slurm", "--run", "base", "--dry-run", "--resources", str(write(tmp / "res.yaml", "partition: gpu\n"))],
      "no `slurm:` mapping"),
+    ("several Slurm nodes for a stage other than train",
+     lambda tmp: ["slurm", "--run", "base", "--dry-run", "--set", "slurm.score.nodes=2"],
+     "slurm.score.nodes: must be 1: only train runs on several nodes (score scales out as array tasks: slurm.score.tasks)"),
+    ("no Slurm nodes for train", lambda tmp: ["slurm", "--run", "base", "--dry-run", "--set", "slurm.train.nodes=0"],
+     "slurm.<stage>.nodes: must be > 0"),
     ("status of a directory that is not a run", lambda tmp: ["status", str(tmp)], "not a kd run (no config.yaml)"),
     ("prompt routed to no teacher", routed_to_no_teacher, "routed.jsonl:2: field domain: 'math' names no teacher; score.teachers has code"),
     ("teachers without a routing field", lambda tmp: fresh("score", "--set", "score.teachers={code: {model: m}}"),
@@ -321,6 +357,16 @@ CASES = [
     ("code task with a plain answer", lambda tmp: fresh("generate", "--set", "task=humaneval"),
      ":1: field answer: task humaneval checks answers that are a mapping {prompt, test, entry_point}, got '"),
     ("read-only run directory", read_only_run, "Read-only file system"),
+    ("unknown reporter", lambda tmp: fresh("loop", "--set", "report_to=[tensorboard, mlflow]"),
+     "report_to[1]: 'mlflow' is not one of tensorboard, wandb"),
+    ("reporter listed twice", lambda tmp: fresh("loop", "--set", "report_to=[wandb, wandb]"),
+     "report_to: ['wandb', 'wandb']: a reporter is listed twice"),
+    ("report_to that is not a list", lambda tmp: fresh("loop", "--set", "report_to=wandb"),
+     "config field report_to: expected a list, got 'wandb'"),
+    ("wandb without the wandb package", wandb_not_installed, "wandb needs the wandb package; pip install 'kd[wandb]'"),
+    ("empty W&B project", lambda tmp: fresh("loop", "--set", "wandb.project=''"), "wandb.project: must be a non-empty"),
+    ("W&B tags that are not a list", lambda tmp: fresh("loop", "--set", "wandb.tags=toy"),
+     "config field wandb.tags: expected a list, got 'toy'"),
 ]
 
 

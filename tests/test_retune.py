@@ -33,11 +33,13 @@ SERVED = [
 
 # Another valid value of each retunable field that a plain rule (bool: not, int: +1, float) cannot give.
 ALTERNATES = {
-    "server": "http://10.0.0.9:9000", "device": "cuda:1", "attn_implementation": "eager",
+    "server": ["http://10.0.0.9:9000", "http://10.0.0.10:9000"], "served_model": "teacher-32b", "device": "cuda:1",
+    "attn_implementation": "eager",
     "run_id": "moved", "runs_dir": "elsewhere",
     "replica": {"kind": "vllm", "server": "http://10.0.0.3:8000"},
     "slurm": {"partition": "gpu", "train": {"tasks": 2, "gpus": 1}},
     "overlap": {"sampler_threads": 1, "trainer_threads": 1, "sampler_devices": "1"},
+    "report_to": ["tensorboard", "wandb"], "wandb": {"project": "p", "name": "n", "entity": "e", "tags": ["t"]},
 }
 
 
@@ -86,7 +88,7 @@ def test_no_retunable_field_changes_the_fingerprint():
         assert config_lib.results_part(changed) == config_lib.results_part(base), name
         assert changed.to_dict() != base.to_dict() and changed.fingerprint() == base.fingerprint(), name
     # The walk reached every place a config dataclass sits: top level, nested, optional, in a dict.
-    assert {"epochs", "run_id", "runs_dir", "slurm", "overlap", "generate.engine.max_batch_rows", "score.engine.server",
+    assert {"epochs", "run_id", "runs_dir", "keep_epochs", "keep_adapters_every", "slurm", "overlap", "report_to", "wandb", "generate.engine.max_batch_rows", "score.engine.server",
             "score.replica", "score.self_check", "score.self_check_tolerance", "score.teachers.echo.replica",
             "score.teachers.echo.engine.concurrency", "train.max_ratio", "train.logging_steps",
             "train.gradient_checkpointing", "train.attn_implementation", "train.micro_batch_tokens",

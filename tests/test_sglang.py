@@ -127,8 +127,9 @@ class StandIn:
     """An HTTP server on 127.0.0.1 answering SGLang's /generate wire format from hf engines (see the
     module docstring); it records the requests it got."""
 
-    def __init__(self, teacher: HFEngine, student: HFEngine, source: dict[str, str], vocab_size: int):
+    def __init__(self, teacher: HFEngine, student: HFEngine, source: dict[str, str], vocab_size: int, model_path: str):
         self.teacher, self.student, self.source, self.vocab_size = teacher, student, source, vocab_size
+        self.model_path = model_path  # what /model_info says it serves (it samples and scores from both models)
         self.deterministic = True  # --enable-deterministic-inference
         self.requests: list[tuple[str, dict]] = []
         self.adapters: dict[str, Path] = {}
@@ -151,7 +152,8 @@ class StandIn:
 
             def do_GET(self):
                 if self.path == "/model_info":
-                    self.answer(200, {"model_path": "tiny-teacher", "is_generation": True})
+                    self.answer(200, {"model_path": stand_in.model_path, "served_model_name": stand_in.model_path,
+                                      "is_generation": True})
                 elif self.path == "/server_info":
                     self.answer(200, {"enable_deterministic_inference": stand_in.deterministic, "context_length": 256})
                 else:
@@ -230,7 +232,7 @@ def stand_in(make_config, sglang_source):
                for path in (config.teacher, config.student)]
     from transformers import AutoConfig
 
-    server = StandIn(*engines, sglang_source, AutoConfig.from_pretrained(config.teacher).vocab_size)
+    server = StandIn(*engines, sglang_source, AutoConfig.from_pretrained(config.teacher).vocab_size, str(config.teacher))
     yield server, config, engines
     server.close()
     assert server.violations == []
@@ -243,7 +245,8 @@ def engine_config(url: str, **extra) -> EngineConfig:
 def test_scores_over_the_wire_equal_the_scorers_own(stand_in):
     server, config, (teacher, _) = stand_in
     tokenizer = load_tokenizer(config.student)
-    engine = SGLangServerEngine(engine_config(server.url), stop_token_ids(tokenizer, config.teacher), server.vocab_size)
+    engine = SGLangServerEngine(engine_config(server.url), server.model_path, stop_token_ids(tokenizer, config.teacher),
+                                server.vocab_size)
     last = server.vocab_size - 1  # reported as 0 by SGLang, and still accepted
     sequences = [[1, 5, 9, 12, 30, 31, 32], [4, 8, 15, 16, last, 42], [7, 7, 9]]
     starts = [3, 2, 3]  # the last has no completion token
@@ -257,7 +260,7 @@ def test_scores_over_the_wire_equal_the_scorers_own(stand_in):
             np.testing.assert_array_equal(g.top_logprobs, w.top_logprobs)
     starts_sent = {tuple(body["input_ids"]): body["logprob_start_len"] for path, body in server.requests if path == "/generate"}
     assert starts_sent == {tuple(sequence): start - 1 for sequence, start in zip(sequences, starts)}
-    strict = SGLangServerEngine(engine_config(server.url), [0])  # not told the vocabulary: the 0 is a wrong token
+    strict = SGLangServerEngine(engine_config(server.url), server.model_path, [0])  # not told the vocabulary: the 0 is a wrong token
     with pytest.raises(KdError, match="name other tokens than the sequence's"):
         strict.score(sequences[1:2], starts[1:2])
 
@@ -267,7 +270,7 @@ def test_samples_and_their_behaviour_logprobs_over_the_wire(stand_in, params):
     server, config, (_, student) = stand_in
     tokenizer = load_tokenizer(config.student)
     stops = stop_token_ids(tokenizer, config.student)
-    engine = SGLangServerEngine(engine_config(server.url), stops)
+    engine = SGLangServerEngine(engine_config(server.url), server.model_path, stops)
     prompts, seeds = [[1, 5, 9], [4, 8, 15, 16]], [11, 2**62 + 5]
     got = engine.sample(prompts, seeds, params, adapter=None)
     want = [student.sample([prompt], [seed], params, adapter=None)[0] for prompt, seed in zip(prompts, seeds)]
@@ -278,7 +281,7 @@ def test_samples_and_their_behaviour_logprobs_over_the_wire(stand_in, params):
 
 def test_sampling_needs_a_seeded_server_and_a_whole_completion(stand_in):
     server, config, _ = stand_in
-    engine = SGLangServerEngine(engine_config(server.url), [0])
+    engine = SGLangServerEngine(engine_config(server.url), server.model_path, [0])
     server.deterministic = False
     with pytest.raises(KdError, match="without --enable-deterministic-inference, so it ignores sampling_seed"):
         engine.sample([[1, 5, 9]], [3], SamplingParams(8), None)
@@ -305,7 +308,7 @@ def test_each_adapter_is_loaded_under_a_new_name_and_the_old_one_unloaded(stand_
             weight.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(index))
         save_adapter(policy, tmp_path / f"{index}" / "adapter")
         adapters.append(tmp_path / f"{index}" / "adapter")
-    engine = SGLangServerEngine(engine_config(server.url), stop_token_ids(tokenizer, config.student))
+    engine = SGLangServerEngine(engine_config(server.url), server.model_path, stop_token_ids(tokenizer, config.student))
     params = SamplingParams(8)
     for adapter in adapters:
         got = engine.sample([[1, 5, 9]], [3], params, adapter)
@@ -317,7 +320,7 @@ def test_each_adapter_is_loaded_under_a_new_name_and_the_old_one_unloaded(stand_
     assert [body["lora_path"] for path, body in server.requests if path == "/generate"] == [calls[0][1], calls[1][1]]
     server.adapters.clear()  # the server evicted it (--max-loaded-loras) or restarted: unloading is best effort
     engine.close()
-    assert server.requests[-1][0] == "/unload_lora_adapter" and engine._adapter is None
+    assert server.requests[-1][0] == "/unload_lora_adapter" and engine._adapters == {}
 
 
 def test_kd_score_against_sglang_writes_the_dataset_the_hf_engine_writes(stand_in, make_config):
@@ -345,8 +348,8 @@ def test_a_server_that_is_down_refuses_or_answers_nonsense_fails_in_one_line(sta
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
     with pytest.raises(KdError, match=r"SGLang server .*/model_info: unreachable after 1 tries .*sglang.launch_server"):
-        SGLangServerEngine(engine_config(closed, max_retries=0), [0])
-    engine = SGLangServerEngine(engine_config(server.url, max_retries=0), [0])
+        SGLangServerEngine(engine_config(closed, max_retries=0), server.model_path, [0])
+    engine = SGLangServerEngine(engine_config(server.url, max_retries=0), server.model_path, [0])
     server.malformed = True
     with pytest.raises(KdError, match="malformed /generate answer to a scoring") as err:
         engine.score([[1, 2, 3]], [1])

@@ -1,6 +1,7 @@
 """`kd slurm` on a real single-node Slurm (munged, slurmctld, slurmd started here; .ci/run installs
 Debian's slurm-wlm and munge): a 2-epoch toy run as array jobs equals `kd loop`'s, and an array
-task cancelled mid-run leaves no part and is finished by resubmitting."""
+task cancelled mid-run leaves no part and is finished by resubmitting. On a two-node Slurm (two
+slurmds of this host), the train job of slurm.train.nodes 2 trains the adapter of one process."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import time
 import pyarrow as pa
 import pytest
 
-from kd.stages import datasets_io, locks, verify
+from kd.stages import config as config_lib, datasets_io, locks, slurm, verify
 from kd.stages.schemas import ROLLOUTS, SCORED
 from tests.conftest import routed_prompts
 from tests.slurm_cluster import LocalSlurm, cannot_start
+from tests.test_distributed import SPLIT, adapter_gap, one_process, scored_run  # noqa: F401 (one_process: a fixture)
 from tests.test_loop import heldout_kl, kd
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(cannot_start() is not None, reason=cannot_start() or "")]
@@ -141,3 +143,25 @@ def test_each_teacher_scores_in_its_own_array(cluster, toy_config_file, toy_worl
         assert ours.column(column).to_pylist() == theirs.column(column).to_pylist(), column
     assert set(ours.column("teacher").to_pylist()) == {"default", "echo"}
     assert not any(verify.run(runs / "teachers")["datasets"].values())
+
+
+def test_train_on_two_nodes_trains_the_one_process_adapter(one_process, tiny_world, tmp_path, monkeypatch):
+    """The train job kd slurm renders for slurm.train.nodes 2, on a Slurm of two nodes: srun starts
+    accelerate on each (machine ranks 0 and 1, one process each) and they train the adapter of one
+    process. The two nodes are two slurmds of this one host (a cluster of several hosts is not
+    available here), so the rendezvous goes over this host's loopback, not between machines."""
+    path = scored_run(tiny_world, tmp_path / "runs", "nodes", **SPLIT, **{"slurm.train.nodes": 2})
+    config = config_lib.load(path)
+    [train] = [job for job in slurm.plan(config) if job.key == "0-train"]
+    with LocalSlurm(tmp_path / "slurm", nodes=2) as cluster:
+        monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        job_id = slurm.submit(config, [train])["0-train"]
+        slurm.wait(config)
+        for node in cluster.nodes:  # srun ran a task of the job's step on each node
+            assert f"launch task StepId={job_id}.0 " in (cluster.root / "log" / f"slurmd-{node}.log").read_text(), node
+    [log] = (config.run_dir / "slurm" / "logs").glob("kd-nodes-0000-train-*.out")
+    trained = config.run_dir / "0000" / "train"
+    assert datasets_io.is_complete(trained), log.read_text()[-3000:]
+    gap, scale = adapter_gap(one_process, trained)
+    assert scale > 1e-3 and gap < 1e-4 * max(scale, 1.0), (gap, scale)

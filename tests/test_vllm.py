@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -182,6 +183,15 @@ def test_server_scoring_matches_hf_and_survives_a_dying_server(trained):
         assert max_gap([s.logprobs for s in remote.score(seqs, starts)], table.column("teacher_logprobs").to_pylist()) < 1e-4
         check_top_k_matches_hf(session, remote, seqs, starts, 8)
 
+        # The served model is checked: the same directory written relative to the cwd passes, another model
+        # does not; a dead server listed first is skipped.
+        with pytest.raises(KdError, match=re.escape(f"serves {config.teacher}, not {config.student} (the configured model)")):
+            make_engine(engine_config(server=server.url), config.student, session.tokenizer)
+        listed = make_engine(engine_config(server=[f"http://127.0.0.1:{free_port()}", server.url], max_retries=0),
+                             os.path.relpath(config.teacher), session.tokenizer)
+        assert max_gap([s.logprobs for s in listed.score(seqs[:4], starts[:4])],
+                       table.column("teacher_logprobs").to_pylist()[:4]) < 1e-4
+
         # A bigger job, scored one request at a time, and the server killed mid-way.
         served = dataclasses.replace(
             config, run_id="served",
@@ -222,6 +232,9 @@ def test_server_generation_loads_each_new_adapter(trained):
         remote = make_engine(engine_config(server=server.url), config.student, session.tokenizer)
         check_sampler_matches_trainer(config, remote, pipeline.stage_dir(config, 0, "adapter"), 100)
         check_sampler_matches_trainer(config, remote, pipeline.stage_dir(config, 1, "adapter"), 100)
+        # Its /v1/models now lists the two adapters too (with a `parent`): the student is still what it serves.
+        assert make_engine(engine_config(server=server.url), config.student, session.tokenizer).served == {
+            server.url: config.student}
     finally:
         server.kill()
 
@@ -249,6 +262,8 @@ def test_malformed_server_answers_are_one_clear_line(trained):
     import http.server
     import json as json_lib
 
+    config, session = trained
+
     class Nonsense(http.server.BaseHTTPRequestHandler):
         def _send(self, body: dict) -> None:
             payload = json_lib.dumps(body).encode()
@@ -259,7 +274,7 @@ def test_malformed_server_answers_are_one_clear_line(trained):
             self.wfile.write(payload)
 
         def do_GET(self):
-            self._send({"data": [{"id": "teacher"}]})
+            self._send({"data": [{"id": config.teacher, "root": config.teacher}]})
 
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
@@ -271,7 +286,6 @@ def test_malformed_server_answers_are_one_clear_line(trained):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Nonsense)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        config, session = trained
         url = f"http://127.0.0.1:{server.server_address[1]}"
         remote = make_engine(engine_config(server=url), config.teacher, session.tokenizer)
         with pytest.raises(KdError, match="malformed prompt_logprobs answer") as err:

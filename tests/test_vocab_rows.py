@@ -177,7 +177,7 @@ def test_sglang_server_top_k_is_over_the_students_ids(make_config, tiny_world, w
 
     rows = student_rows(tiny_world)
     server = StandIn(hf_engine(wide_teacher), hf_engine(tiny_world / "student"), sglang_source,
-                     AutoConfig.from_pretrained(wide_teacher).vocab_size)
+                     AutoConfig.from_pretrained(wide_teacher).vocab_size, str(wide_teacher))
     try:
         config, table = scored(make_config, wide_teacher, 8)  # the hf engine's scores, to compare with
         remote = make_config(run_id="sglang", teacher=str(wide_teacher), **{

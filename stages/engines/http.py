@@ -1,67 +1,174 @@
-"""What the server engines share: JSON over HTTP with retries, timeouts and bounded concurrency.
+"""What the server engines share: JSON over HTTP to one server or several, with retries, timeouts,
+bounded concurrency and a check of the model each server serves.
 
-A request that the server refuses (HTTP 4xx) fails at once with the server's reason; a server that
-is down, overloaded (5xx) or slow is retried with exponential backoff (engine.max_retries, each try
-bounded by engine.request_timeout), then fails with one line naming the server and the fix.
+Requests go round engine.server's URLs in turn. A request that a server refuses (HTTP 4xx) fails at
+once with the server's reason. A server that is down, overloaded (5xx) or slow is skipped for
+DOWN_SECONDS while the others take its requests, and named in one warning once another server has
+taken one; a request that every server failed is tried again with exponential backoff
+(engine.max_retries), then fails with one line naming the servers and the fix. Each try may take engine.request_timeout + engine.seconds_per_token
+x the request's tokens. Before its first request, a server's model is checked against the configured
+one (engine.served_model, else the model kd was given for that role): a mismatch fails in one line.
 """
 
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
+import os
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable
 
 from kd.stages.config import EngineConfig
 from kd.stages.errors import KdError
 
 
+DOWN_SECONDS = 60.0  # a server that failed a try gets requests again after this long: a restarted one rejoins
+
+
+class Unreachable(Exception):
+    """A try that another server, or a later try, may pass: no connection, HTTP 5xx, past its timeout."""
+
+
+def same_model(served: str, configured: str) -> bool:
+    """Whether a server's model (a name or path it reports) is the configured one: the same directory
+    however written (relative to kd's working directory, absolute, through a link), else the same name
+    (a hub id equals only itself)."""
+    if os.path.normpath(served) == os.path.normpath(configured):
+        return True
+    served_path, configured_path = Path(served).expanduser(), Path(configured).expanduser()
+    return served_path.is_dir() and configured_path.is_dir() and served_path.resolve() == configured_path.resolve()
+
+
 class ServerClient:
-    """`server_name` (e.g. "vLLM server") and `start_hint` (how to start one) word its errors."""
+    """`server_name` (e.g. "vLLM server") and `start_hint` (how to start one) word its errors;
+    `info_path` is where a server says which model it serves, read by the subclass's `_served_models`."""
 
     server_name = "server"
     start_hint = "start it"
+    info_path: str
 
-    def __init__(self, engine: EngineConfig):
-        self.url = engine.server.rstrip("/")
+    def __init__(self, engine: EngineConfig, model: str):
+        """`model`: the model kd was configured with for this role (teacher or student), which every
+        server must serve, unless engine.served_model names what they serve. The first server that
+        answers is checked now, the others before their first request."""
         self.engine = engine
+        self.urls = [url.rstrip("/") for url in engine.servers()]
+        self.url = ", ".join(self.urls)  # the servers, as errors name them
+        self.expected = engine.served_model or model
+        self.served: dict[str, str] = {}  # url -> the name its (checked) model is asked for by
+        self._turns = itertools.count()
+        self._failed_at: dict[str, float] = {}
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+        self._url_locks = {url: threading.Lock() for url in self.urls}
+        self._get(self.info_path)
 
-    def _request(self, method: str, path: str, body: dict | None = None, expect_json: bool = True,
-                 retries: int | None = None):
-        """`retries`: tries after the first (default engine.max_retries)."""
+    def _served_models(self, info: dict) -> list[tuple[str, list[str]]]:
+        """From the answer at `info_path`: each model served, as (the name requests ask it by, every
+        name and path it is known by)."""
+        raise NotImplementedError
+
+    def _check_model(self, url: str) -> None:
+        """Refuse a server that serves another model than the configured one (once per server)."""
+        if url in self.served:
+            return
+        with self._url_locks[url]:
+            if url in self.served:
+                return
+            info = self._send(url, "GET", self.info_path, None, True, self.engine.request_timeout)
+            try:
+                models = self._served_models(info)
+            except (KeyError, IndexError, TypeError, AttributeError) as err:
+                raise KdError(f"{self.server_name} {url}{self.info_path}: malformed answer ({err!r})") from None
+            for asked_by, names in models:
+                if any(same_model(name, self.expected) for name in names):
+                    self.served[url] = asked_by
+                    return
+            shown = " or ".join(dict.fromkeys(name for _, names in models for name in names)) or "no model"
+            which = "engine.served_model" if self.engine.served_model else "the configured model"
+            raise KdError(
+                f"{self.server_name} {url} serves {shown}, not {self.expected} ({which}); point engine.server at a "
+                f"server of {self.expected}, or, if it serves that model under another name, set "
+                f"engine.served_model: {next((n for _, names in models for n in names), '<its name>')}"
+            )
+
+    def _send(self, url: str, method: str, path: str, body: dict | None, expect_json: bool, timeout: float):
+        """One try at one server: its answer; Unreachable for a failure another try may not meet."""
         data = None if body is None else json.dumps(body).encode()
-        last_error = ""
-        retries = self.engine.max_retries if retries is None else retries
+        request = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                payload = response.read()
+            return json.loads(payload) if expect_json else payload.decode(errors="replace")
+        except urllib.error.HTTPError as err:
+            detail = " ".join(err.read().decode(errors="replace").split())[:300]
+            if err.code == 404:  # no such endpoint: another kind of server (or none) answers there
+                raise KdError(f"{self.server_name} {url}{path}: HTTP 404, no such endpoint; is this a "
+                              f"{self.server_name}? Check engine.kind and engine.server") from None
+            if err.code < 500:  # the request is wrong: retrying cannot help
+                raise KdError(f"{self.server_name} {url}{path}: HTTP {err.code}: {detail}") from None
+            raise Unreachable(f"HTTP {err.code}: {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as err:
+            raise Unreachable(str(getattr(err, "reason", err)) or type(err).__name__) from None
+        except ValueError:
+            raise KdError(f"{self.server_name} {url}{path}: the answer is not JSON; is this a {self.server_name}?") from None
+
+    def _in_turn(self) -> list[str]:
+        """Every server, from the next in turn on; those that failed in the last DOWN_SECONDS last."""
+        start = next(self._turns) % len(self.urls)
+        turn = self.urls[start:] + self.urls[:start]
+        failed_at, now = dict(self._failed_at), time.monotonic()
+        resting = {url for url in turn if now - failed_at.get(url, -DOWN_SECONDS) < DOWN_SECONDS}
+        return [url for url in turn if url not in resting] + [url for url in turn if url in resting]
+
+    def _warn(self, url: str, why: str) -> None:
+        """Say once per server that it failed while another took its request."""
+        with self._lock:
+            if url in self._warned:
+                return
+            self._warned.add(url)
+        print(f"kd: warning: {self.server_name} {url} failed ({why}); the other servers take its requests, and it "
+              f"is tried again after {DOWN_SECONDS:.0f} s", file=sys.stderr)
+
+    def _request(self, method: str, path: str, body: dict | Callable[[str], dict] | None = None, tokens: int = 0):
+        """`body`: a dict, or a function of a server's URL giving the body for that server (one that names
+        what that server has loaded); `tokens`: the ids sent plus the new tokens asked for, which lengthen
+        each try's timeout by engine.seconds_per_token apiece. Every server is tried engine.max_retries + 1
+        times at most."""
+        retries = self.engine.max_retries
+        timeout = self.engine.request_timeout + tokens * self.engine.seconds_per_token
+        failures: dict[str, str] = {}
         for attempt in range(retries + 1):
             if attempt:
                 time.sleep(min(2 ** attempt * 0.5, 30))
-            request = urllib.request.Request(
-                self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=self.engine.request_timeout) as response:
-                    payload = response.read()
-                return json.loads(payload) if expect_json else payload.decode(errors="replace")
-            except urllib.error.HTTPError as err:
-                detail = " ".join(err.read().decode(errors="replace").split())[:300]
-                if err.code == 404:  # no such endpoint: another kind of server (or none) answers there
-                    raise KdError(f"{self.server_name} {self.url}{path}: HTTP 404, no such endpoint; is this a "
-                                  f"{self.server_name}? Check engine.kind and engine.server") from None
-                if err.code < 500:  # the request is wrong: retrying cannot help
-                    raise KdError(f"{self.server_name} {self.url}{path}: HTTP {err.code}: {detail}") from None
-                last_error = f"HTTP {err.code}: {detail}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as err:
-                last_error = str(getattr(err, "reason", err)) or type(err).__name__
-            except ValueError:
-                raise KdError(f"{self.server_name} {self.url}{path}: the answer is not JSON; "
-                              f"is this a {self.server_name}?") from None
-        raise KdError(
-            f"{self.server_name} {self.url}{path}: unreachable after {retries + 1} tries ({last_error}); "
-            f"check that {self.start_hint} runs there, then re-run the same command"
-        )
+            for url in self._in_turn():
+                try:
+                    self._check_model(url)
+                    answer = self._send(url, method, path, body(url) if callable(body) else body, True, timeout)
+                except Unreachable as err:
+                    failures[url] = str(err)
+                    self._failed_at[url] = time.monotonic()
+                    continue
+                self._failed_at.pop(url, None)
+                for failed, why in failures.items():
+                    if failed != url:
+                        self._warn(failed, why)
+                return answer
+        fix = f"check that {self.start_hint} runs there" + (
+            " (or, if it is only slow, raise engine.seconds_per_token or engine.request_timeout)"
+            if any("timed out" in why for why in failures.values()) else "") + ", then re-run the same command"
+        if len(self.urls) == 1:
+            raise KdError(f"{self.server_name} {self.urls[0]}{path}: unreachable after {retries + 1} tries "
+                          f"({failures[self.urls[0]]}); {fix}")
+        raise KdError(f"{self.server_name}s {', '.join(self.urls)} ({path}): every one unreachable after {retries + 1} "
+                      f"tries each ({'; '.join(f'{url}: {why}' for url, why in failures.items())}); {fix}")
 
     def _get(self, path: str) -> dict:
         return self._request("GET", path)
@@ -70,11 +177,13 @@ class ServerClient:
         return self._request("POST", path, body)
 
     def _post_each(self, path: str, items: list, body: Callable, parse: Callable, what: str,
-                   progress: Callable[[int], None] | None = None) -> list:
-        """POST body(item) to `path` for every item, engine.concurrency at a time, and parse(item, answer)
-        each answer, in order; an answer parse cannot read fails in one line naming `what` it was."""
+                   progress: Callable[[int], None] | None = None, new_tokens: int = 0) -> list:
+        """POST body(item, url) to `path` at one of the servers for every item, engine.concurrency at a
+        time, and parse(item, answer) each answer, in order; an answer parse cannot read fails in one
+        line naming `what` it was. `items`: tuples whose first element is the token ids sent, asking
+        for `new_tokens` more (together they set the timeout)."""
         def one(item):
-            answer = self._post(path, body(item))
+            answer = self._request("POST", path, lambda url: body(item, url), tokens=len(item[0]) + new_tokens)
             try:
                 return parse(item, answer)
             except (KeyError, IndexError, TypeError, ValueError) as err:

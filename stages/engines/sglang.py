@@ -56,7 +56,7 @@ import numpy as np
 
 from kd.stages.config import EngineConfig
 from kd.stages.engines.base import Completion, SamplingParams, Scores, student_top_k, top_k_asked, top_k_rows
-from kd.stages.engines.http import ServerClient
+from kd.stages.engines.http import ServerClient, Unreachable
 from kd.stages.errors import KdError
 from kd.stages.progress import console
 
@@ -70,7 +70,7 @@ def build(engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int], 
     from transformers import AutoConfig
 
     vocab_size = getattr(AutoConfig.from_pretrained(model_path).get_text_config(), "vocab_size", None)
-    return SGLangServerEngine(engine, stop_token_ids, vocab_size, student_rows)
+    return SGLangServerEngine(engine, model_path, stop_token_ids, vocab_size, student_rows)
 
 
 def sample_request(prompt: Sequence[int], seed: int, params: SamplingParams, stop_token_ids: Sequence[int],
@@ -156,60 +156,74 @@ class SGLangServerEngine(ServerClient):
 
     server_name = "SGLang server"
     start_hint = "`python -m sglang.launch_server`"
+    info_path = "/model_info"
 
-    def __init__(self, engine: EngineConfig, stop_token_ids: Sequence[int], vocab_size: int | None = None,
-                 student_rows: int | None = None):
-        super().__init__(engine)
+    def __init__(self, engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int],
+                 vocab_size: int | None = None, student_rows: int | None = None):
+        super().__init__(engine, model_path)
         self.stop_token_ids = list(stop_token_ids)
         self.vocab_size, self.student_rows = vocab_size, student_rows
-        self.model = self._get("/model_info").get("model_path")
-        self._adapter: tuple[Path, str] | None = None  # the adapter loaded now, and its name
-        self._seeded = False  # /server_info said that sampling_seed is honoured
+        self._adapters: dict[str, tuple[Path, str]] = {}  # server -> the adapter loaded there now, and its name
+        self._seeded: set[str] = set()  # servers whose /server_info said that sampling_seed is honoured
+
+    def _served_models(self, info: dict) -> list[tuple[str, list[str]]]:
+        """SGLang's /model_info (http_server.py, 0.5.23): `model_path` (--model-path) and
+        `served_model_name` (--served-model-name, else the model path); requests name no model."""
+        names = [info["model_path"], info.get("served_model_name") or info["model_path"]]
+        return [(info["model_path"], names)]
 
     def close(self) -> None:
-        """Unload kd's adapter, best effort (the server outlives kd and may have evicted it already)."""
-        if self._adapter is not None:
-            name, self._adapter = self._adapter[1], None
-            try:
-                self._request("POST", "/unload_lora_adapter", {"lora_name": name}, retries=0)
-            except KdError as err:
-                console.print(f"[yellow]warning: could not unload adapter {name}: {err}")
+        """Unload kd's adapter from each server, best effort (the servers outlive kd and may have
+        evicted it already)."""
+        for url in list(self._adapters):
+            self._unload(url)
 
-    def _adapter_name(self, adapter: Path | None) -> str | None:
+    def _unload(self, url: str) -> None:
+        name = self._adapters.pop(url)[1]
+        try:
+            self._send(url, "POST", "/unload_lora_adapter", {"lora_name": name}, True, self.engine.request_timeout)
+        except (KdError, Unreachable) as err:
+            console.print(f"[yellow]warning: could not unload adapter {name} from {url}: {err}")
+
+    def _adapter_name(self, url: str, adapter: Path | None) -> str | None:
+        """The name `adapter` is loaded under at server `url`, loaded first if it is new there."""
         if adapter is None:
             return None
         adapter = Path(adapter).resolve()
-        if self._adapter is None or self._adapter[0] != adapter:
-            name = f"kd-{adapter.parent.parent.name}-{adapter.parent.name}-{time.time_ns()}"
-            self._post("/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter)})
-            self.close()
-            self._adapter = (adapter, name)
-        return self._adapter[1]
+        with self._url_locks[url]:
+            if url not in self._adapters or self._adapters[url][0] != adapter:
+                name = f"kd-{adapter.parent.parent.name}-{adapter.parent.name}-{time.time_ns()}"
+                self._send(url, "POST", "/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter)}, True,
+                           self.engine.request_timeout)
+                if url in self._adapters:
+                    self._unload(url)
+                self._adapters[url] = (adapter, name)
+            return self._adapters[url][1]
 
-    def _require_seeded_sampling(self) -> None:
-        if not self._seeded:
-            if not self._get("/server_info").get("enable_deterministic_inference"):
+    def _require_seeded_sampling(self, url: str) -> None:
+        if url not in self._seeded:
+            info = self._send(url, "GET", "/server_info", None, True, self.engine.request_timeout)
+            if not info.get("enable_deterministic_inference"):
                 raise KdError(
-                    f"{self.server_name} {self.url}: started without --enable-deterministic-inference, so it ignores "
+                    f"{self.server_name} {url}: started without --enable-deterministic-inference, so it ignores "
                     "sampling_seed and kd's samples would not be reproducible; restart it with that flag"
                 )
-            self._seeded = True
+            self._seeded.add(url)
 
     def sample(self, prompts, seeds, params: SamplingParams, adapter: Path | None, progress=None) -> list[Completion]:
-        self._require_seeded_sampling()
-        name = self._adapter_name(adapter)
+        def body(item, url) -> dict:
+            self._require_seeded_sampling(url)
+            return sample_request(item[0], item[1], params, self.stop_token_ids, self._adapter_name(url, adapter))
 
-        return self._post_each(
-            "/generate", list(zip(prompts, seeds)),
-            lambda item: sample_request(item[0], item[1], params, self.stop_token_ids, name),
-            lambda item, answer: completion_from(answer, params), "/generate answer to a sample", progress,
-        )
+        return self._post_each("/generate", list(zip(prompts, seeds)), body,
+                               lambda item, answer: completion_from(answer, params), "/generate answer to a sample",
+                               progress, params.max_new_tokens)
 
     def score(self, sequences, prompt_lengths, progress=None, top_k: int = 0) -> list[Scores]:
         top_k_rows(top_k, self.vocab_size, self.student_rows)
         asked = top_k_asked(top_k, self.vocab_size, self.student_rows)
         return self._post_each(
-            "/generate", list(zip(sequences, prompt_lengths)), lambda item: score_request(item[0], item[1], asked),
+            "/generate", list(zip(sequences, prompt_lengths)), lambda item, url: score_request(item[0], item[1], asked),
             lambda item, answer: scores_from(answer, item[0], item[1], top_k, self.vocab_size, self.student_rows),
-            "/generate answer to a scoring", progress,
+            "/generate answer to a scoring", progress, 1,
         )

@@ -63,7 +63,7 @@ def build(engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int], 
     server is taken to serve."""
     rows = output_rows(model_path) if student_rows else None
     if engine.server:
-        return VLLMServerEngine(engine, stop_token_ids, rows, student_rows)
+        return VLLMServerEngine(engine, model_path, stop_token_ids, rows, student_rows)
     return VLLMEngine(model_path, engine, stop_token_ids, lora_rank, seed, max_logprobs, rows, student_rows)
 
 
@@ -239,6 +239,8 @@ class VLLMServerEngine(ServerClient):
         vllm serve runs/toy-world/teacher --dtype float32 --port 8001
         kd score --epoch 0 --set score.engine.kind=vllm --set score.engine.server=http://127.0.0.1:8001
 
+    or several servers of the same model: `--set "score.engine.server=[http://a:8001, http://b:8001]"`.
+
     For a student server, start it with LoRA enabled and runtime loading allowed:
         VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 vllm serve STUDENT --enable-lora --max-lora-rank 16 \\
             --logprobs-mode processed_logprobs
@@ -246,36 +248,42 @@ class VLLMServerEngine(ServerClient):
 
     server_name = "vLLM server"
     start_hint = "`vllm serve`"
+    info_path = "/v1/models"
 
-    def __init__(self, engine: EngineConfig, stop_token_ids: Sequence[int], model_rows: int | None = None,
-                 student_rows: int | None = None):
-        super().__init__(engine)
+    def __init__(self, engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int],
+                 model_rows: int | None = None, student_rows: int | None = None):
+        super().__init__(engine, model_path)
         self.stop_token_ids = list(stop_token_ids)
         self.model_rows, self.student_rows = model_rows, student_rows
-        self.model = self._get("/v1/models")["data"][0]["id"]
-        self._loaded: dict[Path, str] = {}
+        self._loaded: dict[tuple[str, Path], str] = {}  # (server, adapter directory) -> its name there
+
+    def _served_models(self, info: dict) -> list[tuple[str, list[str]]]:
+        """vLLM's /v1/models lists each served name as an entry: `id` (a --served-model-name, else the
+        --model argument) and `root` (the --model argument); adapters have a `parent` and are not models."""
+        return [(entry["id"], [entry["id"], entry["root"]]) for entry in info["data"] if not entry.get("parent")]
 
     def close(self) -> None:
-        """Nothing to release: the server outlives kd (its adapters stay loaded under their names)."""
+        """Nothing to release: the servers outlive kd (their adapters stay loaded under their names)."""
 
-    def _model_for(self, adapter: Path | None) -> str:
+    def _model_for(self, url: str, adapter: Path | None) -> str:
+        """The `model` that asks server `url` for the base model or `adapter`, loaded there first if new."""
         if adapter is None:
-            return self.model
+            return self.served[url]
         adapter = Path(adapter).resolve()
-        if adapter not in self._loaded:
-            name = f"kd-{adapter.parent.parent.name}-{adapter.parent.name}-{time.time_ns()}"
-            # vLLM answers this one in plain text ("Success: LoRA adapter ... added successfully.")
-            self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter)}, expect_json=False)
-            self._loaded[adapter] = name
-        return self._loaded[adapter]
+        with self._url_locks[url]:
+            if (url, adapter) not in self._loaded:
+                name = f"kd-{adapter.parent.parent.name}-{adapter.parent.name}-{time.time_ns()}"
+                # vLLM answers this one in plain text ("Success: LoRA adapter ... added successfully.")
+                self._send(url, "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter)},
+                           False, self.engine.request_timeout)
+                self._loaded[url, adapter] = name
+        return self._loaded[url, adapter]
 
     def sample(self, prompts, seeds, params: SamplingParams, adapter: Path | None, progress=None) -> list[Completion]:
-        model = self._model_for(adapter)
-
-        def body(item) -> dict:
+        def body(item, url) -> dict:
             prompt, seed = item
             return {
-                "model": model, "prompt": list(prompt), "max_tokens": params.max_new_tokens,
+                "model": self._model_for(url, adapter), "prompt": list(prompt), "max_tokens": params.max_new_tokens,
                 "temperature": 0.0 if params.greedy else params.temperature, "top_p": params.top_p,
                 "seed": seed % (2**63), "logprobs": 0, "return_token_ids": True,
                 "stop_token_ids": self.stop_token_ids, "skip_special_tokens": True,
@@ -289,14 +297,15 @@ class VLLMServerEngine(ServerClient):
             reason = "stop" if choice["finish_reason"] == "stop" else "length"
             return Completion([int(i) for i in ids], [float(x) for x in logprobs], reason)
 
-        return self._post_each("/v1/completions", list(zip(prompts, seeds)), body, parse, "completion answer", progress)
+        return self._post_each("/v1/completions", list(zip(prompts, seeds)), body, parse, "completion answer", progress,
+                               params.max_new_tokens)
 
     def score(self, sequences, prompt_lengths, progress=None, top_k: int = 0) -> list[Scores]:
         top_k_rows(top_k, self.model_rows, self.student_rows)
         asked = top_k_asked(top_k, self.model_rows, self.student_rows)
 
-        def body(item) -> dict:
-            return {"model": self.model, "prompt": list(item[0]), "max_tokens": 1, "temperature": 1.0,
+        def body(item, url) -> dict:
+            return {"model": self.served[url], "prompt": list(item[0]), "max_tokens": 1, "temperature": 1.0,
                     "prompt_logprobs": asked}
 
         def parse(item, answer) -> Scores:
@@ -312,7 +321,7 @@ class VLLMServerEngine(ServerClient):
 
         try:
             return self._post_each("/v1/completions", list(zip(sequences, prompt_lengths)), body, parse,
-                                   "prompt_logprobs answer", progress)
+                                   "prompt_logprobs answer", progress, 1)
         except KdError as err:
             if "greater than max allowed" not in str(err):
                 raise

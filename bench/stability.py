@@ -1,0 +1,76 @@
+"""The default toy loop's gradient spikes with and without a cap on the importance ratio, two seeds.
+
+    python bench/stability.py [--epochs 100] [--seeds 0 1] [--settings ...]     (just bench-stability)
+
+A spike: an optimiser step whose gradient norm (before max_grad_norm's clipping) exceeds 3x the
+run's median. In a default `just loop` one step reached pi_theta / pi_old = 192 with a gradient 110x
+the median: within an epoch's optimiser steps the policy had moved that far on a few tokens of
+negative advantage, where PPO's clip (if on) would not bound the ratio either. train.ratio_cap C
+replaces rho by min(rho, C), so such a token gives no gradient (dual-clip PPO's idea, Ye et al.
+2020, arXiv:1912.09729, as a cap on the whole ratio). Each setting runs the whole default loop
+(configs/toy.yaml, every 10 epochs evaluated) as a user runs it, alone on the machine; only the
+spikes and the held-out table are compared, not the time.
+Writes bench/results/stability.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+
+from curves import mean_curve, save as save_results  # bench/ is on sys.path: run as `python bench/stability.py`
+from overlap import RESULTS, run
+
+SETTINGS = {  # name -> (overrides, environment)
+    "ratio_cap 0 (off)": (["train.ratio_cap=0"], {}),
+    "ratio_cap 2": (["train.ratio_cap=2"], {}),
+}
+
+
+def markdown(result: dict) -> str:
+    rows = result["runs"]
+    evals = [point["epoch"] for point in next(iter(rows.values()))[0]["curve"]][-3:]
+    lines = [
+        f"# Gradient spikes of the default toy loop ({result['epochs']} epochs, seeds {result['seeds']})",
+        "",
+        f"Machine: {result['machine']}. `python bench/stability.py`. Spike: grad_norm > 3x the run's median "
+        "(before clipping to train.max_grad_norm).",
+        "",
+        "| setting | spikes (per seed) | grad_norm max / median | ratio max | "
+        + " | ".join(f"held-out KL @{e}" for e in evals) + f" | accuracy @{evals[-1]} |",
+        "|---|---|---|---|" + "---|" * len(evals) + "---|",
+    ]
+    for name, runs in rows.items():
+        def per_seed(value) -> str:
+            return " / ".join(value(r) for r in runs)
+
+        lines.append(" | ".join([
+            f"| {name}", per_seed(lambda r: str(len(r["spikes"]))),
+            per_seed(lambda r: f"{r['grad_norm_max_over_median']:.1f}"), per_seed(lambda r: f"{r['ratio_max']:.1f}"),
+            *(per_seed(lambda r, i=i: f"{r['curve'][i]['heldout_reverse_kl']:.3f}") for i in range(-len(evals), 0)),
+            per_seed(lambda r: f"{r['curve'][-1]['accuracy']:.1%}")]) + " |")
+    lines += ["", "The spikes (epoch.step: grad_norm / median, ratio max):", ""]
+    for name, runs in rows.items():
+        for r in runs:
+            spikes = ", ".join(f"{s['epoch']}.{s['step']}: {s['grad_norm_over_median']:.1f}x, {s['ratio_max']:.1f}" for s in r["spikes"])
+            lines.append(f"- {name}, seed {r['seed']}: {spikes or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    args = parser.parse_args()
+    runs = {setting: [run("toy", setting, seed, args.epochs, 10, "stability", SETTINGS) for seed in args.seeds]
+            for setting in args.settings}
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "seeds": args.seeds, "epochs": args.epochs,
+              "runs": runs, "curves": {setting: mean_curve([r["curve"] for r in rs]) for setting, rs in runs.items()}}
+    save_results(RESULTS, "stability", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Retention: a long run keeps the datasets of its newest epochs only (keep_epochs, keep_adapters_every).
+
+Each epoch writes rollouts, scored, train (the adapter and its float32 optimiser state) and adapter:
+for a 4B student at LoRA rank 16 about half a GB, so a run of thousands of epochs would fill its disk.
+With keep_epochs N > 0, `prune` removes a dataset of epoch e once
+- e is older than the newest N trained epochs (those with a complete adapter; anything newer, such as
+  the sampling side's epochs of an overlapped loop, is in progress and kept), and
+- every stage that reads it (pipeline.readers_of: score reads rollouts, train reads scored and the
+  previous train, export-lora train, generate and eval the adapter) has finished,
+and keeps the adapter of every K-th epoch (keep_adapters_every) and every eval dataset for good.
+
+The removal is recorded first, in <epoch>/pruned.json (each dataset's kind, rows, bytes and its
+manifest's sha256), then the directory is renamed out of the way and deleted: a kill in between
+leaves the record, and the next prune finishes the job. A pruned dataset counts as complete
+(datasets_io.is_complete), so resuming, growing the run, `kd slurm` and `kd status` skip it, and the
+datasets made from it still check their recorded input hash against the record (`kd verify`).
+`kd loop` prunes after each stage; each stage command (hence each Slurm job) after it finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from kd.stages import datasets_io, locks, pipeline
+from kd.stages.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def prune(config: Config) -> list[Path]:
+    """Remove what the run no longer needs (see the module docstring); the directories removed."""
+    if not config.keep_epochs:
+        return []
+    epochs = sorted(int(p.name) for p in config.run_dir.glob("[0-9]" * 4) if p.is_dir())
+    trained = [e for e in epochs if datasets_io.is_complete(pipeline.stage_dir(config, e, pipeline.EXPORT_LORA.output))]
+    if not trained:
+        return []
+    removed = []
+    with locks.named(config.run_dir, "retention"):  # stage commands of one run (Slurm jobs) prune side by side
+        for leftover in config.run_dir.glob("[0-9]" * 4 + "/.*.pruning"):  # a kill during a removal
+            shutil.rmtree(leftover, ignore_errors=True)
+        for epoch in (e for e in epochs if e <= max(trained) - config.keep_epochs):
+            outputs = [stage.output for stage in pipeline.EPOCH if prunable(config, epoch, stage)]
+            if outputs:
+                removed += remove(config, epoch, outputs)
+    return removed
+
+
+def prunable(config: Config, epoch: int, stage: pipeline.Stage) -> bool:
+    out = pipeline.stage_dir(config, epoch, stage.output)
+    if not out.is_dir() or not datasets_io.is_complete(out):  # gone already, or being written
+        return False
+    every = config.keep_adapters_every
+    if stage is pipeline.EXPORT_LORA and every and (epoch + 1) % every == 0:
+        return False
+    return all(datasets_io.is_complete(pipeline.stage_dir(config, e, reader.output))
+               for e, reader in pipeline.readers_of(config, epoch, stage.output))
+
+
+def remove(config: Config, epoch: int, outputs: list[str]) -> list[Path]:
+    record_path = config.run_dir / f"{epoch:04d}" / datasets_io.PRUNED
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    for output in outputs:
+        out = pipeline.stage_dir(config, epoch, output)
+        manifest = datasets_io.read_manifest(out)
+        if output not in record and manifest is not None:
+            record[output] = {"kind": manifest["kind"], "rows": manifest["rows"],
+                              "manifest_sha256": datasets_io.manifest_hash(out),
+                              "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+                              "pruned_at": round(time.time(), 3)}
+    tmp = record_path.with_name(f".{datasets_io.PRUNED}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(record_path)
+    removed = []
+    for output in outputs:
+        out = pipeline.stage_dir(config, epoch, output)
+        datasets_io.fault_point(out, "pruned")
+        doomed = out.with_name(f".{output}.pruning")
+        out.rename(doomed)  # atomic: no reader ever sees a half-deleted dataset under its name
+        shutil.rmtree(doomed)
+        removed.append(out)
+    if removed:
+        log.info("retention: removed %s", ", ".join(str(path) for path in removed))
+    return removed

@@ -8,8 +8,9 @@ the median: within an epoch's optimiser steps the policy had moved that far on a
 negative advantage, where PPO's clip (if on) would not bound the ratio either. train.ratio_cap C
 replaces rho by min(rho, C), so such a token gives no gradient (dual-clip PPO's idea, Ye et al.
 2020, arXiv:1912.09729, as a cap on the whole ratio). Each setting runs the whole default loop
-(configs/toy.yaml, every 10 epochs evaluated) as a user runs it, alone on the machine; only the
-spikes and the held-out table are compared, not the time.
+(configs/toy.yaml, every 10 epochs evaluated) as a user runs it, with one thread (OMP_NUM_THREADS=1),
+two runs side by side on this 2-core machine: only the spikes and the held-out table are compared,
+never the time, and with a fixed thread count they do not depend on what else runs.
 Writes bench/results/stability.json and .md.
 """
 
@@ -18,14 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
+from concurrent.futures import ThreadPoolExecutor
 
 from curves import mean_curve, save as save_results  # bench/ is on sys.path: run as `python bench/stability.py`
 from overlap import RESULTS, run
 
+ONE_CORE = {"OMP_NUM_THREADS": "1"}  # two runs side by side, a core each: their results do not depend on timing
 SETTINGS = {  # name -> (overrides, environment)
-    "ratio_cap 0 (off)": (["train.ratio_cap=0"], {}),
-    "ratio_cap 2": (["train.ratio_cap=2"], {}),
+    "ratio_cap 0 (off)": (["train.ratio_cap=0"], ONE_CORE),
+    "ratio_cap 2": (["train.ratio_cap=2"], ONE_CORE),
 }
 
 
@@ -65,8 +67,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     args = parser.parse_args()
-    runs = {setting: [run("toy", setting, seed, args.epochs, 10, "stability", SETTINGS) for seed in args.seeds]
-            for setting in args.settings}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {setting: [pool.submit(run, "toy", setting, seed, args.epochs, 10, "stability", SETTINGS)
+                             for seed in args.seeds] for setting in args.settings}
+        runs = {setting: [future.result() for future in pending] for setting, pending in futures.items()}
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "seeds": args.seeds, "epochs": args.epochs,
               "runs": runs, "curves": {setting: mean_curve([r["curve"] for r in rs]) for setting, rs in runs.items()}}
     save_results(RESULTS, "stability", result, markdown(result))

@@ -83,9 +83,10 @@ class EngineConfig:
         empty: in-process (hf, vllm). Requests go round the servers in turn; a server that fails a request
         (down, HTTP 5xx, past its timeout) is named in one warning and skipped for a minute while the
         others take its requests; a request fails only when every server has failed it max_retries + 1
-        times. Before its first request each server's model is checked (vLLM: GET /v1/models, the
-        `id` and `root` of its base models; SGLang: GET /model_info, `model_path` and
-        `served_model_name`) against served_model, else the configured model (the teacher's for a
+        times. Before its first request each server's model is checked (vLLM: GET /v1/models, the `id`
+        and `root` of its base models; SGLang: GET /model_info, `model_path` and `served_model_name`),
+        and again after it failed or answered that it lost kd's adapter (it restarted, which also
+        reloads the adapter), against served_model, else the configured model (the teacher's for a
         scorer, the student's for a sampler): a path matches the same directory written otherwise
         (relative, absolute, through a link), a hub id only itself.
     served_model: the name or path the servers are expected to serve, for a server started with
@@ -151,8 +152,10 @@ class EngineConfig:
                "names what a server serves, but engine.server is not set")
 
     def servers(self) -> list[str]:
-        """engine.server as a list of URLs (empty: in-process)."""
-        return [self.server] if isinstance(self.server, str) and self.server else list(self.server or [])
+        """engine.server as a list of URLs (empty: in-process), without a trailing slash: one server is one
+        URL however written, for the duplicate check and for the engines' requests."""
+        listed = [self.server] if isinstance(self.server, str) and self.server else list(self.server or [])
+        return [url.rstrip("/") for url in listed]
 
 
 # Arguments of apply_chat_template that kd sets itself: a template variable of these names is refused.
@@ -521,8 +524,10 @@ class WandbConfig:
 
     project, entity: where the run goes (entity empty: your default entity).
     name: the run's display name (empty: run_id). tags: W&B tags.
-    The W&B run's id is kept in runs/<run_id>/wandb-id, so a resumed kd run logs to the same W&B run;
-    WANDB_MODE=offline keeps it on disk under runs/<run_id>/wandb/ for `wandb sync`.
+    The W&B run's id is kept in runs/<run_id>/wandb-id, so a resumed kd run and the stage commands of
+    `kd slurm` log to the same W&B run (online, in W&B's shared mode); WANDB_MODE=offline writes one W&B
+    run per process under runs/<run_id>/wandb/, grouped under that id, for `wandb sync`
+    (kd.stages.reporters).
     """
 
     project: str = "kd"

@@ -92,8 +92,8 @@ def fault_point(target: Path, point: str) -> None:
     """Fault injection for the kill-and-resume tests: KD_FAULT_KILL=0001/scored:staged SIGKILLs this
     process at that point of writing <run>/0001/scored. Points: start (the stage begins its work),
     files (parts written, nothing else), manifest (manifest written beside its final name),
-    staged (complete, not yet renamed into place), and train's checkpoint (adapter saved,
-    optimiser state not yet). Every rename that publishes output passes a point first; a process
+    staged (complete, not yet renamed into place), train's checkpoint (adapter saved,
+    optimiser state not yet), and pruned (retention recorded the dataset's removal, not yet done). Every rename that publishes output passes a point first; a process
     that was sent SIGTERM exits there (TERMINATED)."""
     if TERMINATED.is_set():
         sys.exit(143)

@@ -14,7 +14,8 @@ manifest's sha256), then the directory is renamed out of the way and deleted: a 
 leaves the record, and the next prune finishes the job. A pruned dataset counts as complete
 (datasets_io.is_complete), so resuming, growing the run, `kd slurm` and `kd status` skip it, and the
 datasets made from it still check their recorded input hash against the record (`kd verify`).
-`kd loop` prunes after each stage; each stage command (hence each Slurm job) after it finishes.
+`kd loop` prunes after each stage (the overlapped loop after each of its training side's); each
+stage command (hence each Slurm job) after it finishes.
 """
 
 from __future__ import annotations
@@ -34,29 +35,38 @@ log = logging.getLogger(__name__)
 
 def prune(config: Config) -> list[Path]:
     """Remove what the run no longer needs (see the module docstring); the directories removed."""
+    for leftover in config.run_dir.glob("[0-9]" * 4 + "/.*.pruning"):  # a kill during a removal
+        shutil.rmtree(leftover, ignore_errors=True)
     if not config.keep_epochs:
         return []
-    epochs = sorted(int(p.name) for p in config.run_dir.glob("[0-9]" * 4) if p.is_dir())
-    trained = [e for e in epochs if datasets_io.is_complete(pipeline.stage_dir(config, e, pipeline.EXPORT_LORA.output))]
-    if not trained:
+    epochs = sorted((int(p.name) for p in config.run_dir.glob("[0-9]" * 4) if p.is_dir()), reverse=True)
+    newest = next((e for e in epochs if datasets_io.is_complete(pipeline.stage_dir(config, e, pipeline.EXPORT_LORA.output))), None)
+    if newest is None:
         return []
     removed = []
     with locks.named(config.run_dir, "retention"):  # stage commands of one run (Slurm jobs) prune side by side
-        for leftover in config.run_dir.glob("[0-9]" * 4 + "/.*.pruning"):  # a kill during a removal
-            shutil.rmtree(leftover, ignore_errors=True)
-        for epoch in (e for e in epochs if e <= max(trained) - config.keep_epochs):
-            outputs = [stage.output for stage in pipeline.EPOCH if prunable(config, epoch, stage)]
+        for epoch in (e for e in epochs if e <= newest - config.keep_epochs):
+            candidates = [stage for stage in pipeline.EPOCH if not kept_for_good(config, epoch, stage)
+                          and pipeline.stage_dir(config, epoch, stage.output).is_dir()]
+            # Every old epoch is looked at again (a few stat calls each): under `kd slurm` an eval
+            # may finish after later epochs, so an older adapter can become prunable last.
+            outputs = [stage.output for stage in candidates if prunable(config, epoch, stage)]
             if outputs:
                 removed += remove(config, epoch, outputs)
     return removed
 
 
-def prunable(config: Config, epoch: int, stage: pipeline.Stage) -> bool:
-    out = pipeline.stage_dir(config, epoch, stage.output)
-    if not out.is_dir() or not datasets_io.is_complete(out):  # gone already, or being written
-        return False
+def kept_for_good(config: Config, epoch: int, stage: pipeline.Stage) -> bool:
     every = config.keep_adapters_every
-    if stage is pipeline.EXPORT_LORA and every and (epoch + 1) % every == 0:
+    return stage is pipeline.EXPORT_LORA and bool(every) and (epoch + 1) % every == 0
+
+
+def prunable(config: Config, epoch: int, stage: pipeline.Stage) -> bool:
+    """Complete, and every stage that reads it (pipeline.readers_of) has finished. Train of epoch e
+    also reads, with max_staleness s >= 1, the sampler's adapter e-1-s (its importance weights),
+    which the table does not list as train's input: keep_epochs >= 1 + s keeps it (config check)."""
+    out = pipeline.stage_dir(config, epoch, stage.output)
+    if not datasets_io.is_complete(out):  # being written
         return False
     return all(datasets_io.is_complete(pipeline.stage_dir(config, e, reader.output))
                for e, reader in pipeline.readers_of(config, epoch, stage.output))
@@ -82,7 +92,7 @@ def remove(config: Config, epoch: int, outputs: list[str]) -> list[Path]:
         datasets_io.fault_point(out, "pruned")
         doomed = out.with_name(f".{output}.pruning")
         out.rename(doomed)  # atomic: no reader ever sees a half-deleted dataset under its name
-        shutil.rmtree(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)  # what is left, the next prune removes
         removed.append(out)
     if removed:
         log.info("retention: removed %s", ", ".join(str(path) for path in removed))

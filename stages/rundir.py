@@ -79,6 +79,8 @@ def prepare(config: Config, overwrite: bool = False) -> Path:
         tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"  # array tasks may start a run together
         tmp.write_text(text)
         tmp.replace(saved)
+    if "wandb" in config.report_to:
+        reporters.wandb_id(run_dir)  # now, before the array tasks of `kd slurm` log side by side
     return run_dir
 
 

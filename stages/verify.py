@@ -27,7 +27,9 @@ def run(run_dir: Path, hashes: bool = True) -> dict:
     results = {}
     for directory in sorted(Path(run_dir).glob("[0-9][0-9][0-9][0-9]/*")):
         if directory.is_dir() and not directory.name.startswith("."):
-            results[str(directory)] = datasets_io.dataset_problems(directory, hashes)
+            problems = datasets_io.dataset_problems(directory, hashes)
+            if not (problems and datasets_io.pruned_record(directory) and not directory.is_dir()):  # removed meanwhile
+                results[str(directory)] = problems
     pruned = [str(record.parent / name) for record in sorted(Path(run_dir).glob(f"[0-9][0-9][0-9][0-9]/{datasets_io.PRUNED}"))
               for name in json.loads(record.read_text()) if str(record.parent / name) not in results]
     return {"datasets": results, "pruned": pruned, "seconds": time.perf_counter() - started}

@@ -217,6 +217,8 @@ def short_context_teacher(tmp: Path):
         settings = json.loads((teacher / "config.json").read_text())
         (teacher / "config.json").write_text(json.dumps({**settings, "max_position_embeddings": 48}))
     return fresh("generate", "--set", f"teacher={teacher}")
+
+
 def wandb_not_installed(tmp: Path):
     """A run that reports to W&B where `import wandb` fails, as where it is not installed."""
     saved = sys.modules.get("wandb")

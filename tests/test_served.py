@@ -26,11 +26,17 @@ from kd.stages.errors import KdError
 
 
 class FakeVLLM:
-    """Answers as a vLLM server of `served` (its --model; `name`: its --served-model-name) would, each
-    completion after `delay` seconds; it records the (path, body) of every POST."""
+    """Answers as a vLLM server of `served` (its --model; `name`: its --served-model-name) started with
+    --max-logprobs `max_logprobs` would, each completion after `delay` seconds, on `port` (0: any free
+    one); it records the path of every GET and the (path, body) of every POST. `keeps_adapters` False:
+    it forgets each adapter as soon as it has loaded it, as if it restarted after every load;
+    `malformed`: its completions lack their fields."""
 
-    def __init__(self, served: str, name: str | None = None, delay: float = 0.0):
-        self.served, self.name, self.delay = served, name or served, delay
+    def __init__(self, served: str, name: str | None = None, delay: float = 0.0, port: int = 0,
+                 max_logprobs: int = 20, keeps_adapters: bool = True):
+        self.served, self.name, self.delay, self.max_logprobs = served, name or served, delay, max_logprobs
+        self.keeps_adapters, self.malformed = keeps_adapters, False
+        self.gets: list[str] = []
         self.posts: list[tuple[str, dict]] = []
         self.adapters: dict[str, str] = {}
         fake = self
@@ -47,6 +53,7 @@ class FakeVLLM:
                 self.wfile.write(data)
 
             def do_GET(self):
+                fake.gets.append(self.path)
                 if self.path != "/v1/models":
                     return self.answer(404, {})
                 adapters = [{"id": name, "root": path, "parent": fake.name} for name, path in fake.adapters.items()]
@@ -56,11 +63,19 @@ class FakeVLLM:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.posts.append((self.path, body))
                 if self.path == "/v1/load_lora_adapter":
-                    fake.adapters[body["lora_name"]] = body["lora_path"]
+                    if fake.keeps_adapters:
+                        fake.adapters[body["lora_name"]] = body["lora_path"]
                     return self.answer(200, f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
                 if body["model"] not in (fake.name, *fake.adapters):  # as vLLM's OpenAIServingModels refuses it
-                    return self.answer(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
+                    return self.answer(404, {"error": {"message": f"The model `{body['model']}` does not exist.",
+                                                       "type": "NotFoundError", "param": "model", "code": 404}})
+                if body.get("prompt_logprobs", 0) > fake.max_logprobs:  # as vLLM's SamplingParams refuses it
+                    return self.answer(400, {"error": {"message": f"Requested prompt logprobs of "
+                                                       f"{body['prompt_logprobs']}, which is greater than max allowed: "
+                                                       f"{fake.max_logprobs}", "type": "BadRequestError", "code": 400}})
                 time.sleep(fake.delay)
+                if fake.malformed:
+                    return self.answer(200, {"choices": [{}]})
                 if "prompt_logprobs" in body:
                     entries = [None] + [{str(t): {"logprob": -1.0, "rank": 1}} for t in body["prompt"][1:]]
                     return self.answer(200, {"choices": [{"prompt_logprobs": entries}]})
@@ -68,8 +83,9 @@ class FakeVLLM:
                 self.answer(200, {"choices": [{"token_ids": [5] * n, "logprobs": {"token_logprobs": [-0.5] * n},
                                                "finish_reason": "length"}]})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def completions(self) -> int:
@@ -112,6 +128,7 @@ def test_requests_go_round_the_servers(fakes):
     scores = engine.score(SEQUENCES, STARTS)
     assert [s.logprobs.tolist() for s in scores] == [[-1.0, -1.0]] * 8
     assert (a.completions(), b.completions()) == (4, 4)
+    assert a.gets == b.gets == ["/v1/models"]  # each model checked once, the first when the engine is made
 
 
 def test_a_down_server_is_skipped_with_one_warning(fakes, tmp_path, capsys, monkeypatch):
@@ -143,6 +160,71 @@ def test_each_server_loads_an_adapter_before_sampling_with_it(fakes, tmp_path):
         assert len(loads) == 1 and asked == set(loads) and fake.completions() == 2
     engine.score(SEQUENCES[:2], STARTS[:2])  # the base model, by the name each server gives it
     assert b.posts[-1][1]["model"] == "student-served-name" and a.posts[-1][1]["model"] == "student"
+
+
+def test_a_restarted_server_gets_its_adapter_loaded_again(fakes, tmp_path, capsys):
+    """A vLLM server restarted between two requests has lost the adapters loaded at run time, and answers
+    HTTP 404 "The model `kd-...` does not exist." for kd's name: kd loads the adapter again there and
+    sends the request once more, with no retry (max_retries 0) and no warning."""
+    server = fakes("student")
+    adapter = tmp_path / "0002" / "adapter"
+    adapter.mkdir(parents=True)
+    engine = vllm_engine(server.url, "student", concurrency=2)
+    assert [c.token_ids for c in engine.sample([[1, 2]] * 4, list(range(4)), sampling(2), adapter)] == [[5, 5]] * 4
+    server.adapters.clear()  # the restart
+    assert [c.token_ids for c in engine.sample([[1, 2]] * 4, list(range(4)), sampling(2), adapter)] == [[5, 5]] * 4
+    loads = [body["lora_name"] for path, body in server.posts if path == "/v1/load_lora_adapter"]
+    assert len(loads) == 2 and loads[0] != loads[1] and list(server.adapters) == [loads[1]]
+    assert {body["model"] for path, body in server.posts[-4:]} == {loads[1]}  # all sent again, by the new name
+    assert "kd: warning" not in capsys.readouterr().err
+
+
+def test_a_server_that_keeps_losing_its_adapter_fails_over_to_another(fakes, tmp_path, capsys):
+    lossy, steady = fakes("student", keeps_adapters=False), fakes("student")
+    adapter = tmp_path / "0002" / "adapter"
+    adapter.mkdir(parents=True)
+    engine = vllm_engine([lossy.url, steady.url], "student", concurrency=1)
+    assert len(engine.sample([[1, 2]] * 4, list(range(4)), sampling(2), adapter)) == 4
+    assert steady.completions() == 4 and lossy.completions() == 2  # sent once, then once more after loading again
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kd: warning")]
+    assert len(warnings) == 1 and lossy.url in warnings[0] and "does not exist" in warnings[0]
+
+
+def test_a_server_that_failed_is_checked_and_loaded_again_when_it_returns(fakes, tmp_path):
+    """kd forgets what it knew of a server that failed: back on the same port, it has its model checked
+    again and kd's adapter loaded before its first request (no 404 first), and one that came back with
+    another model under the same name is refused."""
+    first = fakes("/models/student", name="student")
+    adapter = tmp_path / "0002" / "adapter"
+    adapter.mkdir(parents=True)
+    engine = vllm_engine(first.url, "/models/student")
+    engine.sample([[1, 2]], [0], sampling(2), adapter)
+    first.close()
+    with pytest.raises(KdError, match="unreachable after 1 tries"):
+        engine.sample([[1, 2]], [0], sampling(2), adapter)
+    back = fakes("/models/student", name="student", port=first.port)
+    assert len(engine.sample([[1, 2]], [0], sampling(2), adapter)) == 1
+    assert back.gets == ["/v1/models"] and [path for path, _ in back.posts] == ["/v1/load_lora_adapter", "/v1/completions"]
+    back.close()
+    with pytest.raises(KdError, match="unreachable after 1 tries"):
+        engine.score(SEQUENCES[:1], STARTS[:1])
+    other = fakes("/models/other", name="student", port=first.port)
+    with pytest.raises(KdError, match=f"vLLM server {other.url} serves student or /models/other, not /models/student"):
+        engine.score(SEQUENCES[:1], STARTS[:1])
+    assert other.completions() == 0
+
+
+def test_errors_name_the_server_that_answered(fakes):
+    good, bad = fakes("teacher"), fakes("teacher", max_logprobs=0)
+    engine = vllm_engine([good.url, bad.url], "teacher", concurrency=1)
+    with pytest.raises(KdError) as err:
+        engine.score(SEQUENCES, STARTS, top_k=1)
+    assert str(err.value) == (f"vLLM server {bad.url}: scoring needs 1 prompt logprobs per position (score.top_k = 1), "
+                              "more than the server allows; restart it with --max-logprobs 1")
+    bad.max_logprobs, bad.malformed = 20, True
+    with pytest.raises(KdError) as err:
+        engine.score(SEQUENCES, STARTS)
+    assert str(err.value).startswith(f"vLLM server {bad.url}: malformed prompt_logprobs answer (")
 
 
 def test_every_server_down_is_one_line_naming_them_all(capsys):
@@ -267,7 +349,7 @@ def test_a_server_list_is_read_from_yaml_and_one_url_still_works():
     from kd.stages import config as config_lib
 
     listed = config_lib.load(None, ["score.engine.kind=vllm", "score.engine.server=[http://a:8001, http://b:8001/]"])
-    assert listed.score.engine.servers() == ["http://a:8001", "http://b:8001/"]
+    assert listed.score.engine.servers() == ["http://a:8001", "http://b:8001"]
     assert config_lib.to_yaml(listed).count("- http://") == 2  # written back as the list it was
     one = config_lib.load(None, ["score.engine.kind=vllm", "score.engine.server=http://a:8001"])
     assert one.score.engine.server == "http://a:8001" and one.score.engine.servers() == ["http://a:8001"]
@@ -276,6 +358,7 @@ def test_a_server_list_is_read_from_yaml_and_one_url_still_works():
 @pytest.mark.parametrize("override, message", [
     ("score.engine.server=[]", "config field score.engine.server: an empty list"),
     ("score.engine.server=[http://127.0.0.1:8001, http://127.0.0.1:8001]", "a URL is listed twice"),
+    ("score.engine.server=[http://127.0.0.1:8001, http://127.0.0.1:8001/]", "a URL is listed twice"),
     ("score.engine.server=127.0.0.1:8001", "'127.0.0.1:8001' is not an http:// or https:// URL"),
     ("score.engine.server=[8001]", "config field score.engine.server[0]: expected str, got 8001"),
 ])

@@ -182,6 +182,9 @@ class StandIn:
             return 404, {"error": path}
         if "input_ids" not in body:
             return 400, {"error": "input_ids is required"}
+        if body.get("lora_path") not in (None, *self.adapters):  # as tokenizer_manager.py refuses it
+            return 400, {"error": {"message": f"Got LoRA adapter that has never been loaded: {body['lora_path']}\n"
+                                              f"All loaded adapters: {self.adapters.keys()}."}}
         try:
             check_contract(body, self.source)
         except AssertionError as err:
@@ -318,6 +321,12 @@ def test_each_adapter_is_loaded_under_a_new_name_and_the_old_one_unloaded(stand_
     assert [path for path, _ in calls] == ["/load_lora_adapter", "/load_lora_adapter", "/unload_lora_adapter"]
     assert calls[0][1] != calls[1][1] and calls[2][1] == calls[0][1]  # the first epoch's adapter went
     assert [body["lora_path"] for path, body in server.requests if path == "/generate"] == [calls[0][1], calls[1][1]]
+    server.adapters.clear()  # the server restarted: it has never loaded kd's adapter, so kd loads it again
+    again = engine.sample([[1, 5, 9]], [3], params, adapters[1])
+    assert again[0].token_ids == got[0].token_ids and again[0].logprobs == got[0].logprobs
+    assert [path for path, _ in server.requests[-3:]] == ["/generate", "/load_lora_adapter", "/generate"]
+    reloaded = server.requests[-2][1]["lora_name"]
+    assert reloaded not in (calls[0][1], calls[1][1]) and server.requests[-1][1]["lora_path"] == reloaded
     server.adapters.clear()  # the server evicted it (--max-loaded-loras) or restarted: unloading is best effort
     engine.close()
     assert server.requests[-1][0] == "/unload_lora_adapter" and engine._adapters == {}
@@ -358,9 +367,9 @@ def test_a_server_that_is_down_refuses_or_answers_nonsense_fails_in_one_line(sta
         engine.sample([[1, 2, 3]], [0], SamplingParams(4), None)
     server.malformed = False
     with pytest.raises(KdError, match="HTTP 400: .*input_ids is required"):
-        engine._post("/generate", {"text": "re-tokenised text is what kd never sends"})
+        engine._request("POST", "/generate", {"text": "re-tokenised text is what kd never sends"})
     with pytest.raises(KdError, match="HTTP 404, no such endpoint; is this a SGLang server"):
-        engine._get("/v1/models")  # a vLLM server's endpoint: the wrong engine.kind for this server
+        engine._request("GET", "/v1/models")  # a vLLM server's endpoint: the wrong engine.kind for this server
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sglang") is None or not torch.cuda.is_available(),

@@ -8,6 +8,12 @@ taken one; a request that every server failed is tried again with exponential ba
 (engine.max_retries), then fails with one line naming the servers and the fix. Each try may take engine.request_timeout + engine.seconds_per_token
 x the request's tokens. Before its first request, a server's model is checked against the configured
 one (engine.served_model, else the model kd was given for that role): a mismatch fails in one line.
+
+A server that fails may come back restarted: with another model, without the adapters kd loaded
+there. So what kd knows of a server (its checked model, what it loaded there) is forgotten when it
+fails, and checked and loaded again when it next takes a request; a server that answers that it does
+not know what kd asked for by name (`lost`) has restarted between two requests: kd forgets what it
+knew of it and sends the request there once more, then fails over to another server.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import http.client
 import itertools
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -36,6 +43,19 @@ class Unreachable(Exception):
     """A try that another server, or a later try, may pass: no connection, HTTP 5xx, past its timeout."""
 
 
+class Lost(Unreachable):
+    """A server's answer that it does not know the model or adapter kd asked for: it restarted."""
+
+
+class Refused(KdError):
+    """A server's HTTP 4xx: the request is wrong there, and retrying cannot help. `url`: that server;
+    `detail`: its reason."""
+
+    def __init__(self, message: str, url: str, detail: str):
+        super().__init__(message)
+        self.url, self.detail = url, detail
+
+
 def same_model(served: str, configured: str) -> bool:
     """Whether a server's model (a name or path it reports) is the configured one: the same directory
     however written (relative to kd's working directory, absolute, through a link), else the same name
@@ -48,19 +68,21 @@ def same_model(served: str, configured: str) -> bool:
 
 class ServerClient:
     """`server_name` (e.g. "vLLM server") and `start_hint` (how to start one) word its errors;
-    `info_path` is where a server says which model it serves, read by the subclass's `_served_models`."""
+    `info_path` is where a server says which model it serves, read by the subclass's `_served_models`;
+    `lost`: a pattern of what a 4xx answer says when the server does not know the model or adapter
+    asked for (it restarted since kd loaded it)."""
 
     server_name = "server"
     start_hint = "start it"
     info_path: str
+    lost: str
 
     def __init__(self, engine: EngineConfig, model: str):
         """`model`: the model kd was configured with for this role (teacher or student), which every
         server must serve, unless engine.served_model names what they serve. The first server that
         answers is checked now, the others before their first request."""
         self.engine = engine
-        self.urls = [url.rstrip("/") for url in engine.servers()]
-        self.url = ", ".join(self.urls)  # the servers, as errors name them
+        self.urls = engine.servers()
         self.expected = engine.served_model or model
         self.served: dict[str, str] = {}  # url -> the name its (checked) model is asked for by
         self._turns = itertools.count()
@@ -68,20 +90,25 @@ class ServerClient:
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._url_locks = {url: threading.Lock() for url in self.urls}
-        self._get(self.info_path)
+        # url -> how many times kd forgot what it knew of it: a request that failed forgets what kd knew
+        # when it was sent, not what a concurrent request has checked and loaded there since
+        self._forgotten = dict.fromkeys(self.urls, 0)
+        self._at_a_server(self.info_path, lambda url: None)  # the model check reads info_path: nothing more to ask
 
     def _served_models(self, info: dict) -> list[tuple[str, list[str]]]:
         """From the answer at `info_path`: each model served, as (the name requests ask it by, every
         name and path it is known by)."""
         raise NotImplementedError
 
-    def _check_model(self, url: str) -> None:
-        """Refuse a server that serves another model than the configured one (once per server)."""
-        if url in self.served:
-            return
+    def _check_model(self, url: str) -> str:
+        """The name server `url`'s model is asked for by; refuse a server that serves another model than
+        the configured one (checked once until kd forgets the server)."""
+        served = self.served.get(url)
+        if served is not None:
+            return served
         with self._url_locks[url]:
             if url in self.served:
-                return
+                return self.served[url]
             info = self._send(url, "GET", self.info_path, None, True, self.engine.request_timeout)
             try:
                 models = self._served_models(info)
@@ -90,7 +117,7 @@ class ServerClient:
             for asked_by, names in models:
                 if any(same_model(name, self.expected) for name in names):
                     self.served[url] = asked_by
-                    return
+                    return asked_by
             shown = " or ".join(dict.fromkeys(name for _, names in models for name in names)) or "no model"
             which = "engine.served_model" if self.engine.served_model else "the configured model"
             raise KdError(
@@ -109,11 +136,13 @@ class ServerClient:
             return json.loads(payload) if expect_json else payload.decode(errors="replace")
         except urllib.error.HTTPError as err:
             detail = " ".join(err.read().decode(errors="replace").split())[:300]
+            if err.code < 500 and re.search(self.lost, detail):
+                raise Lost(f"HTTP {err.code}: {detail}") from None
             if err.code == 404:  # no such endpoint: another kind of server (or none) answers there
-                raise KdError(f"{self.server_name} {url}{path}: HTTP 404, no such endpoint; is this a "
-                              f"{self.server_name}? Check engine.kind and engine.server") from None
+                raise Refused(f"{self.server_name} {url}{path}: HTTP 404, no such endpoint; is this a "
+                              f"{self.server_name}? Check engine.kind and engine.server", url, detail) from None
             if err.code < 500:  # the request is wrong: retrying cannot help
-                raise KdError(f"{self.server_name} {url}{path}: HTTP {err.code}: {detail}") from None
+                raise Refused(f"{self.server_name} {url}{path}: HTTP {err.code}: {detail}", url, detail) from None
             raise Unreachable(f"HTTP {err.code}: {detail}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as err:
             raise Unreachable(str(getattr(err, "reason", err)) or type(err).__name__) from None
@@ -137,21 +166,47 @@ class ServerClient:
         print(f"kd: warning: {self.server_name} {url} failed ({why}); the other servers take its requests, and it "
               f"is tried again after {DOWN_SECONDS:.0f} s", file=sys.stderr)
 
-    def _request(self, method: str, path: str, body: dict | Callable[[str], dict] | None = None, tokens: int = 0):
-        """`body`: a dict, or a function of a server's URL giving the body for that server (one that names
-        what that server has loaded); `tokens`: the ids sent plus the new tokens asked for, which lengthen
-        each try's timeout by engine.seconds_per_token apiece. Every server is tried engine.max_retries + 1
-        times at most."""
-        retries = self.engine.max_retries
+    def _forget(self, url: str) -> None:
+        """Drop what kd knows of server `url`: its checked model (subclasses: what kd loaded there)."""
+        self.served.pop(url, None)
+
+    def _try(self, url: str, send: Callable[[str], object]):
+        """send(url) after the model check; what kd knew of the server is forgotten if it fails."""
+        forgotten = self._forgotten[url]
+        try:
+            self._check_model(url)
+            return send(url)
+        except Unreachable:
+            with self._url_locks[url]:
+                if self._forgotten[url] == forgotten:
+                    self._forgotten[url] += 1
+                    self._forget(url)
+            raise
+
+    def _request(self, method: str, path: str, body: dict | Callable[[str], dict] | None = None,
+                 tokens: int = 0) -> tuple[str, dict]:
+        """The server that answered, and its answer. `body`: a dict, or a function of a server's URL
+        giving the body for that server (one that names what that server has loaded); `tokens`: the ids
+        sent plus the new tokens asked for, which lengthen each try's timeout by engine.seconds_per_token
+        apiece."""
         timeout = self.engine.request_timeout + tokens * self.engine.seconds_per_token
+        return self._at_a_server(
+            path, lambda url: self._send(url, method, path, body(url) if callable(body) else body, True, timeout))
+
+    def _at_a_server(self, path: str, send: Callable[[str], object]) -> tuple[str, object]:
+        """send(url) at the servers in turn until one answers: that server and its answer. Every server
+        is tried engine.max_retries + 1 times at most; `path` names the request in errors."""
+        retries = self.engine.max_retries
         failures: dict[str, str] = {}
         for attempt in range(retries + 1):
             if attempt:
                 time.sleep(min(2 ** attempt * 0.5, 30))
             for url in self._in_turn():
                 try:
-                    self._check_model(url)
-                    answer = self._send(url, method, path, body(url) if callable(body) else body, True, timeout)
+                    try:
+                        answer = self._try(url, send)
+                    except Lost:  # restarted since kd's last request there: checked and loaded again, sent again
+                        answer = self._try(url, send)
                 except Unreachable as err:
                     failures[url] = str(err)
                     self._failed_at[url] = time.monotonic()
@@ -160,7 +215,7 @@ class ServerClient:
                 for failed, why in failures.items():
                     if failed != url:
                         self._warn(failed, why)
-                return answer
+                return url, answer
         fix = f"check that {self.start_hint} runs there" + (
             " (or, if it is only slow, raise engine.seconds_per_token or engine.request_timeout)"
             if any("timed out" in why for why in failures.values()) else "") + ", then re-run the same command"
@@ -170,12 +225,6 @@ class ServerClient:
         raise KdError(f"{self.server_name}s {', '.join(self.urls)} ({path}): every one unreachable after {retries + 1} "
                       f"tries each ({'; '.join(f'{url}: {why}' for url, why in failures.items())}); {fix}")
 
-    def _get(self, path: str) -> dict:
-        return self._request("GET", path)
-
-    def _post(self, path: str, body: dict) -> dict:
-        return self._request("POST", path, body)
-
     def _post_each(self, path: str, items: list, body: Callable, parse: Callable, what: str,
                    progress: Callable[[int], None] | None = None, new_tokens: int = 0) -> list:
         """POST body(item, url) to `path` at one of the servers for every item, engine.concurrency at a
@@ -183,11 +232,11 @@ class ServerClient:
         line naming `what` it was. `items`: tuples whose first element is the token ids sent, asking
         for `new_tokens` more (together they set the timeout)."""
         def one(item):
-            answer = self._request("POST", path, lambda url: body(item, url), tokens=len(item[0]) + new_tokens)
+            url, answer = self._request("POST", path, lambda url: body(item, url), tokens=len(item[0]) + new_tokens)
             try:
                 return parse(item, answer)
             except (KeyError, IndexError, TypeError, ValueError) as err:
-                raise KdError(f"{self.server_name} {self.url}: malformed {what} ({err})") from None
+                raise KdError(f"{self.server_name} {url}: malformed {what} ({err})") from None
 
         with ThreadPoolExecutor(self.engine.concurrency) as pool:
             results = []

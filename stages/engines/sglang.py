@@ -157,14 +157,15 @@ class SGLangServerEngine(ServerClient):
     server_name = "SGLang server"
     start_hint = "`python -m sglang.launch_server`"
     info_path = "/model_info"
+    lost = r"LoRA adapter that has never been loaded"  # HTTP 400 (managers/tokenizer_manager.py, _resolve_lora_path)
 
     def __init__(self, engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int],
                  vocab_size: int | None = None, student_rows: int | None = None):
-        super().__init__(engine, model_path)
-        self.stop_token_ids = list(stop_token_ids)
-        self.vocab_size, self.student_rows = vocab_size, student_rows
         self._adapters: dict[str, tuple[Path, str]] = {}  # server -> the adapter loaded there now, and its name
         self._seeded: set[str] = set()  # servers whose /server_info said that sampling_seed is honoured
+        super().__init__(engine, model_path)  # (which may forget a server that fails: those must exist)
+        self.stop_token_ids = list(stop_token_ids)
+        self.vocab_size, self.student_rows = vocab_size, student_rows
 
     def _served_models(self, info: dict) -> list[tuple[str, list[str]]]:
         """SGLang's /model_info (http_server.py, 0.5.23): `model_path` (--model-path) and
@@ -177,6 +178,11 @@ class SGLangServerEngine(ServerClient):
         evicted it already)."""
         for url in list(self._adapters):
             self._unload(url)
+
+    def _forget(self, url: str) -> None:
+        super()._forget(url)
+        self._adapters.pop(url, None)
+        self._seeded.discard(url)
 
     def _unload(self, url: str) -> None:
         name = self._adapters.pop(url)[1]

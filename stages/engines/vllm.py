@@ -52,7 +52,7 @@ import numpy as np
 
 from kd.stages.config import EngineConfig
 from kd.stages.engines.base import Completion, SamplingParams, Scores, output_rows, student_top_k, top_k_asked, top_k_rows
-from kd.stages.engines.http import ServerClient
+from kd.stages.engines.http import Refused, ServerClient
 from kd.stages.errors import KdError
 
 
@@ -249,13 +249,14 @@ class VLLMServerEngine(ServerClient):
     server_name = "vLLM server"
     start_hint = "`vllm serve`"
     info_path = "/v1/models"
+    lost = r"The model `[^`]*` does not exist"  # HTTP 404 (entrypoints/openai/models/serving.py, check_model)
 
     def __init__(self, engine: EngineConfig, model_path: str, stop_token_ids: Sequence[int],
                  model_rows: int | None = None, student_rows: int | None = None):
-        super().__init__(engine, model_path)
+        self._loaded: dict[tuple[str, Path], str] = {}  # (server, adapter directory) -> its name there
+        super().__init__(engine, model_path)  # (which may forget a server that fails: _loaded must exist)
         self.stop_token_ids = list(stop_token_ids)
         self.model_rows, self.student_rows = model_rows, student_rows
-        self._loaded: dict[tuple[str, Path], str] = {}  # (server, adapter directory) -> its name there
 
     def _served_models(self, info: dict) -> list[tuple[str, list[str]]]:
         """vLLM's /v1/models lists each served name as an entry: `id` (a --served-model-name, else the
@@ -265,19 +266,25 @@ class VLLMServerEngine(ServerClient):
     def close(self) -> None:
         """Nothing to release: the servers outlive kd (their adapters stay loaded under their names)."""
 
+    def _forget(self, url: str) -> None:
+        super()._forget(url)
+        for key in [key for key in self._loaded if key[0] == url]:
+            del self._loaded[key]
+
     def _model_for(self, url: str, adapter: Path | None) -> str:
         """The `model` that asks server `url` for the base model or `adapter`, loaded there first if new."""
         if adapter is None:
-            return self.served[url]
+            return self._check_model(url)
         adapter = Path(adapter).resolve()
         with self._url_locks[url]:
-            if (url, adapter) not in self._loaded:
+            name = self._loaded.get((url, adapter))
+            if name is None:
                 name = f"kd-{adapter.parent.parent.name}-{adapter.parent.name}-{time.time_ns()}"
                 # vLLM answers this one in plain text ("Success: LoRA adapter ... added successfully.")
                 self._send(url, "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter)},
                            False, self.engine.request_timeout)
                 self._loaded[url, adapter] = name
-        return self._loaded[url, adapter]
+        return name
 
     def sample(self, prompts, seeds, params: SamplingParams, adapter: Path | None, progress=None) -> list[Completion]:
         def body(item, url) -> dict:
@@ -305,7 +312,7 @@ class VLLMServerEngine(ServerClient):
         asked = top_k_asked(top_k, self.model_rows, self.student_rows)
 
         def body(item, url) -> dict:
-            return {"model": self.served[url], "prompt": list(item[0]), "max_tokens": 1, "temperature": 1.0,
+            return {"model": self._model_for(url, None), "prompt": list(item[0]), "max_tokens": 1, "temperature": 1.0,
                     "prompt_logprobs": asked}
 
         def parse(item, answer) -> Scores:
@@ -322,12 +329,12 @@ class VLLMServerEngine(ServerClient):
         try:
             return self._post_each("/v1/completions", list(zip(sequences, prompt_lengths)), body, parse,
                                    "prompt_logprobs answer", progress, 1)
-        except KdError as err:
-            if "greater than max allowed" not in str(err):
+        except Refused as err:
+            if "greater than max allowed" not in err.detail:
                 raise
             why = f"score.top_k = {top_k}" + (f" plus the {asked - top_k} rows of the teacher that the student has not"
                                                if asked > top_k else "")
-            raise KdError(f"{self.server_name} {self.url}: scoring needs {asked} prompt logprobs per position ({why}), "
+            raise KdError(f"{self.server_name} {err.url}: scoring needs {asked} prompt logprobs per position ({why}), "
                           f"more than the server allows; restart it with --max-logprobs {asked}") from None
 
 

@@ -32,7 +32,10 @@ def options(no_verify: bool = typer.Option(False, "--no-verify", help="Do not re
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: the run's config.yaml, else configs/toy.yaml).")
-SetOpt = typer.Option(None, "--set", "-s", help="Override a config field, e.g. --set train.learning_rate=1e-4 (repeatable).")
+SetOpt = typer.Option(None, "--set", "-s", help=(
+    "Override a config field, e.g. --set train.learning_rate=1e-4 (repeatable). Every field (keep_epochs, "
+    "report_to, max_staleness, score.engine.server, slurm.train.nodes, ...) is documented in the README and in "
+    "kd/stages/config.py (installed as kd.stages.config); a mistyped field's error names the closest one."))
 RunOpt = typer.Option(None, "--run", help="Run id (overrides run_id in the config).")
 EpochOpt = typer.Option(..., "--epoch", "-e", min=0, help="Epoch whose datasets the stage reads and writes.")
 ShardOpt = typer.Option(None, "--shard", min=0, help=(

@@ -743,7 +743,7 @@ def apply_override(data: dict, override: str) -> None:
 
 
 # Sections that appear in several places, and the field prefix their own checks name.
-GENERIC_PREFIX = {EngineConfig: "engine.", TeacherConfig: "score.teachers.<name>."}
+GENERIC_PREFIX = {EngineConfig: "engine.", TeacherConfig: "score.teachers.<name>.", SlurmJob: "slurm.<stage>."}
 
 
 def build(cls: type, data: Any, where: str):
@@ -795,7 +795,7 @@ def convert(hint: Any, value: Any, name: str) -> Any:
         return {k: convert(args[1], v, f"{name}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
-            raise KdError(f"config field {name}: expected a list, got {value!r}")
+            raise KdError(f"config field {name}: expected a list, got {value!r}; write a YAML list, e.g. --set '{name}=[{value}]'")
         return [convert(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

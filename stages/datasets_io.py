@@ -212,6 +212,12 @@ def pruned_record(directory: Path) -> dict | None:
     return record.get(Path(directory).name) if isinstance(record, dict) else None
 
 
+def pruned_message(directory: Path) -> str:
+    return (f"{directory}: removed by retention (keep_epochs; recorded in {Path(directory).parent / PRUNED}) once "
+            "every stage of the run that reads it had finished; what needs it again needs a run that keeps it "
+            "(a larger keep_epochs, or 0 to keep every epoch)")
+
+
 def is_complete(directory: Path) -> bool:
     """The stage writing `directory` finished: its manifest is there, or retention has since removed
     the dataset (pruned_record), so no stage redoes it."""
@@ -222,9 +228,7 @@ def require(directory: Path, kind: DatasetKind, hint: str) -> dict:
     """The manifest of an input dataset, or a one-line error saying what to run first."""
     manifest = read_manifest(directory)
     if manifest is None and pruned_record(directory) is not None:
-        raise KdError(f"{directory}: removed by retention (keep_epochs; recorded in {Path(directory).parent / PRUNED}) "
-                      "once every stage of the run that reads it had finished; what needs it again needs a run "
-                      "that keeps it (a larger keep_epochs, or 0 to keep every epoch)")
+        raise KdError(pruned_message(directory))
     if manifest is None:
         raise KdError(missing_message(Path(directory), kind.name) or f"{directory}: no complete {kind.name} dataset here; {hint}")
     if manifest["kind"] != kind.name:
@@ -263,6 +267,8 @@ def read_parts(directory: Path, kind: DatasetKind, parts: list[str]) -> pa.Table
 
 def kind_of(directory: Path) -> DatasetKind:
     manifest = read_manifest(directory)
+    if manifest is None and pruned_record(directory) is not None:
+        raise KdError(pruned_message(directory))
     if manifest is None or manifest["kind"] not in KINDS:
         raise KdError(f"{directory}: not a complete kd dataset (no valid {MANIFEST})")
     return KINDS[manifest["kind"]]

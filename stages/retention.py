@@ -21,7 +21,6 @@ stage command (hence each Slurm job) after it finishes.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -29,8 +28,7 @@ from pathlib import Path
 
 from kd.stages import datasets_io, locks, pipeline
 from kd.stages.config import Config
-
-log = logging.getLogger(__name__)
+from kd.stages.progress import console
 
 
 def prune(config: Config) -> list[Path]:
@@ -53,6 +51,12 @@ def prune(config: Config) -> list[Path]:
             outputs = [stage.output for stage in candidates if prunable(config, epoch, stage)]
             if outputs:
                 removed += remove(config, epoch, outputs)
+    if removed:
+        freed = sum(datasets_io.pruned_record(path)["bytes"] for path in removed)
+        epochs_removed = sorted({path.parent.name for path in removed})
+        console.print(f"retention (keep_epochs {config.keep_epochs}): removed {len(removed)} datasets of {config.run_dir}, "
+                      f"epochs {epochs_removed[0]}..{epochs_removed[-1]}, {freed / 2**20:.1f} MiB (recorded in each "
+                      f"epoch's {datasets_io.PRUNED})")
     return removed
 
 
@@ -94,6 +98,4 @@ def remove(config: Config, epoch: int, outputs: list[str]) -> list[Path]:
         out.rename(doomed)  # atomic: no reader ever sees a half-deleted dataset under its name
         shutil.rmtree(doomed, ignore_errors=True)  # what is left, the next prune removes
         removed.append(out)
-    if removed:
-        log.info("retention: removed %s", ", ".join(str(path) for path in removed))
     return removed

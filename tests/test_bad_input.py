@@ -345,7 +345,7 @@ CASES = [
      lambda tmp: ["slurm", "--run", "base", "--dry-run", "--set", "slurm.score.nodes=2"],
      "slurm.score.nodes: must be 1: only train runs on several nodes (score scales out as array tasks: slurm.score.tasks)"),
     ("no Slurm nodes for train", lambda tmp: ["slurm", "--run", "base", "--dry-run", "--set", "slurm.train.nodes=0"],
-     "slurm.<stage>.nodes: must be > 0"),
+     "slurm.train.nodes: must be > 0"),
     ("status of a directory that is not a run", lambda tmp: ["status", str(tmp)], "not a kd run (no config.yaml)"),
     ("prompt routed to no teacher", routed_to_no_teacher, "routed.jsonl:2: field domain: 'math' names no teacher; score.teachers has code"),
     ("teachers without a routing field", lambda tmp: fresh("score", "--set", "score.teachers={code: {model: m}}"),

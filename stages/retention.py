@@ -41,7 +41,7 @@ def prune(config: Config) -> list[Path]:
     newest = next((e for e in epochs if datasets_io.is_complete(pipeline.stage_dir(config, e, pipeline.EXPORT_LORA.output))), None)
     if newest is None:
         return []
-    removed = []
+    removed, freed = [], 0
     with locks.named(config.run_dir, "retention"):  # stage commands of one run (Slurm jobs) prune side by side
         for epoch in (e for e in epochs if e <= newest - config.keep_epochs):
             candidates = [stage for stage in pipeline.EPOCH if not kept_for_good(config, epoch, stage)
@@ -50,9 +50,9 @@ def prune(config: Config) -> list[Path]:
             # may finish after later epochs, so an older adapter can become prunable last.
             outputs = [stage.output for stage in candidates if prunable(config, epoch, stage)]
             if outputs:
-                removed += remove(config, epoch, outputs)
+                paths, size = remove(config, epoch, outputs)
+                removed, freed = removed + paths, freed + size
     if removed:
-        freed = sum(datasets_io.pruned_record(path)["bytes"] for path in removed)
         epochs_removed = sorted({path.parent.name for path in removed})
         console.print(f"retention (keep_epochs {config.keep_epochs}): removed {len(removed)} datasets of {config.run_dir}, "
                       f"epochs {epochs_removed[0]}..{epochs_removed[-1]}, {freed / 2**20:.1f} MiB (recorded in each "
@@ -76,7 +76,8 @@ def prunable(config: Config, epoch: int, stage: pipeline.Stage) -> bool:
                for e, reader in pipeline.readers_of(config, epoch, stage.output))
 
 
-def remove(config: Config, epoch: int, outputs: list[str]) -> list[Path]:
+def remove(config: Config, epoch: int, outputs: list[str]) -> tuple[list[Path], int]:
+    """Record, then delete, datasets `outputs` of `epoch`: the directories removed and their bytes."""
     record_path = config.run_dir / f"{epoch:04d}" / datasets_io.PRUNED
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     for output in outputs:
@@ -98,4 +99,4 @@ def remove(config: Config, epoch: int, outputs: list[str]) -> list[Path]:
         out.rename(doomed)  # atomic: no reader ever sees a half-deleted dataset under its name
         shutil.rmtree(doomed, ignore_errors=True)  # what is left, the next prune removes
         removed.append(out)
-    return removed
+    return removed, sum(record[output]["bytes"] for output in outputs)

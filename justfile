@@ -88,9 +88,12 @@ bad-inputs:
 
 # The real world (SmolLM2-135M-Instruct teaches a pruned copy of itself on HumanEval prompts), built offline, then its loop.
 [positional-arguments]
-real *args:
-    kd real -c configs/smollm2-humaneval.yaml
+real *args: real-world
     kd loop -c configs/smollm2-humaneval.yaml "$@"
+
+# The real world alone: SmolLM2-135M-Instruct, its pruned student, HumanEval prompts (skipped when built).
+real-world:
+    kd real -c configs/smollm2-humaneval.yaml
 
 # Real world: held-out reverse KL vs loop time, stage wall time and peak memory, sampled token vs top-32 -> bench/results/real.md
 [positional-arguments]
@@ -123,5 +126,5 @@ bench-stability *args: toy
 
 # Disk per epoch of the real world, keeping everything vs keep_epochs 1 -> bench/results/retention.md
 [positional-arguments]
-bench-retention *args: real
+bench-retention *args: real-world
     python bench/retention.py "$@"

@@ -87,23 +87,25 @@ def run(world: str, name: str, seed: int, epochs: int, eval_every: int, bench: s
 def markdown(world: str, result: dict, epochs: int) -> str:
     rows = result["runs"]
     reference = statistics.mean(r["epoch_seconds"] for r in rows["synchronous, 2 cores"])
-    single = statistics.mean(r["epoch_seconds"] for r in rows["synchronous, 1 core"])
+    single = (statistics.mean(r["epoch_seconds"] for r in rows["synchronous, 1 core"])
+              if "synchronous, 1 core" in rows else None)
     evals = [point["epoch"] for point in rows["synchronous, 2 cores"][0]["curve"]]
     lines = [
-        f"# Overlapped loop vs synchronous ({world} world, {epochs} epochs, seeds {result['seeds']})",
+        f"# Overlapped loop vs synchronous ({world} world, {epochs} epochs)",
         "",
         f"Machine: {result['machine']}. `python bench/overlap.py --world {world}`; each run alone on the machine.",
         "",
-        "| setting | epoch wall s (median) | vs sync 2 cores | vs sync 1 core | loop wall s | "
+        "| setting | seeds | epoch wall s (median) | vs sync 2 cores | vs sync 1 core | loop wall s | "
         + " | ".join(f"held-out KL @{e}" for e in evals) + " | grad_norm max / median | ratio max | IS weight max | IS corrected |",
-        "|---|---|---|---|---|" + "---|" * len(evals) + "---|---|---|---|",
+        "|---|---|---|---|---|---|" + "---|" * len(evals) + "---|---|---|---|",
     ]
     for name, runs in rows.items():
         epoch = statistics.mean(r["epoch_seconds"] for r in runs)
         kls = [[point["heldout_reverse_kl"] for point in r["curve"]] for r in runs]
         cells = [" / ".join(f"{kl[i]:.4f}" for kl in kls) for i in range(len(evals))]
         lines.append(
-            f"| {name} | {epoch:.2f} | {epoch / reference:.2f}x | {epoch / single:.2f}x | "
+            f"| {name} | {', '.join(str(r['seed']) for r in runs)} | {epoch:.2f} | {epoch / reference:.2f}x | "
+            f"{f'{epoch / single:.2f}x' if single else 'not run'} | "
             f"{statistics.mean(r['wall_seconds'] for r in runs):.0f} | " + " | ".join(cells)
             + f" | {max(r['grad_norm_max_over_median'] for r in runs):.2f} | {max(r['ratio_max'] for r in runs):.2f} | "
             f"{max(r['is_weight_max'] for r in runs):.2f} | {statistics.mean(r['is_corrected_fraction'] for r in runs):.2%} |")
@@ -123,11 +125,17 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     args = parser.parse_args()
     name = "overlap" if args.world == "toy" else f"overlap-{args.world}"
-    earlier = RESULTS / f"{name}.json"  # settings not re-run keep their earlier runs
-    runs = json.loads(earlier.read_text())["runs"] if earlier.is_file() and len(args.settings) < len(SETTINGS) else {}
+    earlier = RESULTS / f"{name}.json"  # settings not re-run keep their earlier runs of the same length
+    kept = json.loads(earlier.read_text()) if earlier.is_file() and len(args.settings) < len(SETTINGS) else {}
+    same = (kept.get("epochs"), kept.get("eval_every")) == (args.epochs, args.eval_every)
+    # Settings may differ in seeds (a speed-only reference run once), so each row names its own.
+    runs = kept["runs"] if kept and same else {}
     runs.update({setting: [run(args.world, setting, seed, args.epochs, args.eval_every) for seed in args.seeds]
                  for setting in args.settings})
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "seeds": args.seeds, "epochs": args.epochs,
+    if "synchronous, 2 cores" not in runs:
+        raise SystemExit("bench/overlap.py: the reference setting 'synchronous, 2 cores' has no runs of this length; "
+                         "include it in --settings")
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "epochs": args.epochs, "eval_every": args.eval_every,
               "runs": runs, "curves": {setting: mean_curve([r["curve"] for r in rs]) for setting, rs in runs.items()}}
     save_results(RESULTS, name, result, markdown(args.world, result, args.epochs))
 

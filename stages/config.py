@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import types
 import typing
@@ -163,6 +164,12 @@ TEMPLATE_ARGUMENTS = ("messages", "conversation", "add_generation_prompt", "cont
                       "return_dict", "return_tensors", "padding", "truncation", "max_length", "tools", "documents")
 
 
+def _check_assistant_prefix(prefix: str, field_name: str) -> None:
+    # YAML keeps \n literal in single quotes and in a --set value the shell stripped of its double quotes.
+    _check("\\n" not in prefix, field_name, f"{json.dumps(prefix)} holds a backslash and n, not a newline; write it in "
+           'double quotes: assistant_prefix: "<think>\\n" (in YAML), --set \'score.assistant_prefix="<think>\\n"\'')
+
+
 def _check_template_kwargs(kwargs: dict[str, Any], field_name: str) -> None:
     taken = sorted(set(kwargs) & set(TEMPLATE_ARGUMENTS))
     _check(not taken, field_name, f"{', '.join(taken)} is set by kd itself; give only the template's own variables, "
@@ -206,7 +213,8 @@ class TeacherConfig:
     """A teacher of score.teachers. The prompts whose score.route_by field names it are scored by it.
 
     model: its model directory or hub id (its vocabulary must be the student's, as for `teacher`).
-    engine, chat_template_kwargs, replica: as score.engine, score.chat_template_kwargs, score.replica.
+    engine, chat_template_kwargs, assistant_prefix, replica: as score.engine, score.chat_template_kwargs,
+        score.assistant_prefix, score.replica.
     kl_weight: multiplies train.kl_coef in the advantage of the samples it scores.
     """
 
@@ -215,11 +223,13 @@ class TeacherConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     replica: EngineConfig | None = retunable(None)
     kl_weight: float = 1.0
+    assistant_prefix: str = ""
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "score.teachers.<name>.model", "set the teacher's model directory or hub id")
         _check(self.kl_weight >= 0, "score.teachers.<name>.kl_weight", "must be >= 0")
         _check_template_kwargs(self.chat_template_kwargs, "score.teachers.<name>.chat_template_kwargs")
+        _check_assistant_prefix(self.assistant_prefix, "score.teachers.<name>.assistant_prefix")
 
 
 DEFAULT_TEACHER = "default"  # the name of `teacher` (with score.engine, ...) among the routed teachers
@@ -241,6 +251,15 @@ class ScoreConfig:
     chat_template_kwargs: extra variables of the teacher's chat template. A `messages` prompt reaches
         the teacher rendered by the teacher's own template with these (e.g. {enable_thinking: false}
         for Qwen3-32B's non-thinking format), followed by the student's completion token ids.
+    assistant_prefix: text after the teacher's generation prompt, before the student's completion: the
+        opening of the assistant's turn that the student's generation prompt already holds and the
+        teacher's template leaves to the model. A thinking student whose template opens the reasoning
+        block (Qwen3-4B-Thinking-2507: `<|im_start|>assistant\n<think>\n`; its completions hold only
+        `</think>`) scored by a hybrid teacher (Qwen3-32B: `<|im_start|>assistant\n`) needs "<think>\n",
+        or the teacher scores a reasoning block without its opening tag. Empty: nothing appended. kd
+        warns, naming the value, when the teacher's generation prompt plus this does not end as the
+        student's (skipped for a template whose generation prompt cannot be told apart). Plain
+        `prompt` rows reach the teacher as the student's ids, without it.
     replica: a second engine of the same teacher (typically another server: {kind: vllm, server:
         http://...}) that the self-check compares with; empty: the self-check scores twice with `engine`.
     kl_weight: multiplies train.kl_coef in the advantage of the samples the default teacher scores.
@@ -264,6 +283,7 @@ class ScoreConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     replica: EngineConfig | None = retunable(None)
     kl_weight: float = 1.0
+    assistant_prefix: str = ""
     route_by: str = ""
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     self_check: int = retunable(2)
@@ -272,6 +292,7 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         _check(self.top_k >= 0, "score.top_k", "must be >= 0 (0: off)")
         _check_template_kwargs(self.chat_template_kwargs, "score.chat_template_kwargs")
+        _check_assistant_prefix(self.assistant_prefix, "score.assistant_prefix")
         _check(self.kl_weight >= 0, "score.kl_weight", "must be >= 0")
         _check(self.self_check >= 0, "score.self_check", "must be >= 0 (0: off)")
         _check(self.self_check_tolerance > 0, "score.self_check_tolerance", "must be > 0")
@@ -501,8 +522,9 @@ class OverlapConfig:
     when max_staleness >= 1. None of it changes results (the datasets are the same whatever runs when).
 
     sampler_threads, trainer_threads: torch CPU threads of each side (0: half of the cores each).
-    sampler_devices: CUDA_VISIBLE_DEVICES of the sampling side, e.g. "1" or "1,2" (empty: the same
-        GPUs as the trainer). The two sides are two processes that do not put each other's engines to
+    sampler_devices: the GPUs of the sampling side, e.g. "1" or "1,2", counted among those the loop
+        sees (its CUDA_VISIBLE_DEVICES, as Slurm sets it; empty: the same GPUs as the trainer). The
+        two sides are two processes that do not put each other's engines to
         sleep: on one GPU, size an in-process engine's gpu_memory_utilization to leave the trainer
         its share, or give the sides different GPUs.
     """
@@ -688,7 +710,8 @@ class Config:
         by name: the order of the scored dataset's shards (kd.stages.score), which reordering the YAML
         (the fingerprint does not see it) must not change."""
         score = self.score
-        default = TeacherConfig(self.teacher, score.engine, score.chat_template_kwargs, score.replica, score.kl_weight)
+        default = TeacherConfig(model=self.teacher, engine=score.engine, chat_template_kwargs=score.chat_template_kwargs,
+                                replica=score.replica, kl_weight=score.kl_weight, assistant_prefix=score.assistant_prefix)
         return {DEFAULT_TEACHER: default, **dict(sorted(score.teachers.items()))}
 
     def to_dict(self) -> dict[str, Any]:

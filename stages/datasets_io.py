@@ -283,7 +283,11 @@ def built_world(record: Path, config: dict, what: str, dir_field: str) -> dict |
         return None
     report = json.loads(record.read_text())
     if report["config"] != config:
-        raise KdError(f"{record.parent}: a {what} built from another config is there; delete it or pick another {dir_field}")
+        keys = [key for key in sorted(set(report["config"]) | set(config)) if report["config"].get(key) != config.get(key)]
+        differ = ", ".join(f"{key} {json.dumps(report['config'].get(key))} -> {json.dumps(config.get(key))}" for key in keys)
+        older = "; format: built by another version of kd" if "format" in keys else ""
+        raise KdError(f"{record.parent}: a {what} built from another config is there ({differ}{older}); delete it to "
+                      f"build it anew, or pick another {dir_field}")
     return report
 
 

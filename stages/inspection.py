@@ -15,6 +15,7 @@ import polars as pl
 from kd.stages import datasets_io
 from kd.stages.errors import KdError
 from kd.stages.progress import console
+from kd.stages.session import prefix_advice
 
 
 def run(path: Path, samples: int = 3) -> dict:
@@ -54,6 +55,8 @@ def run(path: Path, samples: int = 3) -> dict:
             console.print("the first chat prompt as each model sees it:", markup=False)
             for role in ("student", "teacher"):
                 console.print(f"  {role}: {probe[role]!r}", markup=False)
+            if (check := probe.get("prefix_check")) and check["expected"] != check["assistant_prefix"]:
+                console.print(f"  warning: {prefix_advice(check)}", markup=False)
         rewarded = "reward" in kind.schema.names
         shown = frame.select("prompt_id", "sample_index", "teacher", "completion_text",
                              *(["reward"] if rewarded else [])).head(samples).collect()

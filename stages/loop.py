@@ -101,6 +101,7 @@ def overlapped(config: Config, session: Session) -> None:
                 sides[bool(stage.engines)].append((epoch, stage))
     sampling, training = sides[True], sides[False]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    devices = visible_devices(config.overlap.sampler_devices)
     sampler_threads = config.overlap.sampler_threads or max(1, cores // 2)
     trainer_threads = config.overlap.trainer_threads or max(1, cores - cores // 2)
     import torch
@@ -108,9 +109,9 @@ def overlapped(config: Config, session: Session) -> None:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(trainer_threads)
     console.print(f"overlapped loop (max_staleness {config.max_staleness}): sampling side {sampler_threads} threads"
-                  + (f", GPUs {config.overlap.sampler_devices}" if config.overlap.sampler_devices else "")
+                  + (f", GPUs {devices} (CUDA_VISIBLE_DEVICES)" if devices else "")
                   + f"; training side {trainer_threads} threads")
-    side = SamplingSide(config, sampler_threads, config.overlap.sampler_devices, sampling)
+    side = SamplingSide(config, sampler_threads, devices, sampling)
     epoch_started = time.time()
     try:
         while training or side.pending:
@@ -134,6 +135,22 @@ def overlapped(config: Config, session: Session) -> None:
     finally:
         side.close()
         torch.set_num_threads(threads_before)
+
+
+def visible_devices(indices: str, visible: str | None = None) -> str:
+    """CUDA_VISIBLE_DEVICES for the sampling side: overlap.sampler_devices `indices` ("1,2") count
+    among the GPUs this process sees (`visible`: the CUDA_VISIBLE_DEVICES it has, as Slurm sets it to
+    the job's GPUs; None: read it from the environment, where unset means every GPU), so "1" is the
+    job's second GPU whichever physical one that is. Refused with one line when an index is past them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if not indices or visible is None:
+        return indices
+    seen = visible.split(",") if visible else []  # set but empty: no GPU is visible
+    past = [index for index in indices.split(",") if int(index) >= len(seen)]
+    if past:
+        raise KdError(f"config field overlap.sampler_devices: GPU {past[0]} is not among the {len(seen)} this process "
+                      f"sees (CUDA_VISIBLE_DEVICES={visible}); count from 0 among those")
+    return ",".join(seen[int(index)] for index in indices.split(","))
 
 
 def ready(config: Config, epoch: int, stage: pipeline.Stage) -> bool:
@@ -216,6 +233,8 @@ def sampling_worker(connection, config: Config, threads: int, devices: str, task
                 with reporters.held() as records:
                     wrote = stage.load().run(config, epoch, session)
                 connection.send((True, (wrote, records)))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the loop reports it, not a second traceback
+        return
     except (KdError, OSError) as err:
         connection.send((False, err))
     except Exception:  # noqa: BLE001 - sent whole: an arbitrary exception may not pickle

@@ -4,7 +4,10 @@ and with several teachers the field score.route_by that names the row's teacher.
 `messages` go through each model's own chat template with the generation prompt appended: the
 student's here (with generate.chat_template_kwargs), the teacher's in `score` (with
 score.chat_template_kwargs), so each model sees the conversation in the format it was trained on
-(the fault of scoring a teacher on the student's format: tinker-cookbook issue #796). The last
+(the fault of scoring a teacher on the student's format: tinker-cookbook issue #796), the teacher's
+followed by score.assistant_prefix: what the student's generation prompt already holds of the
+assistant's turn (a thinking student's opened `<think>`), which the teacher's template leaves to the
+model; kd warns when the student's generation prompt ends in such text the teacher's lacks. The last
 message must not be the assistant's: the model answers a turn, it does not continue one. A `prompt`
 string is used verbatim (completion-style): both models get the same token ids. An `answer` is a
 string, a number or a mapping (kept as JSON: e.g. a HumanEval problem's {prompt, test, entry_point},
@@ -37,11 +40,39 @@ class Prompt:
     teacher: str = DEFAULT_TEACHER  # the teacher that scores its samples (config score.route_by)
 
 
-def render(messages: list[dict], tokenizer, template_kwargs: dict[str, Any]) -> list[int]:
-    """Token ids of `messages` in `tokenizer`'s chat template, ready for the assistant's answer."""
-    return list(tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False, **template_kwargs
-    ))
+def render(messages: list[dict], tokenizer, template_kwargs: dict[str, Any], assistant_prefix: str = "") -> list[int]:
+    """Token ids of `messages` in `tokenizer`'s chat template, ready for the assistant's answer, with
+    `assistant_prefix` after the generation prompt: the rendered text and the prefix tokenized as one
+    text (as apply_chat_template itself tokenizes), so the ids are those of a template whose
+    generation prompt ended in the prefix."""
+    if not assistant_prefix:
+        return list(tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False, **template_kwargs
+        ))
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+    return tokenizer.encode(text + assistant_prefix, add_special_tokens=False)
+
+
+def generation_prompt(messages: list[dict], tokenizer, template_kwargs: dict[str, Any]) -> str | None:
+    """The text `tokenizer`'s template adds to `messages` for the assistant's turn (its generation
+    prompt: the assistant header, and in some templates the turn's opening, e.g. Qwen3-Thinking-2507's
+    `<think>\n`); None when it cannot be told apart: the rendering with it does not extend the one
+    without (a template that ends a turn differently then, e.g. with an end-of-text token), or the
+    template fails without it."""
+    try:
+        with_it, without = (tokenizer.apply_chat_template(messages, add_generation_prompt=add, tokenize=False,
+                                                          **template_kwargs) for add in (True, False))
+    except Exception:  # noqa: BLE001 - any template error: the comparison is skipped, rendering itself is checked elsewhere
+        return None
+    return with_it[len(without):] if with_it.startswith(without) else None
+
+
+def expected_prefix(student: str, teacher: str) -> str:
+    """The assistant_prefix that makes the teacher's generation prompt `teacher` end as the student's
+    `student` does: what the student's holds past the teacher's (a thinking student's `<think>\n`
+    against a hybrid teacher's bare header), "" when it does not extend the teacher's (the same
+    prompt, or a teacher prompt that holds more of its own format: an empty think block)."""
+    return student[len(teacher):] if student.startswith(teacher) else ""
 
 
 def load(path: str | Path, tokenizer, max_prompt_tokens: int, template_kwargs: dict[str, Any] | None = None,

@@ -110,14 +110,16 @@ def self_check(session: Session, table: pa.Table, prompts: list[list[int]], scor
 
 def template_probe(table: pa.Table, session: Session) -> dict | None:
     """The first chat prompt as each model sees it (decoded by its own tokenizer, special tokens
-    shown), for a glance at the two formats in the manifest and `kd inspect`; None when every prompt
-    is a plain string."""
+    shown) and the comparison of their generation prompts (Session.prefix_check: the teacher's
+    assistant_prefix against the one that makes its prompt end as the student's), for a glance at the
+    two formats in the manifest and `kd inspect`; None when every prompt is a plain string."""
     for row in table.select(["prompt_messages", "prompt_token_ids", "teacher_prompt_token_ids", "teacher"]).to_pylist():
         if row["prompt_messages"] is not None:
             return {
                 "student": session.tokenizer.decode(row["prompt_token_ids"], skip_special_tokens=False),
                 "teacher": session.teacher_tokenizer(row["teacher"]).decode(row["teacher_prompt_token_ids"],
                                                                              skip_special_tokens=False),
+                "prefix_check": session.prefix_check(row["prompt_messages"], row["teacher"]),
             }
     return None
 

@@ -148,6 +148,7 @@ class Session:
         self._teacher_tokenizers: dict[str, object] = {}
         self._student_rows: int | None = None  # the rows of the student's output head, once a teacher was checked
         self._prompts: dict[tuple, list] = {}
+        self._opening_checked: set[str] = set()  # the teachers whose generation prompts were compared with the student's
         self._policy = None
 
     @cached_property
@@ -300,12 +301,44 @@ class Session:
 
     def teacher_prompt_ids(self, student_ids: list[int], messages: str | None, teacher: str = DEFAULT_TEACHER) -> list[int]:
         """The prompt as teacher `teacher` sees it: a chat (`messages`, JSON) in the teacher's own
-        template with its chat_template_kwargs; a plain prompt as the student's very ids."""
+        template with its chat_template_kwargs, then its assistant_prefix; a plain prompt as the
+        student's very ids. The first chat per teacher warns when the teacher's generation prompt with
+        its assistant_prefix does not end as the student's (prefix_check)."""
         if messages is None:
             return student_ids
         spec = self.config.teachers[teacher]
-        return prompts_lib.render(json.loads(messages), self.teacher_tokenizer(teacher), spec.chat_template_kwargs)
+        if teacher not in self._opening_checked:  # once per teacher: every chat of a prompt file shares the templates
+            self._opening_checked.add(teacher)
+            check = self.prefix_check(messages, teacher)
+            if check is not None and check["expected"] != check["assistant_prefix"]:
+                print(f"kd: warning: {prefix_advice(check)}", file=sys.stderr)
+        return prompts_lib.render(json.loads(messages), self.teacher_tokenizer(teacher), spec.chat_template_kwargs,
+                                  spec.assistant_prefix)
 
+    def prefix_check(self, messages: str, teacher: str = DEFAULT_TEACHER) -> dict | None:
+        """The generation prompts of `messages` (a chat as JSON) in the student's and teacher
+        `teacher`'s templates, the teacher's assistant_prefix, the one that would make the teacher's end
+        as the student's (kd.stages.prompts.expected_prefix) and its config field; None when a template's
+        generation prompt cannot be told apart (kd.stages.prompts.generation_prompt)."""
+        spec = self.config.teachers[teacher]
+        chat = json.loads(messages)
+        student = prompts_lib.generation_prompt(chat, self.tokenizer, self.config.generate.chat_template_kwargs)
+        teacher_prompt = prompts_lib.generation_prompt(chat, self.teacher_tokenizer(teacher), spec.chat_template_kwargs)
+        if student is None or teacher_prompt is None:
+            return None
+        return {"student": student, "teacher": teacher_prompt, "assistant_prefix": spec.assistant_prefix,
+                "expected": prompts_lib.expected_prefix(student, teacher_prompt),
+                "field": teacher_field(teacher, "assistant_prefix")}
+
+
+def prefix_advice(check: dict) -> str:
+    """One line on a teacher whose generation prompt plus assistant_prefix does not end as the
+    student's (a Session.prefix_check), with the value to set in both the YAML and the --set form."""
+    value = json.dumps(check["expected"])
+    return (f"the student's generation prompt is {json.dumps(check['student'])}, the teacher's "
+            f"{json.dumps(check['teacher'])} + {check['field']} {json.dumps(check['assistant_prefix'])}: the teacher "
+            "would not score the student's reply after the opening of the assistant's turn it continues; set "
+            f"{check['field']}: {value} (in YAML; --set '{check['field']}={value}')")
 
 @contextmanager
 def using(config: Config, session: Session | None):

@@ -297,6 +297,8 @@ CASES = [
      "train.is_threshold: must be > 1"),
     ("sequence-level truncated IS", lambda tmp: fresh("train", "--set", "train.is_level=geometric"),
      "train.is_level: geometric applies to is_correction mis only"),
+    ("assistant prefix with a literal backslash-n", lambda tmp: fresh("score", "--set", "score.assistant_prefix=<think>\\n"),
+     "score.assistant_prefix: \"<think>\\\\n\" holds a backslash and n, not a newline; write it in double quotes"),
     ("sampler GPUs that are not indices", lambda tmp: fresh("loop", "--set", "overlap.sampler_devices=cuda:1"),
      "overlap.sampler_devices: 'cuda:1' is not a list of GPU indices"),
     ("negative sampler threads", lambda tmp: fresh("loop", "--set", "overlap.sampler_threads=-2"),

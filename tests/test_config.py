@@ -29,6 +29,13 @@ def test_reference_pair_matches_the_reference_pipeline():
     assert (t.batch_size, t.grad_accum, t.max_grad_norm, t.warmup_steps, t.kl_coef, t.precision) == (4, 8, 1.0, 100, 1.0, "bf16")
 
 
+def test_thinking_student_config_gives_the_teacher_the_opened_reasoning_block():
+    config = config_lib.load(Path("configs/qwen3-4b-thinking-from-32b.yaml"))
+    assert (config.student, config.teacher) == ("Qwen/Qwen3-4B-Thinking-2507", "Qwen/Qwen3-32B")
+    assert config.teachers["default"].assistant_prefix == "<think>\n"
+    assert config.score.chat_template_kwargs.get("enable_thinking", True)  # the 32B in its thinking format
+
+
 def test_default_is_the_toy_config():
     assert config_lib.load().toy is not None
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kd.stages import datasets_io
 
 
@@ -113,3 +115,23 @@ def test_cli_help_lists_every_command():
     out = kd("--help").stdout
     for command in ("toy", "generate", "score", "train", "export-lora", "eval", "loop", "inspect", "report", "verify"):
         assert command in out
+
+
+def test_sampler_devices_count_among_the_gpus_the_loop_sees(monkeypatch):
+    """Under Slurm CUDA_VISIBLE_DEVICES holds the job's GPUs: overlap.sampler_devices "1" is the
+    second of them, not physical GPU 1; past them is one line naming the field."""
+    from kd.stages.errors import KdError
+    from kd.stages.loop import visible_devices
+
+    assert visible_devices("1", "4,5") == "5"
+    assert visible_devices("0,1", "6,7,2") == "6,7"
+    assert visible_devices("", "4,5") == ""  # the trainer's GPUs
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_devices("1,2") == "1,2"  # nothing hidden: the indices are the GPUs
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert visible_devices("0") == "3"
+    with pytest.raises(KdError, match=r"overlap.sampler_devices: GPU 2 is not among the 2 this process sees "
+                                      r"\(CUDA_VISIBLE_DEVICES=4,5\)"):
+        visible_devices("1,2", "4,5")
+    with pytest.raises(KdError, match="GPU 0 is not among the 0"):
+        visible_devices("0", "")  # set but empty: no GPU

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -257,6 +258,10 @@ def test_toy_world_is_deterministic_from_its_seed(tmp_path):
         assert datasets_io.sha256_file(first) == datasets_io.sha256_file(second)
     assert (tmp_path / "a" / "prompts" / "train.jsonl.zst").read_bytes() == (tmp_path / "b" / "prompts" / "train.jsonl.zst").read_bytes()
     assert reports[0]["student"]["sft_steps"] == 2
+    # the same place asked for another world: one line naming what differs, nothing rebuilt over it
+    with pytest.raises(KdError, match=r"tmp.*/a: a toy world built from another config is there \(seed 0 -> 1\); "
+                                      "delete it to build it anew, or pick another toy_dir"):
+        build(dataclasses.replace(tiny, seed=1), tmp_path / "a", log=lambda *_: None)
 
 
 def test_train_stops_on_exploding_ratio_and_non_finite_numbers(make_config):

@@ -83,7 +83,7 @@ bench-topk:
 # Rewrite docs/bad-inputs.md: every bad input of the test catalogue with the error kd gives.
 bad-inputs:
     mkdir -p docs
-    printf '# Bad inputs and what kd says\n\nEach row is a case of tests/test_bad_input.py: the command (run from a folder holding\nruns/base, a complete epoch 0 on the tiny test world) and the one line kd printed; each exits\nwith status 2 and leaves runs/ as it was.\n\n| bad input | command | error |\n|---|---|---|\n' > docs/bad-inputs.md
+    printf '# Bad inputs and what kd says\n\nEach row is a case of tests/test_bad_input.py: the command (run from a folder holding\nruns/base, a complete epoch 0 on the tiny test world in $WORLD) and the one line kd printed; each exits\nwith status 2 and leaves runs/ as it was.\n\n| bad input | command | error |\n|---|---|---|\n' > docs/bad-inputs.md
     KD_BAD_INPUT_TABLE=$PWD/docs/bad-inputs.md python -m pytest -q tests/test_bad_input.py
 
 # The real world (SmolLM2-135M-Instruct teaches a pruned copy of itself on HumanEval prompts), built offline, then its loop.

@@ -93,9 +93,11 @@ def markdown(world: str, result: dict, epochs: int) -> str:
     lines = [
         f"# Overlapped loop vs synchronous ({world} world, {epochs} epochs)",
         "",
-        f"Machine: {result['machine']}. `python bench/overlap.py --world {world}`; each run alone on the machine.",
+        f"Machine: {result['machine']}. `python bench/overlap.py --world {world} --epochs {epochs} --eval-every "
+        f"{result['eval_every']} --settings ... --seeds ...` (each row names its seeds); each run alone on the machine. "
+        "Epoch wall s: each run's median interval between epochs, averaged over the seeds.",
         "",
-        "| setting | seeds | epoch wall s (median) | vs sync 2 cores | vs sync 1 core | loop wall s | "
+        "| setting | seeds | epoch wall s | vs sync 2 cores | vs sync 1 core | loop wall s | "
         + " | ".join(f"held-out KL @{e}" for e in evals) + " | grad_norm max / median | ratio max | IS weight max | IS corrected |",
         "|---|---|---|---|---|---|" + "---|" * len(evals) + "---|---|---|---|",
     ]
@@ -130,11 +132,13 @@ def main() -> None:
     same = (kept.get("epochs"), kept.get("eval_every")) == (args.epochs, args.eval_every)
     # Settings may differ in seeds (a speed-only reference run once), so each row names its own.
     runs = kept["runs"] if kept and same else {}
+    if "synchronous, 2 cores" not in runs and "synchronous, 2 cores" not in args.settings:
+        raise SystemExit(f"bench/overlap.py: {earlier} has no runs of 'synchronous, 2 cores' with --epochs {args.epochs} "
+                         f"--eval-every {args.eval_every}, the reference of every row; include it in --settings")
+    if args.world == "real":
+        subprocess.run(["kd", "real", "-c", str(ROOT / WORLDS["real"][0])], cwd=ROOT, check=True)
     runs.update({setting: [run(args.world, setting, seed, args.epochs, args.eval_every) for seed in args.seeds]
                  for setting in args.settings})
-    if "synchronous, 2 cores" not in runs:
-        raise SystemExit("bench/overlap.py: the reference setting 'synchronous, 2 cores' has no runs of this length; "
-                         "include it in --settings")
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "epochs": args.epochs, "eval_every": args.eval_every,
               "runs": runs, "curves": {setting: mean_curve([r["curve"] for r in rs]) for setting, rs in runs.items()}}
     save_results(RESULTS, name, result, markdown(args.world, result, args.epochs))

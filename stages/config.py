@@ -166,8 +166,9 @@ TEMPLATE_ARGUMENTS = ("messages", "conversation", "add_generation_prompt", "cont
 
 def _check_assistant_prefix(prefix: str, field_name: str) -> None:
     # YAML keeps \n literal in single quotes and in a --set value the shell stripped of its double quotes.
+    meant = json.dumps(prefix.replace("\\n", "\n"))
     _check("\\n" not in prefix, field_name, f"{json.dumps(prefix)} holds a backslash and n, not a newline; write it in "
-           'double quotes: assistant_prefix: "<think>\\n" (in YAML), --set \'score.assistant_prefix="<think>\\n"\'')
+           f"double quotes: assistant_prefix: {meant} (in YAML), --set '{field_name}={meant}'")
 
 
 def _check_template_kwargs(kwargs: dict[str, Any], field_name: str) -> None:
@@ -257,9 +258,12 @@ class ScoreConfig:
         block (Qwen3-4B-Thinking-2507: `<|im_start|>assistant\n<think>\n`; its completions hold only
         `</think>`) scored by a hybrid teacher (Qwen3-32B: `<|im_start|>assistant\n`) needs "<think>\n",
         or the teacher scores a reasoning block without its opening tag. Empty: nothing appended. kd
-        warns, naming the value, when the teacher's generation prompt plus this does not end as the
-        student's (skipped for a template whose generation prompt cannot be told apart). Plain
-        `prompt` rows reach the teacher as the student's ids, without it.
+        warns, naming the value, when this is not what the student's generation prompt holds past the
+        teacher's: an opening the teacher lacks, or a prefix where the student's holds nothing more
+        (skipped for a template whose generation prompt cannot be told apart; a teacher prompt that
+        holds more than the student's, e.g. a closed empty think block, is taken as its own format:
+        keep enable_thinking on for a thinking student). Plain `prompt` rows reach the teacher as the
+        student's ids, without it.
     replica: a second engine of the same teacher (typically another server: {kind: vllm, server:
         http://...}) that the self-check compares with; empty: the self-check scores twice with `engine`.
     kl_weight: multiplies train.kl_coef in the advantage of the samples the default teacher scores.

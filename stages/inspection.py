@@ -55,8 +55,8 @@ def run(path: Path, samples: int = 3) -> dict:
             console.print("the first chat prompt as each model sees it:", markup=False)
             for role in ("student", "teacher"):
                 console.print(f"  {role}: {probe[role]!r}", markup=False)
-            if (check := probe.get("prefix_check")) and check["expected"] != check["assistant_prefix"]:
-                console.print(f"  warning: {prefix_advice(check)}", markup=False)
+            if (advice := prefix_advice(probe.get("prefix_check"))) is not None:
+                console.print(f"  warning: {advice}", markup=False)
         rewarded = "reward" in kind.schema.names
         shown = frame.select("prompt_id", "sample_index", "teacher", "completion_text",
                              *(["reward"] if rewarded else [])).head(samples).collect()

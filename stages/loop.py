@@ -234,7 +234,7 @@ def sampling_worker(connection, config: Config, threads: int, devices: str, task
                     wrote = stage.load().run(config, epoch, session)
                 connection.send((True, (wrote, records)))
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the loop reports it, not a second traceback
-        return
+        raise SystemExit(130) from None
     except (KdError, OSError) as err:
         connection.send((False, err))
     except Exception:  # noqa: BLE001 - sent whole: an arbitrary exception may not pickle

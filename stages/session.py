@@ -309,9 +309,8 @@ class Session:
         spec = self.config.teachers[teacher]
         if teacher not in self._opening_checked:  # once per teacher: every chat of a prompt file shares the templates
             self._opening_checked.add(teacher)
-            check = self.prefix_check(messages, teacher)
-            if check is not None and check["expected"] != check["assistant_prefix"]:
-                print(f"kd: warning: {prefix_advice(check)}", file=sys.stderr)
+            if (advice := prefix_advice(self.prefix_check(messages, teacher))) is not None:
+                print(f"kd: warning: {advice}", file=sys.stderr)
         return prompts_lib.render(json.loads(messages), self.teacher_tokenizer(teacher), spec.chat_template_kwargs,
                                   spec.assistant_prefix)
 
@@ -331,13 +330,17 @@ class Session:
                 "field": teacher_field(teacher, "assistant_prefix")}
 
 
-def prefix_advice(check: dict) -> str:
-    """One line on a teacher whose generation prompt plus assistant_prefix does not end as the
-    student's (a Session.prefix_check), with the value to set in both the YAML and the --set form."""
+def prefix_advice(check: dict | None) -> str | None:
+    """One line on a teacher whose assistant_prefix is not the one its generation prompt needs to end
+    as the student's (a Session.prefix_check), with the value to set in both the YAML and the --set
+    form; None when it is, or when the check could not be made."""
+    if check is None or check["expected"] == check["assistant_prefix"]:
+        return None
     value = json.dumps(check["expected"])
+    why = ("the teacher would score the student's reply without the opening of the assistant's turn it continues"
+           if check["expected"] else "the prefix adds text the student's generation prompt does not hold")
     return (f"the student's generation prompt is {json.dumps(check['student'])}, the teacher's "
-            f"{json.dumps(check['teacher'])} + {check['field']} {json.dumps(check['assistant_prefix'])}: the teacher "
-            "would not score the student's reply after the opening of the assistant's turn it continues; set "
+            f"{json.dumps(check['teacher'])} + {check['field']} {json.dumps(check['assistant_prefix'])}: {why}; set "
             f"{check['field']}: {value} (in YAML; --set '{check['field']}={value}')")
 
 @contextmanager

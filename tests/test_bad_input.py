@@ -423,7 +423,7 @@ def run_kd(argv: list[str], file_limit: int | None = None) -> int:
 
 
 @pytest.mark.parametrize("name, make_args, message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(base_run, monkeypatch, capsys, name, make_args, message):
+def test_bad_input(base_run, tiny_world, monkeypatch, capsys, name, make_args, message):
     monkeypatch.chdir(base_run)
     args = make_args(base_run)
     before = tree(base_run / "runs")
@@ -437,7 +437,8 @@ def test_bad_input(base_run, monkeypatch, capsys, name, make_args, message):
     assert len(errors) == 1 and message in errors[0], errors
     assert tree(base_run / "runs") == before
     if os.environ.get("KD_BAD_INPUT_TABLE"):
-        shown = errors[0].replace(str(base_run), "$RUN").replace("|", "\\|")
+        # the pytest temporary folders change from run to run; the table should not
+        shown = errors[0].replace(str(base_run), "$RUN").replace(str(tiny_world), "$WORLD").replace("|", "\\|")
         with open(os.environ["KD_BAD_INPUT_TABLE"], "a") as table:
             table.write(f"| {name} | `{' '.join(args).replace(str(base_run), '$RUN')}` | {shown} |\n")
 

@@ -38,7 +38,7 @@ bench-engines:
     python bench/engines.py
 
 # Every benchmark, one after another (results in bench/results/, summary in BENCHMARKS.md)
-bench: bench-engines bench-topk bench-vs-trl bench-efficiency bench-offpolicy bench-slurm bench-memory bench-real bench-reward bench-scale bench-overlap bench-stability bench-retention
+bench: bench-engines bench-topk bench-vs-trl bench-efficiency bench-offpolicy bench-slurm bench-memory bench-real bench-reward bench-scale bench-overlap bench-stability bench-retention bench-quality
 
 # One toy epoch as Slurm jobs: 1 vs 2 array tasks, 1 vs 2 training processes, Slurm's overhead -> bench/results/slurm.md
 bench-slurm: install-slurm toy
@@ -91,9 +91,20 @@ bad-inputs:
 real *args: real-world
     kd loop -c configs/smollm2-humaneval.yaml "$@"
 
-# The real world alone: SmolLM2-135M-Instruct, its pruned student, HumanEval prompts (skipped when built).
+# The real world alone: SmolLM2-135M-Instruct, its pruned student, HumanEval and arithmetic prompts (skipped when built).
 real-world:
     kd real -c configs/smollm2-humaneval.yaml
+
+# The real world's arithmetic task (sums of two digits, checked by last-integer), built offline, then its loop.
+[positional-arguments]
+arithmetic *args: real-world
+    kd loop -c configs/smollm2-arithmetic.yaml "$@"
+
+# Arithmetic task: on-policy (sampled token, top-16) vs off-policy SFT, accuracy and KL vs loop time and teacher tokens,
+# 2 seeds each (hours on a 2-core CPU) -> bench/results/quality.md
+[positional-arguments]
+bench-quality *args: real-world
+    python bench/quality.py "$@"
 
 # Real world: held-out reverse KL vs loop time, stage wall time and peak memory, sampled token vs top-32 -> bench/results/real.md
 [positional-arguments]

@@ -55,14 +55,22 @@ ON_POLICY = {
 }
 
 
-def run_on_policy(run_id: str, overrides: list[str], epochs: int, eval_every: int, seed: int) -> list[dict]:
+def run_on_policy(run_id: str, overrides: list[str], epochs: int, eval_every: int, seed: int,
+                  config_path: str = "configs/toy.yaml", batch: int | None = BATCH) -> list[dict]:
+    """One `kd loop` of `config_path` with `overrides` ("vocabulary" in one: the toy's vocabulary size) and
+    optimiser batch `batch` (None: the config's); its held-out curve against teacher tokens and the
+    loop's stage seconds (evaluations left out)."""
     run_id = f"{run_id}-seed{seed}"
     shutil.rmtree(ROOT / "runs" / run_id, ignore_errors=True)
-    vocabulary = json.loads((ROOT / "runs" / "toy-world" / "toy.json").read_text())["vocab_size"]
-    command = ["kd", "loop", "--config", str(ROOT / "configs" / "toy.yaml"), "--run", run_id, "--set", f"seed={seed}",
-               "--set", f"epochs={epochs}", "--set", f"eval.every={eval_every}", "--set", f"train.batch_size={BATCH}"]
+    command = ["kd", "loop", "--config", str(ROOT / config_path), "--run", run_id, "--set", f"seed={seed}",
+               "--set", f"epochs={epochs}", "--set", f"eval.every={eval_every}"]
+    if batch is not None:
+        command += ["--set", f"train.batch_size={batch}"]
     for override in overrides:
-        command += ["--set", override.replace("vocabulary", str(vocabulary))]
+        if "vocabulary" in override:
+            vocabulary = json.loads((ROOT / "runs" / "toy-world" / "toy.json").read_text())["vocab_size"]
+            override = override.replace("vocabulary", str(vocabulary))
+        command += ["--set", override]
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in (ROOT / "runs" / run_id / "metrics.jsonl").read_text().splitlines()]
     curve = []
@@ -73,11 +81,16 @@ def run_on_policy(run_id: str, overrides: list[str], epochs: int, eval_every: in
             "teacher_tokens": sum(r["completion_tokens"] for r in before if r["stage"] == "score"),
             "train_seconds": sum(r["wall_seconds"] for r in before if r["stage"] in ("generate", "score", "train", "export-lora")),
             "heldout_reverse_kl": record["heldout_reverse_kl"], "accuracy": record["accuracy"],
+            "sampled_accuracy": record["sampled_accuracy"],
         })
     return curve
 
 
-def run_off_policy(epochs: int, eval_every: int, seed: int) -> list[dict]:
+def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "configs/toy.yaml",
+                   batch: int | None = BATCH) -> list[dict]:
+    """SFT of the student's LoRA on the teacher's own samples of the prompts kd's generate would
+    choose, `epochs` epochs of `config_path`'s generate settings, optimiser batch `batch` (None: the
+    config's batch_size x grad_accum); its held-out curve as run_on_policy's."""
     import torch
 
     from kd.stages import config as config_lib, prompts as prompts_lib
@@ -90,8 +103,9 @@ def run_off_policy(epochs: int, eval_every: int, seed: int) -> list[dict]:
     from kd.stages.schedule import lr_factor
     from kd.stages.train import Collator
 
-    config = config_lib.load(ROOT / "configs" / "toy.yaml", [f"seed={seed}"])
+    config = config_lib.load(ROOT / config_path, [f"seed={seed}"])
     cfg, gen = config.train, config.generate
+    batch = batch or cfg.batch_size * cfg.grad_accum
     teacher_as_sampler = dataclasses.replace(config, student=config.teacher)
     work = Path(tempfile.mkdtemp(prefix="kd-bench-offpolicy-"))
     policy = Policy(config)
@@ -106,7 +120,8 @@ def run_off_policy(epochs: int, eval_every: int, seed: int) -> list[dict]:
                 model.save_pretrained(adapter)
                 _, stats = evaluate(judge, adapter, epoch)
                 curve.append({"epoch": epoch, "teacher_tokens": teacher_tokens, "train_seconds": seconds,
-                              "heldout_reverse_kl": stats["heldout_reverse_kl"], "accuracy": stats["accuracy"]})
+                              "heldout_reverse_kl": stats["heldout_reverse_kl"], "accuracy": stats["accuracy"],
+                              "sampled_accuracy": stats["sampled_accuracy"]})
                 print(f"   off-policy {curve[-1]}", flush=True)
             if epoch == epochs:
                 break
@@ -121,11 +136,11 @@ def run_off_policy(epochs: int, eval_every: int, seed: int) -> list[dict]:
                          **{name: [0.0] * len(r["completion_token_ids"])
                             for name in ("sampler_logprobs", "policy_logprobs", "teacher_logprobs", "advantages")}}
                         for r in rows if r["completion_token_ids"]]
-            for start in range(0, len(examples), BATCH):
-                batch = collate(examples[start : start + BATCH])
+            for start in range(0, len(examples), batch):
+                inputs = collate(examples[start : start + batch])
                 for group in optimizer.param_groups:
-                    group["lr"] = cfg.learning_rate * lr_factor(step, cfg, epochs * len(examples) // BATCH)
-                (-student_logprobs(model, policy.head, batch)[0].mean()).backward()
+                    group["lr"] = cfg.learning_rate * lr_factor(step, cfg, epochs * len(examples) // batch)
+                (-student_logprobs(model, policy.head, inputs)[0].mean()).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()

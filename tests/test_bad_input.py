@@ -19,6 +19,8 @@ from kd.stages.schemas import SCORED
 from kd.stages.session import Session
 from tests.conftest import tiny_config
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def write(path: Path, data: bytes | str) -> Path:
     path.write_bytes(data.encode() if isinstance(data, str) else data)
@@ -299,6 +301,9 @@ CASES = [
      "train.is_level: geometric applies to is_correction mis only"),
     ("assistant prefix with a literal backslash-n", lambda tmp: fresh("score", "--set", "score.assistant_prefix=<think>\\n"),
      "score.assistant_prefix: \"<think>\\\\n\" holds a backslash and n, not a newline; write it in double quotes"),
+    ("real world holding out every sum", lambda tmp: ["real", "--config", shutil.copy(REPO / "configs" / "smollm2-arithmetic.yaml", tmp),
+                                                    "--set", "real.arithmetic_heldout_pairs=55"],
+     "real.arithmetic_heldout_pairs: must be in [1, 54]: there are 55 pairs of addends in [0, 9]"),
     ("sampler GPUs that are not indices", lambda tmp: fresh("loop", "--set", "overlap.sampler_devices=cuda:1"),
      "overlap.sampler_devices: 'cuda:1' is not a list of GPU indices"),
     ("negative sampler threads", lambda tmp: fresh("loop", "--set", "overlap.sampler_threads=-2"),

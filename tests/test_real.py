@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,28 @@ def test_real_world_is_a_real_pretrained_pair(real_world):
     assert generation["eos_token_id"] == report["eos_token_ids"] == [2, 0]  # <|im_end|>, <|endoftext|>
     rows = datasets_io.read_prompt_rows(real_world / "prompts" / "heldout.jsonl.zst")
     assert rows[0]["id"].startswith("HumanEval/") and rows[0]["messages"][-1]["role"] == "user"
+    # the arithmetic task: every ordered sum of two digits once, no pair {a, b} in both sets
+    train, heldout = (datasets_io.read_prompt_rows(real_world / "prompts" / f"arithmetic-{split}.jsonl.zst")
+                      for split in ("train", "heldout"))
+    assert report["arithmetic_prompts"] == {"train": len(train), "heldout": len(heldout)}
+
+    def addends(row: dict) -> tuple[int, int]:
+        a, b = map(int, re.fullmatch(r"What is (\d) \+ (\d)\? Reply with the sum only\.", row["messages"][0]["content"]).groups())
+        assert row["answer"] == str(a + b)
+        return a, b
+
+    assert sorted(addends(row) for row in train + heldout) == [(a, b) for a in range(10) for b in range(10)]
+    assert not {frozenset(addends(row)) for row in train} & {frozenset(addends(row)) for row in heldout}
+    assert len({frozenset(addends(row)) for row in heldout}) == 15
+
+
+def test_both_real_configs_describe_the_same_world():
+    """configs/smollm2-arithmetic.yaml and smollm2-humaneval.yaml share runs/real-world, so `kd real`
+    of either must build (or accept) the other's world."""
+    arithmetic = config_lib.load(CONFIG.with_name("smollm2-arithmetic.yaml"))
+    humaneval = config_lib.load(CONFIG)
+    assert (arithmetic.real, arithmetic.real_dir) == (humaneval.real, humaneval.real_dir)
+    assert arithmetic.generate.prompts.startswith(arithmetic.real_dir) and arithmetic.task == "last-integer"
 
 
 def test_self_check_stops_a_teacher_served_in_another_dtype(real_world, tmp_path):

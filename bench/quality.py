@@ -1,0 +1,140 @@
+"""On-policy against off-policy distillation on a task the real pair differs on: the pruned student's
+held-out accuracy and reverse KL against loop time and teacher tokens, with the teacher's accuracy as
+the line to reach (the real world's arithmetic task: configs/smollm2-arithmetic.yaml).
+
+    python bench/quality.py [--epochs 60] [--eval-every 10] [--seeds 0 1]      (just bench-quality)
+
+- on-policy, sampled token: `kd loop` with the config as shipped (reverse KL on the sampled token);
+- on-policy, top-k: the same with the teacher's top-16 reverse KL (score.top_k=16, train.kl_coef=0,
+  train.topk_reverse_kl=1);
+- off-policy: SFT of the same LoRA on the teacher's own samples of the prompts kd's generate would
+  choose, the same optimiser batch and learning rate (bench/offpolicy.py's `run_off_policy`).
+Teacher tokens: the completion tokens the teacher scores (on-policy) or generates (off-policy). Loop
+seconds: the stages' wall time (generate, score, train, export-lora; the evaluations left out), and
+for off-policy the sampling and SFT time. Every policy is evaluated by kd.stages.evaluate on the
+same held-out questions: greedy accuracy (the task metric), the T = 1 samples' accuracy and reverse
+KL. The teacher's and the student's accuracy are measured the same way, with the teacher evaluated
+as if it were the student. Writes bench/results/quality.json, .md and the curves' PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from curves import mean_curve, save as save_results  # bench/ is on sys.path: run as `python bench/quality.py`
+from offpolicy import run_off_policy, run_on_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CONFIG = "configs/smollm2-arithmetic.yaml"
+TOP_K = ["score.top_k=16", "train.kl_coef=0", "train.topk_reverse_kl=1"]
+OFF_POLICY = "off-policy (SFT on teacher samples)"
+
+
+def baselines(seed: int) -> dict:
+    """The teacher's and the untrained student's held-out accuracy (greedy and sampled) and the share
+    of their samples cut off at eval.max_new_tokens, by the evaluation every run uses."""
+    from kd.stages import config as config_lib
+    from kd.stages.evaluate import evaluate
+    from kd.stages.session import Session
+
+    config = config_lib.load(ROOT / CONFIG, [f"seed={seed}"])
+    found = {}
+    for role, model in (("teacher", config.teacher), ("student", config.student)):
+        with Session(dataclasses.replace(config, student=model), progress=False) as session:
+            table, stats = evaluate(session, None, 0)
+        found[role] = {"accuracy": stats["accuracy"], "sampled_accuracy": stats["sampled_accuracy"],
+                       "heldout_reverse_kl": stats["heldout_reverse_kl"]}
+        for decoding in ("greedy", "sample"):
+            rows = [row for row in table.select(["decoding", "completion_token_ids", "finish_reason"]).to_pylist()
+                    if row["decoding"] == decoding]
+            found[role][f"{decoding}_tokens"] = sum(len(row["completion_token_ids"]) for row in rows) / len(rows)
+            found[role][f"{decoding}_cut_off"] = sum(row["finish_reason"] == "length" for row in rows) / len(rows)
+        print(f"   {role}: {found[role]}", flush=True)
+    return found
+
+
+def reached(curve: list[dict], accuracy: float, axis: str) -> float | None:
+    """The first value of `axis` at which `curve`'s greedy accuracy is at least `accuracy`."""
+    return next((point[axis] for point in curve if point["accuracy"] >= accuracy - 1e-9), None)
+
+
+def markdown(result: dict) -> str:
+    teacher, student = result["baselines"]["teacher"], result["baselines"]["student"]
+    half = student["accuracy"] + (teacher["accuracy"] - student["accuracy"]) / 2
+    off = result["curves"][OFF_POLICY]
+    lines = [
+        "# On-policy vs off-policy distillation on the real world's arithmetic task",
+        "",
+        f"{result['date']}, {result['machine']}. `python bench/quality.py --epochs {result['epochs']} --eval-every "
+        f"{result['eval_every']} --seeds {' '.join(map(str, result['seeds']))}` ({CONFIG}); each run alone on the "
+        "machine. Every number is the mean over the seeds, evaluation by evaluation.",
+        "",
+        f"| model | greedy accuracy | sampled accuracy | held-out reverse KL | mean reply tokens (greedy / sampled) "
+        f"| cut off at {result['max_new_tokens']} tokens (greedy / sampled) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for role, found in (("teacher", teacher), ("student (pruned, untrained)", student)):
+        lines.append(f"| {role} | {found['accuracy']:.1%} | {found['sampled_accuracy']:.1%} | "
+                     f"{found['heldout_reverse_kl']:.4f} | {found['greedy_tokens']:.1f} / {found['sample_tokens']:.1f} | "
+                     f"{found['greedy_cut_off']:.1%} / {found['sample_cut_off']:.1%} |")
+    lines += [
+        "",
+        f"| run | final accuracy | of each seed | final sampled accuracy | final KL | loop s | teacher tokens "
+        f"| loop s to half the gap ({half:.1%}) | teacher tokens to off-policy's final accuracy ({off[-1]['accuracy']:.1%}) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def gap(seconds: float | None) -> str:
+        if teacher["accuracy"] <= student["accuracy"]:
+            return "no gap: the teacher is not better"
+        return "not reached" if seconds is None else f"{seconds:.0f}"
+
+    for name, curve in result["curves"].items():
+        each = ", ".join(f"{seed[-1]['accuracy']:.1%}" for seed in result["seed_curves"][name])
+        to_half = reached(curve, half, "train_seconds") if teacher["accuracy"] > student["accuracy"] else None
+        tokens = reached(curve, off[-1]["accuracy"], "teacher_tokens")
+        share = "not reached" if tokens is None else f"{tokens:.0f} ({tokens / max(off[-1]['teacher_tokens'], 1):.0%})"
+        lines.append(f"| {name} | {curve[-1]['accuracy']:.1%} | {each} | {curve[-1]['sampled_accuracy']:.1%} | "
+                     f"{curve[-1]['heldout_reverse_kl']:.4f} | {curve[-1]['train_seconds']:.0f} | "
+                     f"{curve[-1]['teacher_tokens']:.0f} | {gap(to_half)} | {share} |")
+    lines += ["", "| run | epoch | loop s | teacher tokens | accuracy | sampled accuracy | held-out KL |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, curve in result["curves"].items():
+        for p in curve:
+            lines.append(f"| {name} | {p['epoch']:.0f} | {p['train_seconds']:.0f} | {p['teacher_tokens']:.0f} | "
+                         f"{p['accuracy']:.1%} | {p['sampled_accuracy']:.1%} | {p['heldout_reverse_kl']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    from kd.stages import config as config_lib
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    options = parser.parse_args()
+    subprocess.run(["kd", "real", "--config", str(ROOT / CONFIG)], cwd=ROOT, check=True)
+    found = baselines(options.seeds[0])
+    runs = {"on-policy, sampled token (kd)": [], "on-policy, top-16 reverse KL (kd)": TOP_K}
+    seed_curves = {name: [run_on_policy(f"bench-quality-{'topk' if overrides else 'sampled'}", overrides, options.epochs,
+                                        options.eval_every, seed, CONFIG, None) for seed in options.seeds]
+                   for name, overrides in runs.items()}
+    seed_curves[OFF_POLICY] = [run_off_policy(options.epochs, options.eval_every, seed, CONFIG, None)
+                               for seed in options.seeds]
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
+              "epochs": options.epochs, "eval_every": options.eval_every, "seeds": options.seeds, "baselines": found,
+              "max_new_tokens": config_lib.load(ROOT / CONFIG).eval.max_new_tokens,
+              "curves": {name: mean_curve(curves) for name, curves in seed_curves.items()}, "seed_curves": seed_curves}
+    save_results(RESULTS, "quality", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

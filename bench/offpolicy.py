@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from curves import mean_curve, save as save_results  # bench/curves.py: run as `python bench/...`, bench/ is on sys.path
+from curves import mean_curve, point_table, save as save_results  # bench/curves.py: run as `python bench/...`, bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -177,15 +177,9 @@ def markdown(result: dict) -> str:
         each = ", ".join(f"{seed[-1]['heldout_reverse_kl']:.4f}" for seed in result["seed_curves"][name])
         lines.append(f"| {name} | {curve[-1]['heldout_reverse_kl']:.4f} | {each} | {curve[-1]['accuracy']:.1%} "
                      f"| {curve[-1]['teacher_tokens']:.0f} | {share} |")
-    lines += [
-        "",
-        "| run | epoch | teacher tokens | training s | held-out KL | accuracy |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, curve in result["curves"].items():
-        for p in curve:
-            lines.append(f"| {name} | {p['epoch']:.0f} | {p['teacher_tokens']:.0f} | {p['train_seconds']:.1f} "
-                         f"| {p['heldout_reverse_kl']:.4f} | {p['accuracy']:.1%} |")
+    lines += ["", *point_table(result["curves"], [
+        ("epoch", "epoch", ".0f"), ("teacher tokens", "teacher_tokens", ".0f"), ("training s", "train_seconds", ".1f"),
+        ("held-out KL", "heldout_reverse_kl", ".4f"), ("accuracy", "accuracy", ".1%")])]
     return "\n".join(lines) + "\n"
 
 

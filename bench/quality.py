@@ -8,7 +8,9 @@ the line to reach (the real world's arithmetic task: configs/smollm2-arithmetic.
 - on-policy, top-k: the same with the teacher's top-16 reverse KL (score.top_k=16, train.kl_coef=0,
   train.topk_reverse_kl=1);
 - off-policy: SFT of the same LoRA on the teacher's own samples of the prompts kd's generate would
-  choose, the same optimiser batch and learning rate (bench/offpolicy.py's `run_off_policy`).
+  choose, the same optimiser batch and learning rate (bench/offpolicy.py's `run_off_policy`); the
+  teacher samples at T = 1, as the student does on-policy, so its samples are right about as often as
+  its sampled accuracy (the line to reach is its greedy accuracy).
 Teacher tokens: the completion tokens the teacher scores (on-policy) or generates (off-policy). Loop
 seconds: the stages' wall time (generate, score, train, export-lora; the evaluations left out), and
 for off-policy the sampling and SFT time. Every policy is evaluated by kd.stages.evaluate on the
@@ -27,7 +29,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from curves import mean_curve, save as save_results  # bench/ is on sys.path: run as `python bench/quality.py`
+from curves import mean_curve, point_table, save as save_results  # bench/ is on sys.path: run as `python bench/quality.py`
 from offpolicy import run_off_policy, run_on_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +40,8 @@ OFF_POLICY = "off-policy (SFT on teacher samples)"
 
 
 def baselines(seed: int) -> dict:
-    """The teacher's and the untrained student's held-out accuracy (greedy and sampled) and the share
-    of their samples cut off at eval.max_new_tokens, by the evaluation every run uses."""
+    """The teacher's and the untrained student's held-out accuracy (greedy and sampled, `seed`'s samples)
+    and the share of their replies truncated at eval.max_new_tokens, by the evaluation every run uses."""
     from kd.stages import config as config_lib
     from kd.stages.evaluate import evaluate
     from kd.stages.session import Session
@@ -55,7 +57,7 @@ def baselines(seed: int) -> dict:
             rows = [row for row in table.select(["decoding", "completion_token_ids", "finish_reason"]).to_pylist()
                     if row["decoding"] == decoding]
             found[role][f"{decoding}_tokens"] = sum(len(row["completion_token_ids"]) for row in rows) / len(rows)
-            found[role][f"{decoding}_cut_off"] = sum(row["finish_reason"] == "length" for row in rows) / len(rows)
+            found[role][f"{decoding}_truncated"] = sum(row["finish_reason"] == "length" for row in rows) / len(rows)
         print(f"   {role}: {found[role]}", flush=True)
     return found
 
@@ -74,16 +76,17 @@ def markdown(result: dict) -> str:
         "",
         f"{result['date']}, {result['machine']}. `python bench/quality.py --epochs {result['epochs']} --eval-every "
         f"{result['eval_every']} --seeds {' '.join(map(str, result['seeds']))}` ({CONFIG}); each run alone on the "
-        "machine. Every number is the mean over the seeds, evaluation by evaluation.",
+        f"machine. The baselines sample with seed {result['seeds'][0]}; every other number is the mean over "
+        "the seeds, evaluation by evaluation. Loop s: the stages' wall time, evaluations left out.",
         "",
         f"| model | greedy accuracy | sampled accuracy | held-out reverse KL | mean reply tokens (greedy / sampled) "
-        f"| cut off at {result['max_new_tokens']} tokens (greedy / sampled) |",
+        f"| truncated at {result['max_new_tokens']} tokens (greedy / sampled) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for role, found in (("teacher", teacher), ("student (pruned, untrained)", student)):
         lines.append(f"| {role} | {found['accuracy']:.1%} | {found['sampled_accuracy']:.1%} | "
                      f"{found['heldout_reverse_kl']:.4f} | {found['greedy_tokens']:.1f} / {found['sample_tokens']:.1f} | "
-                     f"{found['greedy_cut_off']:.1%} / {found['sample_cut_off']:.1%} |")
+                     f"{found['greedy_truncated']:.1%} / {found['sample_truncated']:.1%} |")
     lines += [
         "",
         f"| run | final accuracy | of each seed | final sampled accuracy | final KL | loop s | teacher tokens "
@@ -96,20 +99,21 @@ def markdown(result: dict) -> str:
             return "no gap: the teacher is not better"
         return "not reached" if seconds is None else f"{seconds:.0f}"
 
+    def share(tokens: float | None) -> str:
+        if off[-1]["accuracy"] <= student["accuracy"]:
+            return "off-policy did not beat the untrained student"
+        return "not reached" if tokens is None else f"{tokens:.0f} ({tokens / max(off[-1]['teacher_tokens'], 1):.0%})"
+
     for name, curve in result["curves"].items():
         each = ", ".join(f"{seed[-1]['accuracy']:.1%}" for seed in result["seed_curves"][name])
-        to_half = reached(curve, half, "train_seconds") if teacher["accuracy"] > student["accuracy"] else None
-        tokens = reached(curve, off[-1]["accuracy"], "teacher_tokens")
-        share = "not reached" if tokens is None else f"{tokens:.0f} ({tokens / max(off[-1]['teacher_tokens'], 1):.0%})"
         lines.append(f"| {name} | {curve[-1]['accuracy']:.1%} | {each} | {curve[-1]['sampled_accuracy']:.1%} | "
                      f"{curve[-1]['heldout_reverse_kl']:.4f} | {curve[-1]['train_seconds']:.0f} | "
-                     f"{curve[-1]['teacher_tokens']:.0f} | {gap(to_half)} | {share} |")
-    lines += ["", "| run | epoch | loop s | teacher tokens | accuracy | sampled accuracy | held-out KL |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, curve in result["curves"].items():
-        for p in curve:
-            lines.append(f"| {name} | {p['epoch']:.0f} | {p['train_seconds']:.0f} | {p['teacher_tokens']:.0f} | "
-                         f"{p['accuracy']:.1%} | {p['sampled_accuracy']:.1%} | {p['heldout_reverse_kl']:.4f} |")
+                     f"{curve[-1]['teacher_tokens']:.0f} | {gap(reached(curve, half, 'train_seconds'))} | "
+                     f"{share(reached(curve, off[-1]['accuracy'], 'teacher_tokens'))} |")
+    lines += ["", *point_table(result["curves"], [
+        ("epoch", "epoch", ".0f"), ("loop s", "train_seconds", ".0f"), ("teacher tokens", "teacher_tokens", ".0f"),
+        ("accuracy", "accuracy", ".1%"), ("sampled accuracy", "sampled_accuracy", ".1%"),
+        ("held-out KL", "heldout_reverse_kl", ".4f")])]
     return "\n".join(lines) + "\n"
 
 

@@ -100,8 +100,8 @@ real-world:
 arithmetic *args: real-world
     kd loop -c configs/smollm2-arithmetic.yaml "$@"
 
-# Arithmetic task: on-policy (sampled token, top-16) vs off-policy SFT, accuracy and KL vs loop time and teacher tokens,
-# 2 seeds each (hours on a 2-core CPU) -> bench/results/quality.md
+# Arithmetic task: on-policy (sampled token; top-16 reverse or forward KL) vs off-policy SFT, accuracy and KL vs loop
+# time and teacher tokens, 2 seeds each (hours on a 2-core CPU; --arms and --set pick fewer) -> bench/results/quality.md
 [positional-arguments]
 bench-quality *args: real-world
     python bench/quality.py "$@"

@@ -87,10 +87,11 @@ def run_on_policy(run_id: str, overrides: list[str], epochs: int, eval_every: in
 
 
 def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "configs/toy.yaml",
-                   batch: int | None = BATCH) -> list[dict]:
+                   batch: int | None = BATCH, overrides: list[str] = ()) -> list[dict]:
     """SFT of the student's LoRA on the teacher's own samples of the prompts kd's generate would
-    choose, `epochs` epochs of `config_path`'s generate settings, optimiser batch `batch` (None: the
-    config's batch_size x grad_accum); its held-out curve as run_on_policy's."""
+    choose, `epochs` epochs of `config_path`'s generate settings (with `overrides`, as `--set` takes
+    them), optimiser batch `batch` (None: the config's batch_size x grad_accum); its held-out curve as
+    run_on_policy's."""
     import torch
 
     from kd.stages import config as config_lib, prompts as prompts_lib
@@ -103,7 +104,7 @@ def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "
     from kd.stages.schedule import lr_factor
     from kd.stages.train import Collator
 
-    config = config_lib.load(ROOT / config_path, [f"seed={seed}"])
+    config = config_lib.load(ROOT / config_path, [f"seed={seed}", *overrides])
     cfg, gen = config.train, config.generate
     batch = batch or cfg.batch_size * cfg.grad_accum
     teacher_as_sampler = dataclasses.replace(config, student=config.teacher)

@@ -2,12 +2,19 @@
 held-out accuracy and reverse KL against loop time and teacher tokens, with the teacher's accuracy as
 the line to reach (the real world's arithmetic task: configs/smollm2-arithmetic.yaml).
 
-    python bench/quality.py [--epochs 60] [--eval-every 10] [--seeds 0 1]      (just bench-quality)
+    python bench/quality.py [--epochs 60] [--eval-every 10] [--seeds 0 1] [--arms ...] [--set key=value ...]
+                                                                            (just bench-quality)
 
-- on-policy, sampled token: `kd loop` with the config as shipped (reverse KL on the sampled token);
-- on-policy, top-k: the same with the teacher's top-16 reverse KL (score.top_k=16, train.kl_coef=0,
-  train.topk_reverse_kl=1);
-- off-policy: SFT of the same LoRA on the teacher's own samples of the prompts kd's generate would
+- on-policy, sampled token (`sampled`): `kd loop` with the config as shipped (reverse KL on the
+  sampled token);
+- on-policy, top-k reverse KL (`topk`): the same with the teacher's top-16 reverse KL
+  (score.top_k=16, train.kl_coef=0, train.topk_reverse_kl=1);
+- on-policy, top-k forward KL (`topk-forward`): the teacher's top-16 forward KL on the student's own
+  samples (train.topk_forward_kl=1 instead), the on-policy GKD of Agarwal et al. 2024
+  (arXiv:2306.13649) with beta = 0: its gradient on a token's logit is p_student - p_teacher, so it
+  raises a token the teacher expects (the end of the turn) however unlikely the student finds it,
+  where reverse KL's gradient is scaled by the student's own probability;
+- off-policy (`off-policy`): SFT of the same LoRA on the teacher's own samples of the prompts kd's generate would
   choose, the same optimiser batch and learning rate (bench/offpolicy.py's `run_off_policy`); the
   teacher samples at T = 1, as the student does on-policy, so its samples are right about as often as
   its sampled accuracy (the line to reach is its greedy accuracy).
@@ -35,18 +42,24 @@ from offpolicy import run_off_policy, run_on_policy
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CONFIG = "configs/smollm2-arithmetic.yaml"
-TOP_K = ["score.top_k=16", "train.kl_coef=0", "train.topk_reverse_kl=1"]
 OFF_POLICY = "off-policy (SFT on teacher samples)"
+TOP_K = ["score.top_k=16", "train.kl_coef=0"]
+ON_POLICY = {  # --arms name: (row name, the config overrides of its `kd loop`)
+    "sampled": ("on-policy, sampled token (kd)", []),
+    "topk": ("on-policy, top-16 reverse KL (kd)", [*TOP_K, "train.topk_reverse_kl=1"]),
+    "topk-forward": ("on-policy, top-16 forward KL (kd)", [*TOP_K, "train.topk_forward_kl=1"]),
+}
 
 
-def baselines(seed: int) -> dict:
+def baselines(seed: int, overrides: list[str]) -> dict:
     """The teacher's and the untrained student's held-out accuracy (greedy and sampled, `seed`'s samples)
-    and the share of their replies truncated at eval.max_new_tokens, by the evaluation every run uses."""
+    and the share of their replies truncated at eval.max_new_tokens, by the evaluation every run uses
+    (the config with `overrides`)."""
     from kd.stages import config as config_lib
     from kd.stages.evaluate import evaluate
     from kd.stages.session import Session
 
-    config = config_lib.load(ROOT / CONFIG, [f"seed={seed}"])
+    config = config_lib.load(ROOT / CONFIG, [f"seed={seed}", *overrides])
     found = {}
     for role, model in (("teacher", config.teacher), ("student", config.student)):
         with Session(dataclasses.replace(config, student=model), progress=False) as session:
@@ -70,12 +83,14 @@ def reached(curve: list[dict], accuracy: float, axis: str) -> float | None:
 def markdown(result: dict) -> str:
     teacher, student = result["baselines"]["teacher"], result["baselines"]["student"]
     half = student["accuracy"] + (teacher["accuracy"] - student["accuracy"]) / 2
-    off = result["curves"][OFF_POLICY]
+    off = result["curves"].get(OFF_POLICY)
+    target = f" ({off[-1]['accuracy']:.1%})" if off else ""
     lines = [
         "# On-policy vs off-policy distillation on the real world's arithmetic task",
         "",
         f"{result['date']}, {result['machine']}. `python bench/quality.py --epochs {result['epochs']} --eval-every "
-        f"{result['eval_every']} --seeds {' '.join(map(str, result['seeds']))}` ({CONFIG}); each run alone on the "
+        f"{result['eval_every']} --seeds {' '.join(map(str, result['seeds']))} --arms {' '.join(result['arms'])}"
+        f"{''.join(f' --set {override}' for override in result['overrides'])}` ({CONFIG}); each run alone on the "
         f"machine. The baselines sample with seed {result['seeds'][0]}; every other number is the mean over "
         "the seeds, evaluation by evaluation. Loop s: the stages' wall time, evaluations left out.",
         "",
@@ -90,7 +105,7 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"| run | final accuracy | of each seed | final sampled accuracy | final KL | loop s | teacher tokens "
-        f"| loop s to half the gap ({half:.1%}) | teacher tokens to off-policy's final accuracy ({off[-1]['accuracy']:.1%}) |",
+        f"| loop s to half the gap ({half:.1%}) | teacher tokens to off-policy's final accuracy{target} |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
 
@@ -100,6 +115,8 @@ def markdown(result: dict) -> str:
         return "not reached" if seconds is None else f"{seconds:.0f}"
 
     def share(tokens: float | None) -> str:
+        if off is None:
+            return "off-policy not run"
         if off[-1]["accuracy"] <= student["accuracy"]:
             return "off-policy did not beat the untrained student"
         return "not reached" if tokens is None else f"{tokens:.0f} ({tokens / max(off[-1]['teacher_tokens'], 1):.0%})"
@@ -109,7 +126,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {curve[-1]['accuracy']:.1%} | {each} | {curve[-1]['sampled_accuracy']:.1%} | "
                      f"{curve[-1]['heldout_reverse_kl']:.4f} | {curve[-1]['train_seconds']:.0f} | "
                      f"{curve[-1]['teacher_tokens']:.0f} | {gap(reached(curve, half, 'train_seconds'))} | "
-                     f"{share(reached(curve, off[-1]['accuracy'], 'teacher_tokens'))} |")
+                     f"{share(reached(curve, off[-1]['accuracy'], 'teacher_tokens') if off else None)} |")
     lines += ["", *point_table(result["curves"], [
         ("epoch", "epoch", ".0f"), ("loop s", "train_seconds", ".0f"), ("teacher tokens", "teacher_tokens", ".0f"),
         ("accuracy", "accuracy", ".1%"), ("sampled accuracy", "sampled_accuracy", ".1%"),
@@ -124,18 +141,24 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--arms", nargs="+", choices=[*ON_POLICY, "off-policy"],
+                        default=["sampled", "topk", "topk-forward", "off-policy"])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every arm and the baselines (as kd loop --set takes it)")
     options = parser.parse_args()
     subprocess.run(["kd", "real", "--config", str(ROOT / CONFIG)], cwd=ROOT, check=True)
-    found = baselines(options.seeds[0])
-    runs = {"on-policy, sampled token (kd)": [], "on-policy, top-16 reverse KL (kd)": TOP_K}
-    seed_curves = {name: [run_on_policy(f"bench-quality-{'topk' if overrides else 'sampled'}", overrides, options.epochs,
-                                        options.eval_every, seed, CONFIG, None) for seed in options.seeds]
-                   for name, overrides in runs.items()}
-    seed_curves[OFF_POLICY] = [run_off_policy(options.epochs, options.eval_every, seed, CONFIG, None)
-                               for seed in options.seeds]
+    found = baselines(options.seeds[0], options.overrides)
+    seed_curves = {ON_POLICY[arm][0]: [run_on_policy(f"bench-quality-{arm}", [*options.overrides, *ON_POLICY[arm][1]],
+                                                     options.epochs, options.eval_every, seed, CONFIG, None)
+                                       for seed in options.seeds]
+                   for arm in options.arms if arm != "off-policy"}
+    if "off-policy" in options.arms:
+        seed_curves[OFF_POLICY] = [run_off_policy(options.epochs, options.eval_every, seed, CONFIG, None, options.overrides)
+                                   for seed in options.seeds]
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
               "epochs": options.epochs, "eval_every": options.eval_every, "seeds": options.seeds, "baselines": found,
-              "max_new_tokens": config_lib.load(ROOT / CONFIG).eval.max_new_tokens,
+              "arms": options.arms, "overrides": options.overrides,
+              "max_new_tokens": config_lib.load(ROOT / CONFIG, options.overrides).eval.max_new_tokens,
               "curves": {name: mean_curve(curves) for name, curves in seed_curves.items()}, "seed_curves": seed_curves}
     save_results(RESULTS, "quality", result, markdown(result))
 

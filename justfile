@@ -101,7 +101,8 @@ arithmetic *args: real-world
     kd loop -c configs/smollm2-arithmetic.yaml "$@"
 
 # Arithmetic task: on-policy (sampled token; top-16 reverse or forward KL) vs off-policy SFT, accuracy and KL vs loop
-# time and teacher tokens, 2 seeds each (hours on a 2-core CPU; --arms and --set pick fewer) -> bench/results/quality.md
+# time and teacher tokens, 2 seeds each (hours on a 2-core CPU; --arms and --seeds pick fewer, --set overrides the config)
+# -> bench/results/quality.md
 [positional-arguments]
 bench-quality *args: real-world
     python bench/quality.py "$@"

@@ -2,8 +2,12 @@
 held-out accuracy and reverse KL against loop time and teacher tokens, with the teacher's accuracy as
 the line to reach (the real world's arithmetic task: configs/smollm2-arithmetic.yaml).
 
-    python bench/quality.py [--epochs 60] [--eval-every 10] [--seeds 0 1] [--arms ...] [--set key=value ...]
-                                                                            (just bench-quality)
+    python bench/quality.py [--epochs 60] [--eval-every 10] [--seeds 0 1] [--arms ARM ...]
+                            [--set KEY=VALUE]...                            (just bench-quality)
+
+--arms runs some of the four arms below (all by default; a table without off-policy says so in its
+last column); --set, repeatable, overrides the config for every arm and the baselines, after each
+arm's own keys (so `--set score.top_k=32` sets the top-k arms' k).
 
 - on-policy, sampled token (`sampled`): `kd loop` with the config as shipped (reverse KL on the
   sampled token);
@@ -14,8 +18,8 @@ the line to reach (the real world's arithmetic task: configs/smollm2-arithmetic.
   (arXiv:2306.13649) with beta = 0: its gradient on a token's logit is p_student - p_teacher, so it
   raises a token the teacher expects (the end of the turn) however unlikely the student finds it,
   where reverse KL's gradient is scaled by the student's own probability;
-- off-policy (`off-policy`): SFT of the same LoRA on the teacher's own samples of the prompts kd's generate would
-  choose, the same optimiser batch and learning rate (bench/offpolicy.py's `run_off_policy`); the
+- off-policy (`off-policy`): SFT of the same LoRA on the teacher's own samples of the prompts kd's
+  generate would choose, the same optimiser batch and learning rate (bench/offpolicy.py's `run_off_policy`); the
   teacher samples at T = 1, as the student does on-policy, so its samples are right about as often as
   its sampled accuracy (the line to reach is its greedy accuracy).
 Teacher tokens: the completion tokens the teacher scores (on-policy) or generates (off-policy). Loop
@@ -32,6 +36,7 @@ import argparse
 import dataclasses
 import os
 import platform
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -90,7 +95,7 @@ def markdown(result: dict) -> str:
         "",
         f"{result['date']}, {result['machine']}. `python bench/quality.py --epochs {result['epochs']} --eval-every "
         f"{result['eval_every']} --seeds {' '.join(map(str, result['seeds']))} --arms {' '.join(result['arms'])}"
-        f"{''.join(f' --set {override}' for override in result['overrides'])}` ({CONFIG}); each run alone on the "
+        f"{''.join(' --set ' + shlex.quote(override) for override in result['overrides'])}` ({CONFIG}); each run alone on the "
         f"machine. The baselines sample with seed {result['seeds'][0]}; every other number is the mean over "
         "the seeds, evaluation by evaluation. Loop s: the stages' wall time, evaluations left out.",
         "",
@@ -144,11 +149,17 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=[*ON_POLICY, "off-policy"],
                         default=["sampled", "topk", "topk-forward", "off-policy"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for every arm and the baselines (as kd loop --set takes it)")
+                        help="a config override for every arm and the baselines, after the arm's own (as kd loop "
+                             "--set takes it; repeatable)")
     options = parser.parse_args()
+    options.arms = list(dict.fromkeys(options.arms))
+    for override in options.overrides:
+        # The runners set these per run, and the table's header states them from the options.
+        if override.partition("=")[0].strip() in ("seed", "epochs", "eval.every"):
+            parser.error(f"--set {override}: use --seeds, --epochs or --eval-every")
     subprocess.run(["kd", "real", "--config", str(ROOT / CONFIG)], cwd=ROOT, check=True)
     found = baselines(options.seeds[0], options.overrides)
-    seed_curves = {ON_POLICY[arm][0]: [run_on_policy(f"bench-quality-{arm}", [*options.overrides, *ON_POLICY[arm][1]],
+    seed_curves = {ON_POLICY[arm][0]: [run_on_policy(f"bench-quality-{arm}", [*ON_POLICY[arm][1], *options.overrides],
                                                      options.epochs, options.eval_every, seed, CONFIG, None)
                                        for seed in options.seeds]
                    for arm in options.arms if arm != "off-policy"}

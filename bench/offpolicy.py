@@ -134,8 +134,8 @@ def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "
             teacher_tokens += sum(len(r["completion_token_ids"]) for r in rows)
             examples = [{"input_ids": r["prompt_token_ids"] + r["completion_token_ids"],
                          "prompt_length": len(r["prompt_token_ids"]),
-                         **{name: [0.0] * len(r["completion_token_ids"])
-                            for name in ("sampler_logprobs", "policy_logprobs", "teacher_logprobs", "advantages")}}
+                         # SFT reads only the tokens; the collator wants every per-token field of kd's loss.
+                         **{name: [0.0] * len(r["completion_token_ids"]) for name in Collator.PER_TOKEN}}
                         for r in rows if r["completion_token_ids"]]
             for start in range(0, len(examples), batch):
                 inputs = collate(examples[start : start + batch])

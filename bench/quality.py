@@ -19,7 +19,8 @@ arm's own keys (so `--set score.top_k=32` sets the top-k arms' k).
   raises a token the teacher expects (the end of the turn) however unlikely the student finds it,
   where reverse KL's gradient is scaled by the student's own probability;
 - off-policy (`off-policy`): SFT of the same LoRA on the teacher's own samples of the prompts kd's
-  generate would choose, the same optimiser batch and learning rate (bench/offpolicy.py's `run_off_policy`); the
+  generate would choose, the same optimiser batch and learning rate (bench/offpolicy.py's
+  `run_off_policy`); the
   teacher samples at T = 1, as the student does on-policy, so its samples are right about as often as
   its sampled accuracy (the line to reach is its greedy accuracy).
 Teacher tokens: the completion tokens the teacher scores (on-policy) or generates (off-policy). Loop
@@ -146,8 +147,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--arms", nargs="+", choices=[*ON_POLICY, "off-policy"],
-                        default=["sampled", "topk", "topk-forward", "off-policy"])
+    arms = [*ON_POLICY, "off-policy"]
+    parser.add_argument("--arms", nargs="+", choices=arms, default=arms)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every arm and the baselines, after the arm's own (as kd loop "
                              "--set takes it; repeatable)")

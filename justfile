@@ -131,10 +131,15 @@ bench-overlap *args: toy
 bench-scale *args:
     python bench/scale.py "$@"
 
-# Gradient spikes of the default toy loop with and without train.ratio_cap, 2 seeds -> bench/results/stability.md
+# Gradient spikes of the default toy loop and settings that might remove them, 2 seeds -> bench/results/stability.md
 [positional-arguments]
 bench-stability *args: toy
     python bench/stability.py "$@"
+
+# What a finished toy run's spikes are made of (--run runs/<id> --epochs ...) -> bench/results/spikes.md
+[positional-arguments]
+bench-spikes *args:
+    python bench/spikes.py "$@"
 
 # Disk per epoch of the real world, keeping everything vs keep_epochs 1 -> bench/results/retention.md
 [positional-arguments]

@@ -1,24 +1,29 @@
-"""The default toy loop's gradient spikes with and without a cap on the importance ratio, two seeds.
+"""The default toy loop's gradient spikes under settings that might remove them, two seeds each.
 
-    python bench/stability.py [--epochs 100] [--seeds 0 1] [--settings ...]     (just bench-stability)
+    python bench/stability.py [--epochs 100] [--seeds 0 1] [--settings ...] [--keep]     (just bench-stability)
 
 A spike: an optimiser step whose gradient norm (before max_grad_norm's clipping) exceeds 3x the
 run's median. In a default `just loop` one step reached pi_theta / pi_old = 192 with a gradient 110x
-the median: within an epoch's optimiser steps the policy had moved that far on a few tokens of
-negative advantage, where PPO's clip (if on) would not bound the ratio either. train.ratio_cap C
-replaces rho by min(rho, C), so such a token gives no gradient (dual-clip PPO's idea, Ye et al.
-2020, arXiv:1912.09729, as a cap on the whole ratio). Each setting runs the whole default loop
-(configs/toy.yaml, every 10 epochs evaluated) as a user runs it, with one thread (OMP_NUM_THREADS=1),
-two runs side by side on this 2-core machine: only the spikes and the held-out table are compared,
-never the time, and with a fixed thread count they do not depend on what else runs.
+the median: within an epoch's optimiser steps the policy had moved that far on a few tokens. The
+settings: train.ratio_cap C replaces rho by min(rho, C), so such a token gives no gradient
+(dual-clip PPO's idea, Ye et al. 2020, arXiv:1912.09729, as a cap on the whole ratio); a smaller or
+decaying learning rate moves the policy less per step; one optimiser step an epoch (batch_size 256
+= the epoch's 64 x 4 samples) trains only at pi_old = the sampler (r = 1 everywhere, the Tinker
+recipe's one step per batch of rollouts). bench/spikes.py takes a finished run's spikes apart.
+Each setting runs the whole default loop (configs/toy.yaml, every 10 epochs evaluated) as a user
+runs it, with one thread (OMP_NUM_THREADS=1), two runs side by side on this 2-core machine: only the
+spikes and the held-out table are compared, never the time, and with a fixed thread count they do
+not depend on what else runs. --keep adds the settings run to those of the existing results file.
 Writes bench/results/stability.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import statistics
 from concurrent.futures import ThreadPoolExecutor
 
 from curves import mean_curve, save as save_results  # bench/ is on sys.path: run as `python bench/stability.py`
@@ -28,6 +33,10 @@ ONE_CORE = {"OMP_NUM_THREADS": "1"}  # two runs side by side, a core each: their
 SETTINGS = {  # name -> (overrides, environment)
     "ratio_cap 0 (off)": (["train.ratio_cap=0"], ONE_CORE),
     "ratio_cap 2": (["train.ratio_cap=2"], ONE_CORE),
+    "cosine decay": (["train.lr_scheduler=cosine"], ONE_CORE),
+    "learning_rate 5e-4": (["train.learning_rate=5e-4"], ONE_CORE),
+    "cosine decay from 2e-3": (["train.lr_scheduler=cosine", "train.learning_rate=2e-3"], ONE_CORE),
+    "one step an epoch (batch_size 256), learning_rate 2e-3": (["train.batch_size=256", "train.learning_rate=2e-3"], ONE_CORE),
 }
 
 
@@ -37,12 +46,12 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Gradient spikes of the default toy loop ({result['epochs']} epochs, seeds {result['seeds']})",
         "",
-        f"Machine: {result['machine']}. `python bench/stability.py`. Spike: grad_norm > 3x the run's median "
+        f"Machine: {result['machine']}. `python bench/stability.py --seeds {' '.join(map(str, result['seeds']))} --settings <the rows>`. Spike: grad_norm > 3x the run's median "
         "(before clipping to train.max_grad_norm).",
         "",
         "| setting | spikes (per seed) | grad_norm max / median | ratio max | "
-        + " | ".join(f"held-out KL @{e}" for e in evals) + f" | accuracy @{evals[-1]} |",
-        "|---|---|---|---|" + "---|" * len(evals) + "---|",
+        + " | ".join(f"held-out KL @{e}" for e in evals) + f" | their mean, all seeds | accuracy @{evals[-1]} |",
+        "|---|---|---|---|" + "---|" * len(evals) + "---:|---|",
     ]
     for name, runs in rows.items():
         def per_seed(value) -> str:
@@ -52,6 +61,7 @@ def markdown(result: dict) -> str:
             f"| {name}", per_seed(lambda r: str(len(r["spikes"]))),
             per_seed(lambda r: f"{r['grad_norm_max_over_median']:.1f}"), per_seed(lambda r: f"{r['ratio_max']:.1f}"),
             *(per_seed(lambda r, i=i: f"{r['curve'][i]['heldout_reverse_kl']:.3f}") for i in range(-len(evals), 0)),
+            f"{statistics.mean(p['heldout_reverse_kl'] for r in runs for p in r['curve'][-len(evals):]):.3f}",
             per_seed(lambda r: f"{r['curve'][-1]['accuracy']:.1%}")]) + " |")
     lines += ["", "The spikes (epoch.step: grad_norm / median, ratio max):", ""]
     for name, runs in rows.items():
@@ -66,11 +76,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the other settings' runs of bench/results/stability.json (same machine, epochs and seeds)")
     args = parser.parse_args()
     with ThreadPoolExecutor(2) as pool:
         futures = {setting: [pool.submit(run, "toy", setting, seed, args.epochs, 10, "stability", SETTINGS)
                              for seed in args.seeds] for setting in args.settings}
         runs = {setting: [future.result() for future in pending] for setting, pending in futures.items()}
+    if args.keep:
+        earlier = json.loads((RESULTS / "stability.json").read_text())
+        if (earlier["epochs"], earlier["seeds"]) != (args.epochs, args.seeds):
+            raise SystemExit("bench/results/stability.json holds other epochs or seeds: run without --keep")
+        runs = {**{name: rs for name, rs in earlier["runs"].items() if name not in runs}, **runs}
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "seeds": args.seeds, "epochs": args.epochs,
               "runs": runs, "curves": {setting: mean_curve([r["curve"] for r in rs]) for setting, rs in runs.items()}}
     save_results(RESULTS, "stability", result, markdown(result))

@@ -1,19 +1,21 @@
 """What a finished toy loop's gradient spikes are made of: per-sequence policy gradients at the start
 of chosen epochs, and what clipping the per-token log-ratio would do to them.
 
-    python bench/spikes.py --run runs/bench-stability-toy-ratio_cap0off-c1-seed0 --epochs 20 40 63 64 65 80
+    python bench/spikes.py --run runs/bench-stability-toy-ratio_cap0off-c1-seed0 --epochs 20 40 52 53 54 55 75 90
 
 For each epoch e the student holds the adapter of epoch e-1 (pi_old; the first optimiser step of an
 epoch has r = 1, so its gradient is the policy gradient at pi_old) and each scored sample i of epoch e
 gives g_i = grad_theta of -sum_t A_t log pi(y_t) over the LoRA parameters, A_t = q_t - s_t (teacher
-minus behaviour logprob, kl_coef 1, the default objective). Reported per epoch:
+minus behaviour logprob, kl_coef 1, the default objective; the trainer uses its recomputed o_t for
+s_t, which differs from the sampler's by under 1e-6 nats on the toy). Reported per epoch:
 - the per-token log-ratios q_t - s_t: quantiles, the share of tokens below -5 nats and their share of
   the epoch's reverse KL;
 - ||g_i||: median and maximum, and the samples with the largest (their most negative A_t, the
   student's logprob s_t of that token, and how many identical samples of the same prompt the epoch holds);
-- the gradient norm of a 128-sample batch, ||sum_batch g_i|| / tokens (what Trainer logs as
-  grad_norm before clipping), over 40 random halves of the epoch, with A_t clipped to [-c, c] for
-  each --clips c (0: as trained), and each epoch's median over the median of all chosen epochs.
+- the gradient norm of a train.batch_size-sample batch, ||sum_batch g_i|| / tokens (what Trainer
+  logs as grad_norm before clipping), over 20 random orders of the epoch's samples, with A_t
+  clipped to [-c, c] for each --clips c (0: as trained), and, unclipped, its median over the
+  run's median logged grad_norm (metrics.jsonl).
 Runs on the CPU; a few seconds per epoch of the toy. Writes bench/results/spikes.json and .md.
 """
 
@@ -30,15 +32,16 @@ import numpy as np
 import torch
 
 from kd.stages import config as config_lib, datasets_io, models
+from kd.stages.rundir import read_metrics
 from kd.stages.train import ragged
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-BATCH = 128  # configs/toy.yaml's train.batch_size: two optimiser steps an epoch
-DRAWS = 20   # random orders of the epoch's samples, two batches each
+DRAWS = 20  # random orders of the epoch's samples, each cut into batches
 
 
-def epoch_anatomy(base, run: Path, epoch: int, clips: list[float]) -> dict:
+def epoch_anatomy(base, run: Path, epoch: int, clips: list[float], batch: int) -> dict:
+    """One epoch's statistics (module docstring), from its scored dataset and the adapter of epoch - 1."""
     scored = run / f"{epoch:04d}" / "scored"
     table = datasets_io.read_table(scored, datasets_io.kind_of(scored))
     model = models.load_adapter(copy.deepcopy(base), run / f"{epoch - 1:04d}" / "adapter", is_trainable=True)
@@ -50,6 +53,8 @@ def epoch_anatomy(base, run: Path, epoch: int, clips: list[float]) -> dict:
     grads: dict[float, list[torch.Tensor]] = {c: [] for c in clips}
     samples = []
     for prompt, completion, s, q in zip(prompts, completions, sampler, teacher):
+        if not len(completion):  # no token to train on: Trainer skips it too (kd.stages.train.features)
+            continue
         ids = torch.from_numpy(np.concatenate([prompt, completion]))[None]
         hidden = models.hidden_states(model, ids, None)[0, len(prompt) - 1 : -1]
         logprobs = torch.log_softmax(head(hidden), -1).gather(-1, torch.from_numpy(completion)[:, None])[:, 0]
@@ -61,13 +66,14 @@ def epoch_anatomy(base, run: Path, epoch: int, clips: list[float]) -> dict:
         worst = int(np.argmin(q - s))
         samples.append({"tokens": len(completion), "min_log_ratio": float((q - s)[worst]),
                         "student_logprob_there": float(s[worst]), "key": (prompt.tobytes(), completion.tobytes())})
-    norms = torch.stack(grads[clips[0]]).norm(dim=1).numpy()
+    norms = torch.stack(grads[0.0]).norm(dim=1).numpy()
     tokens = np.array([s["tokens"] for s in samples])
     rng = np.random.default_rng(epoch)
-    halves = [half for order in (rng.permutation(len(samples)) for _ in range(DRAWS)) for half in (order[:BATCH], order[BATCH:])]
-    batch_norms = {c: [float(torch.stack([grads[c][i] for i in half]).sum(0).norm() / tokens[half].sum()) for half in halves]
+    batches = [order[at : at + batch] for order in (rng.permutation(len(samples)) for _ in range(DRAWS))
+              for at in range(0, len(samples) - batch + 1, batch)]
+    batch_norms = {c: [float(torch.stack([grads[c][i] for i in half]).sum(0).norm() / tokens[half].sum()) for half in batches]
                    for c in clips}
-    ratios = np.concatenate([q - s for s, q in zip(sampler, teacher)])
+    ratios = np.concatenate([q - s for s, q in zip(sampler, teacher) if len(s)])
     copies = {}
     for s in samples:
         copies[s["key"]] = copies.get(s["key"], 0) + 1
@@ -89,22 +95,24 @@ def epoch_anatomy(base, run: Path, epoch: int, clips: list[float]) -> dict:
 def markdown(result: dict) -> str:
     clips = [str(c) for c in result["clips"]]
     overall = {c: float(np.median([e["batch_grad_norm_p50"][c] for e in result["epochs"]])) for c in clips}
+    run_median = result["run_median_grad_norm"]
     lines = [
         f"# Anatomy of the gradient spikes: {result['run']}", "",
         f"Machine: {result['machine']}. `python bench/spikes.py --run {result['run']} --epochs "
         f"{' '.join(str(e['epoch']) for e in result['epochs'])}`. Per epoch: the policy gradient of each scored sample "
-        "at the epoch's start (A_t = q_t - s_t), and of random 128-sample batches (grad_norm as Trainer logs it, "
-        "before clipping) with A_t clipped to [-c, c]; 'x' is the epoch's median batch over the median of the chosen "
-        "epochs.", "",
-        "| epoch | log-ratio p1 / p50 / p99 | tokens < -5 nats | their share of the KL | sample grad p50 / max | "
+        f"at the epoch's start (A_t = q_t - s_t), and of random {result['batch']}-sample batches (grad_norm as Trainer "
+        "logs it, before clipping) with A_t clipped to [-c, c]. 'x run' is the unclipped batches' median over the run's "
+        f"median logged grad_norm ({run_median:.3f}); each '(x)' is over the median of the chosen epochs at that c.", "",
+        "| epoch | log-ratio p1 / p50 / p99 | tokens < -5 nats | their share of the KL | sample grad p50 / max | x run | "
         + " | ".join(f"batch grad p50 (x), c = {c if c != '0.0' else 'off'}" for c in clips) + " |",
-        "|---:|---|---:|---:|---|" + "---|" * len(clips),
+        "|---:|---|---:|---:|---|---:|" + "---|" * len(clips),
     ]
     for e in result["epochs"]:
         q = e["log_ratio_quantiles"]
         lines.append(
             f"| {e['epoch']} | {q['0.01']:.2f} / {q['0.5']:.2f} / {q['0.99']:.2f} | {e['share_below_minus_5']:.1%} | "
             f"{e['kl_share_below_minus_5']:.0%} | {e['sample_grad_norm_p50']:.0f} / {e['sample_grad_norm_max']:.0f} | "
+            f"{e['batch_grad_norm_p50']['0.0'] / run_median:.2f}x | "
             + " | ".join(f"{e['batch_grad_norm_p50'][c]:.3f} ({e['batch_grad_norm_p50'][c] / overall[c]:.2f}x)" for c in clips) + " |")
     lines += ["", "The three samples with the largest gradient in each epoch (grad norm; their most negative "
               "log-ratio q_t - s_t and the student's logprob s_t of that token; identical samples of it in the epoch):", ""]
@@ -119,13 +127,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished loop of configs/toy.yaml (runs/<id>)")
     parser.add_argument("--epochs", type=int, nargs="+", required=True, help="epochs >= 1 whose scored data and previous adapter exist")
-    parser.add_argument("--clips", type=float, nargs="+", default=[0.0, 5.0, 3.0, 1.0])
+    parser.add_argument("--clips", type=float, nargs="+", default=[5.0, 3.0, 1.0], help="nats; unclipped (0) always comes first")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    base = models.load_causal_lm(config_lib.load(args.run / "config.yaml").student, "float32", "cpu")
+    config = config_lib.load(args.run / "config.yaml")
+    base = models.load_causal_lm(config.student, "float32", "cpu")
     models.disable_dropout(base)
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "run": str(args.run), "clips": args.clips,
-              "epochs": [epoch_anatomy(base, args.run, epoch, args.clips) for epoch in args.epochs]}
+    clips = [0.0, *(c for c in args.clips if c != 0.0)]
+    logged = [r["grad_norm"] for r in read_metrics(args.run) if r["stage"] == "train_step" and r.get("grad_norm") is not None]
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "run": str(args.run), "clips": clips,
+              "batch": config.train.batch_size, "run_median_grad_norm": float(np.median(logged)),
+              "epochs": [epoch_anatomy(base, args.run, epoch, clips, config.train.batch_size) for epoch in args.epochs]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "spikes.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "spikes.md").write_text(markdown(result))

@@ -1,6 +1,6 @@
 """The default toy loop's gradient spikes under settings that might remove them, two seeds each.
 
-    python bench/stability.py [--epochs 100] [--seeds 0 1] [--settings ...] [--keep]     (just bench-stability)
+    python bench/stability.py [--epochs 100] [--seeds 0 1] [--settings ...] [--name stability] [--keep]     (just bench-stability)
 
 A spike: an optimiser step whose gradient norm (before max_grad_norm's clipping) exceeds 3x the
 run's median. In a default `just loop` one step reached pi_theta / pi_old = 192 with a gradient 110x
@@ -14,7 +14,7 @@ Each setting runs the whole default loop (configs/toy.yaml, every 10 epochs eval
 runs it, with one thread (OMP_NUM_THREADS=1), two runs side by side on this 2-core machine: only the
 spikes and the held-out table are compared, never the time, and with a fixed thread count they do
 not depend on what else runs. --keep adds the settings run to those of the existing results file.
-Writes bench/results/stability.json and .md.
+Writes bench/results/<name>.json and .md (seeds 2 and 3: --name stability-seeds23).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Gradient spikes of the default toy loop ({result['epochs']} epochs, seeds {result['seeds']})",
         "",
-        f"Machine: {result['machine']}. `python bench/stability.py --seeds {' '.join(map(str, result['seeds']))} --settings <the rows>`. Spike: grad_norm > 3x the run's median "
+        f"Machine: {result['machine']}. `python bench/stability.py --name {result['name']} --seeds "
+        f"{' '.join(map(str, result['seeds']))} --settings <the rows>`. Spike: grad_norm > 3x the run's median "
         "(before clipping to train.max_grad_norm).",
         "",
         "| setting | spikes (per seed) | grad_norm max / median | ratio max | "
@@ -76,21 +77,25 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--name", default="stability", help="results file stem: bench/results/<name>.json and .md")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the other settings' runs of bench/results/stability.json (same machine, epochs and seeds)")
+                        help="keep the other settings' runs of bench/results/<name>.json (same epochs and seeds; "
+                             "run on the same machine: the file does not tell CPUs apart)")
     args = parser.parse_args()
+    earlier = {}
+    if args.keep:  # checked before hours of runs, not after
+        kept = json.loads((RESULTS / f"{args.name}.json").read_text())
+        if (kept["epochs"], kept["seeds"]) != (args.epochs, args.seeds):
+            raise SystemExit(f"bench/results/{args.name}.json holds other epochs or seeds: run without --keep")
+        earlier = {name: rs for name, rs in kept["runs"].items() if name not in args.settings}
     with ThreadPoolExecutor(2) as pool:
         futures = {setting: [pool.submit(run, "toy", setting, seed, args.epochs, 10, "stability", SETTINGS)
                              for seed in args.seeds] for setting in args.settings}
-        runs = {setting: [future.result() for future in pending] for setting, pending in futures.items()}
-    if args.keep:
-        earlier = json.loads((RESULTS / "stability.json").read_text())
-        if (earlier["epochs"], earlier["seeds"]) != (args.epochs, args.seeds):
-            raise SystemExit("bench/results/stability.json holds other epochs or seeds: run without --keep")
-        runs = {**{name: rs for name, rs in earlier["runs"].items() if name not in runs}, **runs}
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "seeds": args.seeds, "epochs": args.epochs,
+        runs = {**earlier, **{setting: [future.result() for future in pending] for setting, pending in futures.items()}}
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "name": args.name, "seeds": args.seeds,
+              "epochs": args.epochs,
               "runs": runs, "curves": {setting: mean_curve([r["curve"] for r in rs]) for setting, rs in runs.items()}}
-    save_results(RESULTS, "stability", result, markdown(result))
+    save_results(RESULTS, args.name, result, markdown(result))
 
 
 if __name__ == "__main__":

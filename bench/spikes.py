@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import platform
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -71,12 +72,10 @@ def epoch_anatomy(base, run: Path, epoch: int, clips: list[float], batch: int) -
     rng = np.random.default_rng(epoch)
     batches = [order[at : at + batch] for order in (rng.permutation(len(samples)) for _ in range(DRAWS))
               for at in range(0, len(samples) - batch + 1, batch)]
-    batch_norms = {c: [float(torch.stack([grads[c][i] for i in half]).sum(0).norm() / tokens[half].sum()) for half in batches]
-                   for c in clips}
+    batch_norms = {c: [float(torch.stack([grads[c][i] for i in members]).sum(0).norm() / tokens[members].sum())
+                       for members in batches] for c in clips}
     ratios = np.concatenate([q - s for s, q in zip(sampler, teacher) if len(s)])
-    copies = {}
-    for s in samples:
-        copies[s["key"]] = copies.get(s["key"], 0) + 1
+    copies = Counter(sample["key"] for sample in samples)
     top = []
     for i in np.argsort(-norms)[:3]:
         top.append({"grad_norm": float(norms[i]), **{k: v for k, v in samples[i].items() if k != "key"},

@@ -20,9 +20,8 @@ arm's own keys (so `--set score.top_k=32` sets the top-k arms' k).
   where reverse KL's gradient is scaled by the student's own probability;
 - off-policy (`off-policy`): SFT of the same LoRA on the teacher's own samples of the prompts kd's
   generate would choose, the same optimiser batch and learning rate (bench/offpolicy.py's
-  `run_off_policy`); the
-  teacher samples at T = 1, as the student does on-policy, so its samples are right about as often as
-  its sampled accuracy (the line to reach is its greedy accuracy).
+  `run_off_policy`); the teacher samples at T = 1, as the student does on-policy, so its samples are
+  right about as often as its sampled accuracy (the line to reach is its greedy accuracy).
 Teacher tokens: the completion tokens the teacher scores (on-policy) or generates (off-policy). Loop
 seconds: the stages' wall time (generate, score, train, export-lora; the evaluations left out), and
 for off-policy the sampling and SFT time. Every policy is evaluated by kd.stages.evaluate on the

@@ -59,13 +59,13 @@ def epoch_anatomy(base, run: Path, epoch: int, clips: list[float], batch: int) -
         ids = torch.from_numpy(np.concatenate([prompt, completion]))[None]
         hidden = models.hidden_states(model, ids, None)[0, len(prompt) - 1 : -1]
         logprobs = torch.log_softmax(head(hidden), -1).gather(-1, torch.from_numpy(completion)[:, None])[:, 0]
-        log_ratio = torch.from_numpy(q - s)
+        log_ratio = q - s
         for k, c in enumerate(clips):
-            advantage = log_ratio.clamp(-c, c) if c else log_ratio
+            advantage = torch.from_numpy(np.clip(log_ratio, -c, c) if c else log_ratio)
             found = torch.autograd.grad(-(advantage * logprobs).sum(), params, retain_graph=k < len(clips) - 1)
             grads[c].append(torch.cat([g.flatten() for g in found]))
-        worst = int(np.argmin(q - s))
-        samples.append({"tokens": len(completion), "min_log_ratio": float((q - s)[worst]),
+        worst = int(np.argmin(log_ratio))
+        samples.append({"tokens": len(completion), "min_log_ratio": float(log_ratio[worst]),
                         "student_logprob_there": float(s[worst]), "key": (prompt.tobytes(), completion.tobytes())})
     norms = torch.stack(grads[0.0]).norm(dim=1).numpy()
     tokens = np.array([s["tokens"] for s in samples])

@@ -93,8 +93,7 @@ def main() -> None:
                              for seed in args.seeds] for setting in args.settings}
         runs = {**earlier, **{setting: [future.result() for future in pending] for setting, pending in futures.items()}}
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "name": args.name, "seeds": args.seeds,
-              "epochs": args.epochs,
-              "runs": runs, "curves": {setting: mean_curve([r["curve"] for r in rs]) for setting, rs in runs.items()}}
+              "epochs": args.epochs, "runs": runs, "curves": {setting: mean_curve([r["curve"] for r in rs]) for setting, rs in runs.items()}}
     save_results(RESULTS, args.name, result, markdown(result))
 
 

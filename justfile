@@ -107,6 +107,12 @@ arithmetic *args: real-world
 bench-quality *args: real-world
     python bench/quality.py "$@"
 
+# Arithmetic task: greedy accuracy (train and held-out sums) of depth-pruned copies of the real teacher (--drop 20,21 ...)
+# or of a finished run's adapters (--world W --run runs/<id> --epochs base 4 9) -> bench/results/pruning.md
+[positional-arguments]
+bench-pruning *args: real-world
+    python bench/pruning.py "$@"
+
 # Real world: held-out reverse KL vs loop time, stage wall time and peak memory, sampled token vs top-32 -> bench/results/real.md
 [positional-arguments]
 bench-real *args:

@@ -3,11 +3,13 @@ held-out accuracy and reverse KL against loop time and teacher tokens, with the 
 the line to reach (the real world's arithmetic task: configs/smollm2-arithmetic.yaml).
 
     python bench/quality.py [--epochs 60] [--eval-every 10] [--seeds 0 1] [--arms ARM ...]
-                            [--set KEY=VALUE]...                            (just bench-quality)
+                            [--set KEY=VALUE]... [--name quality]           (just bench-quality)
 
 --arms runs some of the four arms below (all by default; a table without off-policy says so in its
 last column); --set, repeatable, overrides the config for every arm and the baselines, after each
-arm's own keys (so `--set score.top_k=32` sets the top-k arms' k).
+arm's own keys (so `--set score.top_k=32` sets the top-k arms' k; `kd real` builds the world they
+name); --name is the results files' stem and the on-policy runs' prefix (runs/bench-<name>-<arm>-seed<s>;
+off-policy trains in a temporary directory).
 
 - on-policy, sampled token (`sampled`): `kd loop` with the config as shipped (reverse KL on the
   sampled token);
@@ -27,7 +29,7 @@ seconds: the stages' wall time (generate, score, train, export-lora; the evaluat
 for off-policy the sampling and SFT time. Every policy is evaluated by kd.stages.evaluate on the
 same held-out questions: greedy accuracy (the task metric), the T = 1 samples' accuracy and reverse
 KL. The teacher's and the student's accuracy are measured the same way, with the teacher evaluated
-as if it were the student. Writes bench/results/quality.json, .md and the curves' PNGs.
+as if it were the student. Writes bench/results/<name>.json, .md and the curves' PNGs.
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ def markdown(result: dict) -> str:
         "",
         f"{result['date']}, {result['machine']}. `python bench/quality.py --epochs {result['epochs']} --eval-every "
         f"{result['eval_every']} --seeds {' '.join(map(str, result['seeds']))} --arms {' '.join(result['arms'])}"
-        f"{''.join(' --set ' + shlex.quote(override) for override in result['overrides'])}` ({CONFIG}); each run alone on the "
+        f"{''.join(' --set ' + shlex.quote(override) for override in result['overrides'])}"
+        f"{'' if result['name'] == 'quality' else ' --name ' + shlex.quote(result['name'])}` ({CONFIG}); each run alone on the "
         f"machine. The baselines sample with seed {result['seeds'][0]}; every other number is the mean over "
         "the seeds, evaluation by evaluation. Loop s: the stages' wall time, evaluations left out.",
         "",
@@ -151,15 +154,17 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every arm and the baselines, after the arm's own (as kd loop "
                              "--set takes it; repeatable)")
+    parser.add_argument("--name", default="quality", help="the results files' stem and the runs' prefix")
     options = parser.parse_args()
     options.arms = list(dict.fromkeys(options.arms))
     for override in options.overrides:
         # The runners set these per run, and the table's header states them from the options.
         if override.partition("=")[0].strip() in ("seed", "epochs", "eval.every"):
             parser.error(f"--set {override}: use --seeds, --epochs or --eval-every")
-    subprocess.run(["kd", "real", "--config", str(ROOT / CONFIG)], cwd=ROOT, check=True)
+    subprocess.run(["kd", "real", "--config", str(ROOT / CONFIG), *(f"--set={override}" for override in options.overrides)],
+                   cwd=ROOT, check=True)
     found = baselines(options.seeds[0], options.overrides)
-    seed_curves = {ON_POLICY[arm][0]: [run_on_policy(f"bench-quality-{arm}", [*ON_POLICY[arm][1], *options.overrides],
+    seed_curves = {ON_POLICY[arm][0]: [run_on_policy(f"bench-{options.name}-{arm}", [*ON_POLICY[arm][1], *options.overrides],
                                                      options.epochs, options.eval_every, seed, CONFIG, None)
                                        for seed in options.seeds]
                    for arm in options.arms if arm != "off-policy"}
@@ -168,10 +173,10 @@ def main() -> None:
                                    for seed in options.seeds]
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
               "epochs": options.epochs, "eval_every": options.eval_every, "seeds": options.seeds, "baselines": found,
-              "arms": options.arms, "overrides": options.overrides,
+              "arms": options.arms, "overrides": options.overrides, "name": options.name,
               "max_new_tokens": config_lib.load(ROOT / CONFIG, options.overrides).eval.max_new_tokens,
               "curves": {name: mean_curve(curves) for name, curves in seed_curves.items()}, "seed_curves": seed_curves}
-    save_results(RESULTS, "quality", result, markdown(result))
+    save_results(RESULTS, options.name, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ bench-quality *args: real-world
     python bench/quality.py "$@"
 
 # Arithmetic task: greedy accuracy (train and held-out sums) of depth-pruned copies of the real teacher (--drop 20,21 ...)
-# or of a finished run's adapters (--world W --run runs/<id> --epochs base 4 9) -> bench/results/pruning.md
+# or of a finished run's adapters (--world W --run runs/<id> --adapters base 4 9) -> bench/results/pruning.md
 [positional-arguments]
 bench-pruning *args: real-world
     python bench/pruning.py "$@"

@@ -38,7 +38,7 @@ bench-engines:
     python bench/engines.py
 
 # Every benchmark, one after another (results in bench/results/, summary in BENCHMARKS.md)
-bench: bench-engines bench-topk bench-vs-trl bench-efficiency bench-offpolicy bench-slurm bench-memory bench-real bench-reward bench-scale bench-overlap bench-stability bench-retention bench-quality
+bench: bench-engines bench-topk bench-vs-trl bench-vs-trl-real bench-efficiency bench-offpolicy bench-slurm bench-memory bench-real bench-reward bench-scale bench-overlap bench-stability bench-retention bench-quality
 
 # One toy epoch as Slurm jobs: 1 vs 2 array tasks, 1 vs 2 training processes, Slurm's overhead -> bench/results/slurm.md
 bench-slurm: install-slurm toy
@@ -71,6 +71,10 @@ bench-minillm:
 # kd (full-vocabulary reverse KL) vs TRL's DistillationTrainer, 4 seeds, wall time to each held-out KL -> bench/results/vs_trl.md
 bench-vs-trl:
     python bench/vs_trl.py
+
+# The same on the real world (SmolLM2-135M-Instruct -> its pruned student, HumanEval prompts), 2 seeds -> bench/results/vs_trl-real.md
+bench-vs-trl-real:
+    python bench/vs_trl.py --world real
 
 # Score and train stage wall time vs the bare model work inside, dataset I/O share -> bench/results/efficiency.md
 bench-efficiency:

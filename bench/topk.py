@@ -36,6 +36,7 @@ from kd.stages import pipeline
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 TRAINING_STAGES = {stage.command for stage in pipeline.EPOCH}
+TOY = ROOT / "configs" / "toy.yaml"
 
 
 def kd_variants(vocabulary: int, epochs: int) -> dict[str, list[str]]:
@@ -65,25 +66,25 @@ def kd_run_id(name: str, prefix: str = "bench-topk-") -> str:
     return prefix + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
-def run_kd(name: str, overrides: list[str], epochs: int, eval_every: int, prefix: str = "bench-topk-") -> list[dict]:
-    """`kd loop` as a user runs it; the curve: held-out KL and accuracy against cumulative training seconds."""
+def run_kd(name: str, overrides: list[str], epochs: int, eval_every: int, prefix: str = "bench-topk-",
+           config: Path = TOY, every_epoch: bool = False) -> list[dict]:
+    """`kd loop` as a user runs it; the curve: held-out KL and accuracy against cumulative training seconds,
+    at each evaluated epoch, or with `every_epoch` at every epoch (KL and accuracy None where the loop
+    did not evaluate: the caller evaluates the adapters afterwards)."""
     run_id = kd_run_id(name, prefix)
     shutil.rmtree(ROOT / "runs" / run_id, ignore_errors=True)  # a fresh run: `kd loop` would resume an old one
-    command = ["kd", "loop", "--config", str(ROOT / "configs" / "toy.yaml"), "--run", run_id,
+    command = ["kd", "loop", "--config", str(config), "--run", run_id,
                "--set", f"epochs={epochs}", "--set", f"eval.every={eval_every}"]
     for override in overrides:
         command += ["--set", override]
     print(f"== {name}: {' '.join(command)}", flush=True)
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in (ROOT / "runs" / run_id / "metrics.jsonl").read_text().splitlines()]
-    curve = []
-    for record in records:
-        if record.get("stage") == "eval":
-            seconds = sum(r["wall_seconds"] for r in records
-                          if r.get("stage") in TRAINING_STAGES and r["epoch"] < record["epoch"])
-            curve.append({"epoch": record["epoch"], "train_seconds": seconds,
-                          "heldout_reverse_kl": record["heldout_reverse_kl"], "accuracy": record["accuracy"]})
-    return sorted(curve, key=lambda point: point["epoch"])
+    evals = {record["epoch"]: record for record in records if record.get("stage") == "eval"}
+    return [{"epoch": epoch,
+             "train_seconds": sum(r["wall_seconds"] for r in records if r.get("stage") in TRAINING_STAGES and r["epoch"] < epoch),
+             "heldout_reverse_kl": evals.get(epoch, {}).get("heldout_reverse_kl"), "accuracy": evals.get(epoch, {}).get("accuracy")}
+            for epoch in (range(epochs + 1) if every_epoch else sorted(evals))]
 
 
 TRL_DISTILLATION = "trl DistillationTrainer (beta=1)"
@@ -91,23 +92,33 @@ TRL_MINILLM = "trl experimental MiniLLMTrainer (Tinker-like: per-token reverse K
 
 
 def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DISTILLATION, seed: int = 0,
-            adapters: Path | None = None) -> list[dict]:
-    """A TRL distiller with kd's toy hyper-parameters, stopped after `budget_seconds` of training:
-    `trl.DistillationTrainer` (beta 1), or `trl.experimental.minillm.MiniLLMTrainer` (TRL 0.2x only:
-    TRL 1.x has no MiniLLM) set up as the Tinker objective: advantage = per-token reverse KL to the
-    teacher, no single-step decomposition, no discount, no task reward, 64 completions per step
-    (16 prompts x 4, as kd samples). The adapter of each evaluated step is kept as
-    `adapters`/step-N when `adapters` is given."""
+            adapters: Path | None = None, config_path: Path = TOY, batch: tuple[int, int] | None = None,
+            evaluate_during: bool = True) -> list[dict]:
+    """A TRL distiller with the hyper-parameters of kd's `config_path`, stopped after `budget_seconds`
+    of training: `trl.DistillationTrainer` (beta 1; one completion per prompt, `batch` = (prompts per
+    micro-batch, micro-batches per optimiser step), by default generate.prompts_per_epoch prompts in
+    one), or `trl.experimental.minillm.MiniLLMTrainer` (TRL 0.2x only: TRL 1.x has no MiniLLM) set
+    up as the Tinker objective: advantage = per-token reverse KL to the teacher, no single-step
+    decomposition, no discount, no task reward, 64 completions per step (16 prompts x 4, as kd
+    samples on the toy). The adapter of each checkpoint (every `eval_every` steps and the last) is
+    kept as `adapters`/step-N when `adapters` is given; with `evaluate_during` False a checkpoint is
+    only saved, and its point has no KL or accuracy (the caller evaluates the adapters afterwards).
+    TRL's learning rate follows kd's schedule (kd.stages.schedule.lr_factor), not transformers' warm-up,
+    which starts at 0."""
     import datasets
+    from torch.optim.lr_scheduler import LambdaLR
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from kd.stages import config as config_lib
     from kd.stages.datasets_io import read_prompt_rows
     from kd.stages.evaluate import evaluate
+    from kd.stages.schedule import lr_factor
     from kd.stages.session import Session
 
-    config = config_lib.load(ROOT / "configs" / "toy.yaml", [f"seed={seed}"])
+    if not (evaluate_during or adapters):
+        raise ValueError("run_trl: with evaluate_during=False the checkpoints must be kept: pass adapters")
+    config = config_lib.load(config_path, [f"seed={seed}"])
     config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, num_prompts=0))
     cfg = config.train
     session = Session(config, progress=False)
@@ -118,7 +129,8 @@ def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DIST
     curve: list[dict] = []
 
     class EvalAndBudget(TrainerCallback):
-        """Evaluates every `eval_every` steps with the clock stopped; stops training when the budget is spent."""
+        """Checkpoints (and evaluates) every `eval_every` steps with the clock stopped; stops training when the
+        budget is spent."""
 
         def __init__(self):
             self.started = self.paused = 0.0
@@ -133,9 +145,9 @@ def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DIST
             if model is not None:
                 adapter = (adapters or work) / f"step-{step}"
                 model.save_pretrained(adapter)
-            _, stats = evaluate(session, adapter, step)
+            stats = evaluate(session, adapter, step)[1] if evaluate_during else {}
             curve.append({"step": step, "train_seconds": pause - self.started - self.paused,
-                          "heldout_reverse_kl": stats["heldout_reverse_kl"], "accuracy": stats["accuracy"]})
+                          "heldout_reverse_kl": stats.get("heldout_reverse_kl"), "accuracy": stats.get("accuracy")})
             print(f"   trl step {step}: {curve[-1]}", flush=True)
             self.paused += time.perf_counter() - pause
 
@@ -146,9 +158,10 @@ def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DIST
             if spent >= budget_seconds:
                 control.should_training_stop = True
 
+    micro_batch, grad_accum = batch or (config.generate.prompts_per_epoch, 1)
     common = dict(
-        output_dir=str(work / "trainer"), learning_rate=cfg.learning_rate, lr_scheduler_type="constant_with_warmup",
-        warmup_steps=cfg.warmup_steps, per_device_train_batch_size=config.generate.prompts_per_epoch,
+        output_dir=str(work / "trainer"), learning_rate=cfg.learning_rate, per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=grad_accum,
         max_completion_length=config.generate.max_new_tokens, temperature=config.generate.temperature,
         max_grad_norm=cfg.max_grad_norm, max_steps=100000, logging_steps=10, save_strategy="no", report_to=[],
         use_cpu=True, seed=config.seed, bf16=False, disable_tqdm=True,
@@ -163,7 +176,15 @@ def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DIST
         from trl import DistillationConfig as TrainerConfig, DistillationTrainer as Trainer
 
         args = TrainerConfig(**common, beta=1.0)
-    trainer = Trainer(
+
+    class KdSchedule(Trainer):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = LambdaLR(optimizer or self.optimizer,
+                                             lambda step: lr_factor(step, cfg, num_training_steps))
+            return self.lr_scheduler
+
+    trainer = KdSchedule(
         model=AutoModelForCausalLM.from_pretrained(config.student, dtype="float32"),
         teacher_model=AutoModelForCausalLM.from_pretrained(config.teacher, dtype="float32"),
         args=args, train_dataset=train_set, processing_class=tokenizer,

@@ -1,20 +1,32 @@
-"""kd against TRL's on-policy distiller, head to head on the toy world: the same objective, several
-seeds, and the wall time each needs to reach a series of held-out reverse KLs.
+"""kd against TRL's on-policy distiller, head to head: the same student, teacher, LoRA, learning rate
+and warm-up, several seeds, and the wall time each needs to reach a series of held-out reverse KLs.
 
-    python bench/vs_trl.py [--epochs 80] [--seeds 0 1 2 3]        (just bench-vs-trl)
+    python bench/vs_trl.py [--epochs 80] [--seeds 0 1 2 3]                  (just bench-vs-trl)
+    python bench/vs_trl.py --world real [--epochs 6] [--seeds 0 1]          (just bench-vs-trl-real)
 
+The toy world (configs/toy.yaml):
 - kd: `kd loop` with the teacher's whole next-token distribution (score.top_k = the vocabulary,
   train.topk_reverse_kl 1, train.kl_coef 0), one sample for each of 256 prompts per epoch, 64
   samples per optimiser step (4 steps per epoch): the best toy setting of bench/topk.py.
 - TRL: `trl.DistillationTrainer` with beta = 1 (reverse KL over the whole vocabulary), one
-  completion for each of 64 prompts per step, same student, teacher, LoRA, learning rate and
-  warm-up, for the mean training seconds of the kd runs (bench/topk.py's `run_trl`).
-Training seconds exclude evaluation; every policy is evaluated by `kd.stages.evaluate.evaluate` on the
-256 held-out prompts, every 20 optimiser steps for both, and afterwards every one of those
-checkpoints again on the same held-out draws (COMMON_SALTS), which is what the tables and plots
-show. One evaluation still moves by a few hundredths of KL from one to the next, so the curves are
-averaged over the seeds before anything is read off them.
-Writes bench/results/vs_trl.json, vs_trl.md and the curves' PNGs.
+  completion for each of 64 prompts per step; a checkpoint every 20 optimiser steps.
+The real world (configs/smollm2-humaneval.yaml: SmolLM2-135M-Instruct teaches its 20-layer pruned
+copy, HumanEval prompts, up to 128 tokens per completion; `kd real` builds it):
+- kd: `kd loop` with the config's sampled-token objective (its best on this world,
+  bench/results/real.md: the top-32 reverse KL did worse there, and the overlapped loop is slower
+  on two cores, bench/results/overlap-real.md), one sample for each of 16 prompts per epoch, one
+  optimiser step per epoch.
+- TRL: `trl.DistillationTrainer` with beta = 1, one completion for each of 16 prompts per step (4
+  micro-batches of 4, as kd's train.batch_size and grad_accum); a checkpoint every step.
+TRL trains for the mean training seconds of the kd runs (bench/topk.py's `run_trl`). Training
+seconds exclude evaluation and checkpointing. Afterwards every checkpoint of both tools is
+evaluated by `kd.stages.evaluate.evaluate` on all the held-out prompts, on the same draws (the
+world's `salts`), which is what the tables and plots show. On the toy both tools also evaluate
+while training (those curves are kept in the JSON); on the real world TRL only saves its
+checkpoints and kd's loop evaluates only at its first and last epoch (each evaluation costs about
+as much as an epoch there). One evaluation differs from the next by sampling noise, so the curves
+are averaged over the seeds before anything is read off them.
+Writes bench/results/vs_trl.json (the real world: vs_trl-real.json), .md and the curves' PNGs.
 """
 
 from __future__ import annotations
@@ -33,46 +45,93 @@ from topk import TRL_DISTILLATION, at_time, first_reaching, kd_run_id, run_kd, r
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-KD = "kd, full-vocabulary reverse KL, 1 sample x 256 prompts per epoch"
-THRESHOLDS = (0.2, 0.15, 0.1, 0.07, 0.05)
-STEPS_PER_EVAL = 20
-PREFIX = "bench-vs-trl-"
-# Each evaluation during training draws its own held-out samples (its seeds are salted with the
-# epoch or step), so two curves differ by sampling noise too. Afterwards every checkpoint of both
-# tools is evaluated again on these same draws: 2 x 256 samples per checkpoint.
-COMMON_SALTS = (9001, 9002)
+TOY_WORLD = ROOT / "runs" / "toy-world" / "toy.json"
 
 
-def kd_overrides(vocabulary: int, seed: int) -> list[str]:
-    return [f"seed={seed}", f"score.top_k={vocabulary}", "train.kl_coef=0", "train.topk_reverse_kl=1",
-            "train.batch_size=64", "generate.prompts_per_epoch=256", "generate.samples_per_prompt=1"]
+@dataclasses.dataclass(frozen=True)
+class World:
+    name: str
+    config: Path
+    build: tuple[str, ...]             # the command that builds the world (skipped by kd once built)
+    kd: str                            # the kd run's name in tables and plots
+    kd_settings: tuple[str, ...]       # kd's config overrides; "{vocabulary}" is the toy's vocabulary size
+    epochs: int                        # --epochs' default
+    seeds: tuple[int, ...]             # --seeds' default
+    steps_per_checkpoint: int          # optimiser steps between checkpoints, both tools
+    # Each evaluation during training draws its own held-out samples (its seeds are salted with the
+    # epoch or step), so two curves differ by sampling noise too: every checkpoint of both tools
+    # is evaluated again on these same draws.
+    salts: tuple[int, ...]
+    thresholds: tuple[float, ...]      # held-out KLs whose first-reaching times are tabulated
+    times: tuple[float, ...]           # training seconds at which the curves are compared
+    evaluate_during: bool              # also evaluate while training (the toy's JSON keeps both curves)
+    stem: str                          # results file stem; runs are runs/bench-<stem with - for _>-...
+    trl_batch: tuple[int, int] | None  # TRL's prompts per micro-batch and accumulation (None: the config's)
+
+    def kd_overrides(self, seed: int) -> list[str]:
+        settings = [f"seed={seed}", *self.kd_settings]
+        if any("{vocabulary}" in setting for setting in settings):
+            vocabulary = json.loads(TOY_WORLD.read_text())["vocab_size"]
+            settings = [setting.format(vocabulary=vocabulary) for setting in settings]
+        return settings
+
+    @property
+    def prefix(self) -> str:
+        return f"bench-{self.stem.replace('_', '-')}-"
 
 
-def evaluation_session():
-    """One toy-world session (student, teacher, the 256 held-out prompts) for all re-evaluations."""
+REAL = ROOT / "configs" / "smollm2-humaneval.yaml"
+WORLDS = {
+    "toy": World("toy", ROOT / "configs" / "toy.yaml", ("kd", "toy"),
+                 "kd, full-vocabulary reverse KL, 1 sample x 256 prompts per epoch",
+                 ("score.top_k={vocabulary}", "train.kl_coef=0", "train.topk_reverse_kl=1", "train.batch_size=64",
+                  "generate.prompts_per_epoch=256", "generate.samples_per_prompt=1"),
+                 80, (0, 1, 2, 3), 20, (9001, 9002), (0.2, 0.15, 0.1, 0.07, 0.05), (15, 30, 45, 60, 75, 90, 105),
+                 True, "vs_trl", None),
+    "real": World("real", REAL, ("kd", "real", "--config", str(REAL)),
+                  "kd, sampled token, 1 sample x 16 prompts per epoch",
+                  ("generate.prompts_per_epoch=16", "generate.samples_per_prompt=1"),
+                  6, (0, 1), 1, (9001,), (1.8, 1.6, 1.4, 1.2, 1.0), (60, 120, 180, 240),
+                  False, "vs_trl-real", (4, 4)),
+}
+
+
+def evaluation_session(world: World):
+    """One session (student, teacher, every held-out prompt) for all re-evaluations."""
     from kd.stages import config as config_lib
     from kd.stages.session import Session
 
-    config = config_lib.load(ROOT / "configs" / "toy.yaml")
+    config = config_lib.load(world.config)
     return Session(dataclasses.replace(config, eval=dataclasses.replace(config.eval, num_prompts=0)), progress=False)
 
 
-def on_common_draws(session, curve: list[dict], adapters: list[Path | None]) -> list[dict]:
-    """`curve` with each point's held-out KL and accuracy measured again, on the COMMON_SALTS draws."""
+def on_common_draws(session, world: World, curve: list[dict], adapters: list[Path | None], cache: dict) -> list[dict]:
+    """`curve` with each point's held-out KL and accuracy measured again, on the world's salts.
+    `cache` keeps each adapter's numbers (the base student is every curve's first point)."""
     from kd.stages.evaluate import evaluate
 
     points = []
     for point, adapter in zip(curve, adapters):
-        stats = [evaluate(session, adapter, salt)[1] for salt in COMMON_SALTS]
-        points.append({**point, "heldout_reverse_kl": sum(s["heldout_reverse_kl"] for s in stats) / len(stats),
-                       "accuracy": sum(s["accuracy"] for s in stats) / len(stats)})
+        if adapter not in cache:
+            stats = [evaluate(session, adapter, salt)[1] for salt in world.salts]
+            cache[adapter] = {key: sum(s[key] for s in stats) / len(stats) for key in ("heldout_reverse_kl", "accuracy")}
+            cache[adapter]["prompts"] = stats[0]["prompts"]
+        points.append({**point, "heldout_reverse_kl": cache[adapter]["heldout_reverse_kl"],
+                       "accuracy": cache[adapter]["accuracy"]})
     return points
 
 
-def kd_adapters(seed: int, curve: list[dict]) -> list[Path | None]:
+def kd_adapters(world: World, seed: int, curve: list[dict]) -> list[Path | None]:
     """The adapter each evaluated epoch's policy samples with (the base student at epoch 0)."""
-    run = ROOT / "runs" / kd_run_id(f"{KD} seed {seed}", PREFIX)
+    run = ROOT / "runs" / kd_run_id(f"{world.kd} seed {seed}", world.prefix)
     return [None if point["epoch"] == 0 else run / f"{point['epoch'] - 1:04d}" / "adapter" for point in curve]
+
+
+def aligned(runs: list[list[dict]]) -> list[list[dict]]:
+    """TRL's seeds on the checkpoints they all have, then each seed's last: a run stops on the clock,
+    so its last checkpoint can fall at a different step in each seed (the kd runs share every epoch)."""
+    shared = set.intersection(*({point["steps"] for point in run[:-1]} for run in runs))
+    return [[point for point in run[:-1] if point["steps"] in shared] + [run[-1]] for run in runs]
 
 
 def late_mean(curve: list[dict]) -> float:
@@ -82,92 +141,119 @@ def late_mean(curve: list[dict]) -> float:
 
 
 def markdown(result: dict) -> str:
+    world = WORLDS[result.get("world", "toy")]
     curves = result["curves"]
     seeds = " ".join(map(str, result["seeds"]))
-    during = "; ".join(f"{name} {curve[-1]['heldout_reverse_kl']:.4f}" for name, curve in result["training_curves"].items())
+    command = "python bench/vs_trl.py" + ("" if world.name == "toy" else f" --world {world.name}")
+    draws = (f"Every checkpoint of both is evaluated on the same held-out draws ({len(result['common_salts'])} x "
+             f"{result.get('heldout_prompts', 256)} samples)")
+    if result["training_curves"]:
+        during = "; ".join(f"{name} {curve[-1]['heldout_reverse_kl']:.4f}" for name, curve in result["training_curves"].items())
+        draws += f"; the evaluations during training, each on draws of its own, ended at: {during}."
+    else:
+        draws += "; nothing is evaluated during training but kd's first and last epoch (not shown)."
     lines = [
-        "# kd vs TRL DistillationTrainer, head to head (toy world)",
+        f"# kd vs TRL DistillationTrainer, head to head ({world.name} world)",
         "",
         f"{result['date']}, {result['machine']}; {', '.join(f'{k} {v}' for k, v in result['versions'].items())}. "
-        f"`python bench/vs_trl.py --epochs {result['epochs']} --seeds {seeds}`. Curves are means over the seeds; "
-        "training seconds exclude evaluation. Every checkpoint of both is evaluated on the same held-out draws "
-        f"({len(COMMON_SALTS)} x 256 samples); the evaluations during training, each on draws of its own, ended at: "
-        f"{during}.",
+        f"`{command} --epochs {result['epochs']} --seeds {seeds}`. Curves are means over the seeds; "
+        f"training seconds exclude evaluation. {draws}",
         "",
         "| run | training s | optimiser steps | final held-out KL (each seed) | final accuracy |",
         "|---|---:|---:|---|---:|",
     ]
     for name, curve in curves.items():
         each = ", ".join(f"{c[-1]['heldout_reverse_kl']:.4f}" for c in result["seed_curves"][name])
-        lines.append(f"| {name} | {curve[-1]['train_seconds']:.1f} | {curve[-1]['steps']:.0f} "
+        lines.append(f"| {name} | {curve[-1]['train_seconds']:.1f} | {curve[-1]['steps']:g} "
                      f"| {curve[-1]['heldout_reverse_kl']:.4f} ({each}) | {curve[-1]['accuracy']:.1%} |")
     lines += ["", "Training seconds until the mean curve first reaches a held-out reverse KL:", "",
               "| held-out KL <= | " + " | ".join(curves) + " |", "|---:|" + "---:|" * len(curves)]
-    for threshold in THRESHOLDS:
+    for threshold in world.thresholds:
         cells = [first_reaching(curve, threshold) for curve in curves.values()]
         lines.append(f"| {threshold} | " + " | ".join("not reached" if c is None else f"{c:.1f}" for c in cells) + " |")
-    trl_final = curves[TRL_DISTILLATION][-1]["heldout_reverse_kl"]
-    reach = {name: first_reaching(curve, trl_final) for name, curve in curves.items()}
-    lines += ["", f"TRL's final held-out KL, {trl_final:.4f}, is first reached by the mean curves at: "
-              + "; ".join(f"{name} {'never' if t is None else f'{t:.1f} s'}" for name, t in reach.items()) + ".",
-              "One evaluation moves by a few hundredths from the next, so also the mean held-out KL of the "
+    trl_curve = curves[TRL_DISTILLATION]
+    trl_final, trl_seconds = trl_curve[-1]["heldout_reverse_kl"], trl_curve[-1]["train_seconds"]
+
+    def reached(name: str) -> str:
+        seconds = first_reaching(curves[name], trl_final)
+        return "never" if seconds is None else f"{seconds:.1f} s ({seconds / trl_seconds:.0%} of TRL's {trl_seconds:.0f} s)"
+
+    lines += ["", f"TRL's final held-out KL, {trl_final:.4f}, is first reached by the mean curves at (the first "
+              "checkpoint at or below it): " + "; ".join(f"{name} {reached(name)}" for name in curves) + ".",
+              "One evaluation differs from the next by sampling noise, so also the mean held-out KL of the "
               "evaluations in the last third of the training time: "
               + "; ".join(f"{name} {late_mean(curve):.4f}" for name, curve in curves.items()) + "."]
     lines += ["", "Held-out KL / accuracy of the mean curve at equal training time (last evaluation before it):", "",
               "| training s | " + " | ".join(curves) + " |", "|---:|" + "---|" * len(curves)]
     common = min(curve[-1]["train_seconds"] for curve in curves.values())
-    for seconds in [s for s in (15, 30, 45, 60, 75, 90, 105) if s < common] + [common]:
+    for seconds in [s for s in world.times if s < common] + [common]:
         points = [at_time(curve, seconds) for curve in curves.values()]
         lines.append(f"| {seconds:.0f} | " + " | ".join(f"{p['heldout_reverse_kl']:.3f} / {p['accuracy']:.0%}" for p in points) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
+    from kd.stages import config as config_lib
+    from kd.stages.schedule import steps_per_epoch
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=80)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--world", choices=WORLDS, default="toy")
+    parser.add_argument("--epochs", type=int, help="kd's epochs (default: " + ", ".join(
+        f"{w.name} {w.epochs}" for w in WORLDS.values()) + ")")
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: " + "; ".join(
+        f"{w.name} {' '.join(map(str, w.seeds))}" for w in WORLDS.values()))
     options = parser.parse_args()
-    if not (ROOT / "runs" / "toy-world" / "toy.json").is_file():
-        subprocess.run(["kd", "toy"], cwd=ROOT, check=True)
-    vocabulary = json.loads((ROOT / "runs" / "toy-world" / "toy.json").read_text())["vocab_size"]
-    steps_per_epoch = 256 // 64
-    kd_runs = [
-        [{**point, "steps": point["epoch"] * steps_per_epoch}
-         for point in run_kd(f"{KD} seed {seed}", kd_overrides(vocabulary, seed), options.epochs,
-                             STEPS_PER_EVAL // steps_per_epoch, prefix=PREFIX)]
-        for seed in options.seeds
-    ]
+    world = WORLDS[options.world]
+    epochs, seeds = options.epochs or world.epochs, options.seeds or list(world.seeds)
+    subprocess.run(world.build, cwd=ROOT, check=True)
+    steps = steps_per_epoch(config_lib.load(world.config, world.kd_overrides(seeds[0])))
+    if world.steps_per_checkpoint % steps:
+        raise SystemExit(f"{world.name}: a checkpoint every {world.steps_per_checkpoint} steps is not a whole "
+                         f"number of kd's epochs ({steps} steps each)")
+    every = world.steps_per_checkpoint // steps
+    kd_runs = []
+    for seed in seeds:
+        # Without evaluations during training kd's loop evaluates only its first and last epoch; every
+        # epoch's adapter is kept and evaluated afterwards with TRL's checkpoints.
+        curve = run_kd(f"{world.kd} seed {seed}", world.kd_overrides(seed), epochs,
+                       every if world.evaluate_during else epochs, prefix=world.prefix, config=world.config,
+                       every_epoch=not world.evaluate_during)
+        kd_runs.append([{**point, "steps": point["epoch"] * steps} for point in curve
+                        if point["epoch"] % every == 0 or point["epoch"] == epochs])
     budget = sum(run[-1]["train_seconds"] for run in kd_runs) / len(kd_runs)
     print(f"== {TRL_DISTILLATION}, {budget:.0f} s of training per seed", flush=True)
-    trl_adapters = {seed: ROOT / "runs" / f"{PREFIX}trl-seed-{seed}" for seed in options.seeds}
+    trl_adapters = {seed: ROOT / "runs" / f"{world.prefix}trl-seed-{seed}" for seed in seeds}
     trl_runs = []
     for seed, adapters in trl_adapters.items():
         shutil.rmtree(adapters, ignore_errors=True)
         adapters.mkdir(parents=True)
         trl_runs.append([{("steps" if key == "step" else key): value for key, value in point.items()}
-                         for point in run_trl(budget, STEPS_PER_EVAL, seed=seed, adapters=adapters)])
-    # A TRL run stops on the clock: its last evaluation can fall at a different step in each seed, so
-    # only the evaluations every seed has are averaged (the kd runs evaluate at the same epochs).
-    shortest = min(len(run) for run in trl_runs)
-    seed_curves = {KD: kd_runs, TRL_DISTILLATION: [run[:shortest] for run in trl_runs]}
-    print(f"== every checkpoint on the same held-out draws (salts {COMMON_SALTS})", flush=True)
-    with evaluation_session() as session:
+                         for point in run_trl(budget, world.steps_per_checkpoint, seed=seed, adapters=adapters,
+                                              config_path=world.config, batch=world.trl_batch,
+                                              evaluate_during=world.evaluate_during)])
+    seed_curves = {world.kd: kd_runs, TRL_DISTILLATION: aligned(trl_runs)}
+    print(f"== every checkpoint on the same held-out draws (salts {world.salts})", flush=True)
+    cache: dict = {}
+    with evaluation_session(world) as session:
         common_seed_curves = {
-            KD: [on_common_draws(session, run, kd_adapters(seed, run)) for seed, run in zip(options.seeds, kd_runs)],
+            world.kd: [on_common_draws(session, world, run, kd_adapters(world, seed, run), cache)
+                       for seed, run in zip(seeds, kd_runs)],
             TRL_DISTILLATION: [
-                on_common_draws(session, run,
-                                [None if p["steps"] == 0 else trl_adapters[seed] / f"step-{p['steps']}" for p in run])
-                for seed, run in zip(options.seeds, seed_curves[TRL_DISTILLATION])
+                on_common_draws(session, world, run,
+                                [None if p["steps"] == 0 else trl_adapters[seed] / f"step-{p['steps']}" for p in run], cache)
+                for seed, run in zip(seeds, seed_curves[TRL_DISTILLATION])
             ],
         }
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, CPU only",
-        "versions": versions(), "epochs": options.epochs, "seeds": options.seeds, "common_salts": COMMON_SALTS,
+        "versions": versions(), "world": world.name, "epochs": epochs, "seeds": seeds, "common_salts": world.salts,
+        "heldout_prompts": cache[None]["prompts"],
         # "curves" (plotted): on the common draws; "training_curves": as evaluated during training
         "curves": {name: mean_curve(runs) for name, runs in common_seed_curves.items()}, "seed_curves": common_seed_curves,
-        "training_curves": {name: mean_curve(runs) for name, runs in seed_curves.items()}, "training_seed_curves": seed_curves,
+        "training_curves": {name: mean_curve(runs) for name, runs in seed_curves.items()} if world.evaluate_during else {},
+        "training_seed_curves": seed_curves,
     }
-    save_results(RESULTS, "vs_trl", result, markdown(result))
+    save_results(RESULTS, world.stem, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -121,6 +121,9 @@ def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DIST
     config = config_lib.load(config_path, [f"seed={seed}"])
     config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, num_prompts=0))
     cfg = config.train
+    if cfg.lr_scheduler != "constant":
+        # TRL stops on the clock, so the run has no length to decay over as kd's epochs do.
+        raise ValueError(f"run_trl: {config_path}: train.lr_scheduler {cfg.lr_scheduler!r}; only 'constant' compares")
     session = Session(config, progress=False)
     rows = read_prompt_rows(config.generate.prompts)
     train_set = datasets.Dataset.from_list([{"prompt": row["messages"]} for row in rows])
@@ -178,10 +181,11 @@ def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DIST
         args = TrainerConfig(**common, beta=1.0)
 
     class KdSchedule(Trainer):
+        """TRL's trainer with kd's warm-up: transformers' constant_with_warmup starts at rate 0."""
+
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None:
-                self.lr_scheduler = LambdaLR(optimizer or self.optimizer,
-                                             lambda step: lr_factor(step, cfg, num_training_steps))
+                self.lr_scheduler = LambdaLR(optimizer or self.optimizer, lambda step: lr_factor(step, cfg, 0))
             return self.lr_scheduler
 
     trainer = KdSchedule(

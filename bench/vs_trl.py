@@ -12,14 +12,14 @@ The toy world (configs/toy.yaml):
   completion for each of 64 prompts per step; a checkpoint every 20 optimiser steps.
 The real world (configs/smollm2-humaneval.yaml: SmolLM2-135M-Instruct teaches its 20-layer pruned
 copy, HumanEval prompts, up to 128 tokens per completion; `kd real` builds it):
-- kd: `kd loop` with the config's sampled-token objective (its best on this world,
-  bench/results/real.md: the top-32 reverse KL did worse there, and the overlapped loop is slower
-  on two cores, bench/results/overlap-real.md), one sample for each of 16 prompts per epoch, one
-  optimiser step per epoch.
+- kd: `kd loop` with the config's sampled-token objective (the top-32 reverse KL did worse on this
+  world, bench/results/real.md, and the overlapped loop is no faster overall on two cores,
+  bench/results/overlap-real.md), one sample for each of 16 prompts per epoch, one optimiser step
+  per epoch.
 - TRL: `trl.DistillationTrainer` with beta = 1, one completion for each of 16 prompts per step (4
   micro-batches of 4, as kd's train.batch_size and grad_accum); a checkpoint every step.
 TRL trains for the mean training seconds of the kd runs (bench/topk.py's `run_trl`). Training
-seconds exclude evaluation and checkpointing. Afterwards every checkpoint of both tools is
+seconds exclude evaluation (and TRL's checkpointing; kd's adapter export is one of its stages). Afterwards every checkpoint of both tools is
 evaluated by `kd.stages.evaluate.evaluate` on all the held-out prompts, on the same draws (the
 world's `salts`), which is what the tables and plots show. On the toy both tools also evaluate
 while training (those curves are kept in the JSON); on the real world TRL only saves its
@@ -82,17 +82,21 @@ class World:
 
 REAL = ROOT / "configs" / "smollm2-humaneval.yaml"
 WORLDS = {
-    "toy": World("toy", ROOT / "configs" / "toy.yaml", ("kd", "toy"),
-                 "kd, full-vocabulary reverse KL, 1 sample x 256 prompts per epoch",
-                 ("score.top_k={vocabulary}", "train.kl_coef=0", "train.topk_reverse_kl=1", "train.batch_size=64",
-                  "generate.prompts_per_epoch=256", "generate.samples_per_prompt=1"),
-                 80, (0, 1, 2, 3), 20, (9001, 9002), (0.2, 0.15, 0.1, 0.07, 0.05), (15, 30, 45, 60, 75, 90, 105),
-                 True, "vs_trl", None),
-    "real": World("real", REAL, ("kd", "real", "--config", str(REAL)),
-                  "kd, sampled token, 1 sample x 16 prompts per epoch",
-                  ("generate.prompts_per_epoch=16", "generate.samples_per_prompt=1"),
-                  6, (0, 1), 1, (9001,), (1.8, 1.6, 1.4, 1.2, 1.0), (60, 120, 180, 240),
-                  False, "vs_trl-real", (4, 4)),
+    "toy": World(
+        name="toy", config=ROOT / "configs" / "toy.yaml", build=("kd", "toy"),
+        kd="kd, full-vocabulary reverse KL, 1 sample x 256 prompts per epoch",
+        kd_settings=("score.top_k={vocabulary}", "train.kl_coef=0", "train.topk_reverse_kl=1", "train.batch_size=64",
+                     "generate.prompts_per_epoch=256", "generate.samples_per_prompt=1"),
+        epochs=80, seeds=(0, 1, 2, 3), steps_per_checkpoint=20, salts=(9001, 9002),
+        thresholds=(0.2, 0.15, 0.1, 0.07, 0.05), times=(15, 30, 45, 60, 75, 90, 105), evaluate_during=True,
+        stem="vs_trl", trl_batch=None),
+    "real": World(
+        name="real", config=REAL, build=("kd", "real", "--config", str(REAL)),
+        kd="kd, sampled token, 1 sample x 16 prompts per epoch",
+        kd_settings=("generate.prompts_per_epoch=16", "generate.samples_per_prompt=1"),
+        epochs=6, seeds=(0, 1), steps_per_checkpoint=1, salts=(9001,),
+        thresholds=(1.8, 1.6, 1.4, 1.2, 1.0), times=(60, 120, 180, 240), evaluate_during=False,
+        stem="vs_trl-real", trl_batch=(4, 4)),
 }
 
 

@@ -106,8 +106,8 @@ def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DIST
     TRL's learning rate follows kd's schedule (kd.stages.schedule.lr_factor), not transformers' warm-up,
     which starts at 0."""
     import datasets
-    from torch.optim.lr_scheduler import LambdaLR
     from peft import LoraConfig
+    from torch.optim.lr_scheduler import LambdaLR
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from kd.stages import config as config_lib

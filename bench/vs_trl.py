@@ -11,14 +11,18 @@ The toy world (configs/toy.yaml):
 - TRL: `trl.DistillationTrainer` with beta = 1 (reverse KL over the whole vocabulary), one
   completion for each of 64 prompts per step; a checkpoint every 20 optimiser steps.
 The real world (configs/smollm2-humaneval.yaml: SmolLM2-135M-Instruct teaches its 20-layer pruned
-copy, HumanEval prompts, up to 128 tokens per completion; `kd real` builds it):
-- kd: `kd loop` with the config's sampled-token objective (the top-32 reverse KL did worse on this
-  world, bench/results/real.md, and the overlapped loop is no faster overall on two cores,
-  bench/results/overlap-real.md), one sample for each of 16 prompts per epoch, one optimiser step
-  per epoch.
+copy, HumanEval prompts, up to 128 tokens per completion; `kd real` builds it), one sample for each
+of 16 prompts per epoch and one optimiser step per epoch in both kd arms:
+- kd, `sampled`: `kd loop` with the config's sampled-token objective.
+- kd, `topk-forward-packed`: the teacher's top-16 with the forward KL over them (train.kl_coef 0,
+  train.topk_forward_kl 1: the objective that moved the task metric, bench/results/quality-28-topk.md;
+  the top-32 reverse KL did worse on this world, bench/results/real.md), micro-batches packed
+  into rows of at most 1024 tokens (the fastest row of bench/results/scale.md on this world's
+  lengths). The overlapped loop is left out: it is no faster overall on two cores
+  (bench/results/overlap-real.md).
 - TRL: `trl.DistillationTrainer` with beta = 1, one completion for each of 16 prompts per step (4
   micro-batches of 4, as kd's train.batch_size and grad_accum); a checkpoint every step.
-TRL trains for the mean training seconds of the kd runs (bench/topk.py's `run_trl`). Training
+TRL trains for the mean training seconds of the slower kd arm (bench/topk.py's `run_trl`). Training
 seconds exclude evaluation (and TRL's checkpointing; kd's adapter export is one of its stages). Afterwards every checkpoint of both tools is
 evaluated by `kd.stages.evaluate.evaluate` on all the held-out prompts, on the same draws (the
 world's `salts`), which is what the tables and plots show. On the toy both tools also evaluate
@@ -27,6 +31,10 @@ checkpoints and kd's loop evaluates only at its first and last epoch (each evalu
 as much as an epoch there). One evaluation differs from the next by sampling noise, so the curves
 are averaged over the seeds before anything is read off them.
 Writes bench/results/vs_trl.json (the real world: vs_trl-real.json), .md and the curves' PNGs.
+`--only ARM ...` runs only those arms (kd arms by key, or `trl`) and takes the others from that JSON,
+which must hold the same world, epochs, seeds and held-out draws; the base student is evaluated first
+and must give the held-out numbers the JSON holds, or the evaluation has changed and every arm must
+run again.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -49,12 +58,18 @@ TOY_WORLD = ROOT / "runs" / "toy-world" / "toy.json"
 
 
 @dataclasses.dataclass(frozen=True)
+class KdArm:
+    key: str                       # --only's name for it
+    name: str                      # its name in tables and plots
+    settings: tuple[str, ...]      # kd's config overrides; "{vocabulary}" is the toy's vocabulary size
+
+
+@dataclasses.dataclass(frozen=True)
 class World:
     name: str
     config: Path
     build: tuple[str, ...]             # the command that builds the world (skipped by kd once built)
-    kd: str                            # the kd run's name in tables and plots
-    kd_settings: tuple[str, ...]       # kd's config overrides; "{vocabulary}" is the toy's vocabulary size
+    kd_arms: tuple[KdArm, ...]
     epochs: int                        # --epochs' default
     seeds: tuple[int, ...]             # --seeds' default
     steps_per_checkpoint: int          # optimiser steps between checkpoints, both tools
@@ -68,8 +83,8 @@ class World:
     stem: str                          # results file stem; runs are runs/bench-<stem with - for _>-...
     trl_batch: tuple[int, int] | None  # TRL's prompts per micro-batch and accumulation (None: the config's)
 
-    def kd_overrides(self, seed: int) -> list[str]:
-        settings = [f"seed={seed}", *self.kd_settings]
+    def kd_overrides(self, arm: KdArm, seed: int) -> list[str]:
+        settings = [f"seed={seed}", *arm.settings]
         if any("{vocabulary}" in setting for setting in settings):
             vocabulary = json.loads(TOY_WORLD.read_text())["vocab_size"]
             settings = [setting.format(vocabulary=vocabulary) for setting in settings]
@@ -84,16 +99,19 @@ REAL = ROOT / "configs" / "smollm2-humaneval.yaml"
 WORLDS = {
     "toy": World(
         name="toy", config=ROOT / "configs" / "toy.yaml", build=("kd", "toy"),
-        kd="kd, full-vocabulary reverse KL, 1 sample x 256 prompts per epoch",
-        kd_settings=("score.top_k={vocabulary}", "train.kl_coef=0", "train.topk_reverse_kl=1", "train.batch_size=64",
-                     "generate.prompts_per_epoch=256", "generate.samples_per_prompt=1"),
+        kd_arms=(KdArm("full-reverse", "kd, full-vocabulary reverse KL, 1 sample x 256 prompts per epoch",
+                       ("score.top_k={vocabulary}", "train.kl_coef=0", "train.topk_reverse_kl=1", "train.batch_size=64",
+                        "generate.prompts_per_epoch=256", "generate.samples_per_prompt=1")),),
         epochs=80, seeds=(0, 1, 2, 3), steps_per_checkpoint=20, salts=(9001, 9002),
         thresholds=(0.2, 0.15, 0.1, 0.07, 0.05), times=(15, 30, 45, 60, 75, 90, 105), evaluate_during=True,
         stem="vs_trl", trl_batch=None),
     "real": World(
         name="real", config=REAL, build=("kd", "real", "--config", str(REAL)),
-        kd="kd, sampled token, 1 sample x 16 prompts per epoch",
-        kd_settings=("generate.prompts_per_epoch=16", "generate.samples_per_prompt=1"),
+        kd_arms=(KdArm("sampled", "kd, sampled token, 1 sample x 16 prompts per epoch",
+                       ("generate.prompts_per_epoch=16", "generate.samples_per_prompt=1")),
+                 KdArm("topk-forward-packed", "kd, top-16 forward KL, packed rows, 1 sample x 16 prompts per epoch",
+                       ("generate.prompts_per_epoch=16", "generate.samples_per_prompt=1", "score.top_k=16",
+                        "train.kl_coef=0", "train.topk_forward_kl=1", "train.micro_batch_tokens=1024"))),
         epochs=6, seeds=(0, 1), steps_per_checkpoint=1, salts=(9001,),
         thresholds=(1.8, 1.6, 1.4, 1.2, 1.0), times=(60, 120, 180, 240), evaluate_during=False,
         stem="vs_trl-real", trl_batch=(4, 4)),
@@ -125,9 +143,9 @@ def on_common_draws(session, world: World, curve: list[dict], adapters: list[Pat
     return points
 
 
-def kd_adapters(world: World, seed: int, curve: list[dict]) -> list[Path | None]:
+def kd_adapters(world: World, arm: KdArm, seed: int, curve: list[dict]) -> list[Path | None]:
     """The adapter each evaluated epoch's policy samples with (the base student at epoch 0)."""
-    run = ROOT / "runs" / kd_run_id(f"{world.kd} seed {seed}", world.prefix)
+    run = ROOT / "runs" / kd_run_id(f"{arm.name} seed {seed}", world.prefix)
     return [None if point["epoch"] == 0 else run / f"{point['epoch'] - 1:04d}" / "adapter" for point in curve]
 
 
@@ -156,11 +174,17 @@ def markdown(result: dict) -> str:
         draws += f"; the evaluations during training, each on draws of its own, ended at: {during}."
     else:
         draws += "; nothing is evaluated during training but kd's first and last epoch (not shown)."
+    measured = result.get("measured") or {name: result for name in curves}
+    days = {(m["date"], m["machine"], tuple(m["versions"].items())): [] for m in measured.values()}
+    for name, m in measured.items():
+        days[m["date"], m["machine"], tuple(m["versions"].items())].append(name)
+    when = "; ".join(f"{date}, {machine}; {', '.join(f'{k} {v}' for k, v in versions)}"
+                     + ("" if len(days) == 1 else f" ({', '.join(names)})")
+                     for (date, machine, versions), names in days.items())
     lines = [
         f"# kd vs TRL DistillationTrainer, head to head ({world.name} world)",
         "",
-        f"{result['date']}, {result['machine']}; {', '.join(f'{k} {v}' for k, v in result['versions'].items())}. "
-        f"`{command} --epochs {result['epochs']} --seeds {seeds}`. Curves are means over the seeds; "
+        f"{when}. `{command} --epochs {result['epochs']} --seeds {seeds}`. Curves are means over the seeds; "
         f"training seconds exclude evaluation. {draws}",
         "",
         "| run | training s | optimiser steps | final held-out KL (each seed) | final accuracy |",
@@ -196,6 +220,25 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def previous_arms(world: World, epochs: int, seeds: list[int], keep: list[str]) -> dict:
+    """The arms named `keep` from the world's results JSON (--only), which must hold the same run."""
+    path = RESULTS / f"{world.stem}.json"
+    if not keep:
+        return {}
+    if not path.exists():
+        raise SystemExit(f"{path}: not found; --only takes the other arms ({', '.join(keep)}) from it: run them first")
+    previous = json.loads(path.read_text())
+    expected = {"world": world.name, "epochs": epochs, "seeds": seeds, "common_salts": list(world.salts)}
+    for key, value in expected.items():
+        if previous.get(key, "toy" if key == "world" else None) != value:
+            raise SystemExit(f"{path}: {key} is {previous.get(key)!r}, this run's {value!r}: run every arm (drop --only) "
+                             "or pass the same --epochs and --seeds")
+    missing = [name for name in keep if name not in previous["seed_curves"]]
+    if missing:
+        raise SystemExit(f"{path}: has no arm {', '.join(missing)}: add it to --only")
+    return previous
+
+
 def main() -> None:
     from kd.stages import config as config_lib
     from kd.stages.schedule import steps_per_epoch
@@ -206,59 +249,88 @@ def main() -> None:
         f"{w.name} {w.epochs}" for w in WORLDS.values()) + ")")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: " + "; ".join(
         f"{w.name} {' '.join(map(str, w.seeds))}" for w in WORLDS.values()))
+    parser.add_argument("--only", nargs="+", metavar="ARM", help="run only these arms and keep the others' results: "
+                        + "; ".join(f"{w.name}: {' '.join(a.key for a in w.kd_arms)} trl" for w in WORLDS.values()))
     options = parser.parse_args()
     world = WORLDS[options.world]
     epochs, seeds = options.epochs or world.epochs, options.seeds or list(world.seeds)
+    keys = [arm.key for arm in world.kd_arms] + ["trl"]
+    unknown = sorted(set(options.only or ()) - set(keys))
+    if unknown:
+        parser.error(f"--only: no arm {', '.join(unknown)} in the {world.name} world (arms: {', '.join(keys)})")
+    run_arms = [arm for arm in world.kd_arms if not options.only or arm.key in options.only]
+    run_trl_arm = not options.only or "trl" in options.only
+    kept = [arm.name for arm in world.kd_arms if arm not in run_arms] + ([] if run_trl_arm else [TRL_DISTILLATION])
+    previous = previous_arms(world, epochs, seeds, kept)
     subprocess.run(world.build, cwd=ROOT, check=True)
-    steps = steps_per_epoch(config_lib.load(world.config, world.kd_overrides(seeds[0])))
-    if world.steps_per_checkpoint % steps:
-        raise SystemExit(f"{world.name}: a checkpoint every {world.steps_per_checkpoint} steps is not a whole "
-                         f"number of kd's epochs ({steps} steps each)")
-    every = world.steps_per_checkpoint // steps
-    kd_runs = []
-    for seed in seeds:
-        # Without evaluations during training kd's loop evaluates only its first and last epoch; every
-        # epoch's adapter is kept and evaluated afterwards with TRL's checkpoints.
-        curve = run_kd(f"{world.kd} seed {seed}", world.kd_overrides(seed), epochs,
-                       every if world.evaluate_during else epochs, prefix=world.prefix, config=world.config,
-                       every_epoch=not world.evaluate_during)
-        kd_runs.append([{**point, "steps": point["epoch"] * steps} for point in curve
-                        if point["epoch"] % every == 0 or point["epoch"] == epochs])
-    budget = sum(run[-1]["train_seconds"] for run in kd_runs) / len(kd_runs)
-    print(f"== {TRL_DISTILLATION}, {budget:.0f} s of training per seed", flush=True)
-    trl_adapters = {seed: ROOT / "runs" / f"{world.prefix}trl-seed-{seed}" for seed in seeds}
-    trl_runs = []
-    for seed, adapters in trl_adapters.items():
-        shutil.rmtree(adapters, ignore_errors=True)
-        adapters.mkdir(parents=True)
-        trl_runs.append([{("steps" if key == "step" else key): value for key, value in point.items()}
-                         for point in run_trl(budget, world.steps_per_checkpoint, seed=seed, adapters=adapters,
-                                              config_path=world.config, batch=world.trl_batch,
-                                              evaluate_during=world.evaluate_during)])
-    seed_curves = {world.kd: kd_runs, TRL_DISTILLATION: aligned(trl_runs)}
-    print(f"== every checkpoint on the same held-out draws (salts {world.salts})", flush=True)
     cache: dict = {}
+    if previous:
+        # Kept arms were evaluated in an earlier process: the same evaluation must give the base student
+        # the same numbers, or the arms would not compare.
+        with evaluation_session(world) as session:
+            base = on_common_draws(session, world, [{}], [None], cache)[0]
+        stored = next(iter(previous["seed_curves"].values()))[0][0]
+        if any(abs(base[key] - stored[key]) > 1e-4 for key in ("heldout_reverse_kl", "accuracy")):
+            raise SystemExit(f"{RESULTS / world.stem}.json: the base student's held-out KL / accuracy are "
+                             f"{stored['heldout_reverse_kl']:.6f} / {stored['accuracy']:.4f} there and "
+                             f"{base['heldout_reverse_kl']:.6f} / {base['accuracy']:.4f} now: the evaluation has "
+                             "changed; run every arm (drop --only)")
+    seed_curves, adapters = {}, {}
+    for arm in run_arms:
+        steps = steps_per_epoch(config_lib.load(world.config, world.kd_overrides(arm, seeds[0])))
+        if world.steps_per_checkpoint % steps:
+            raise SystemExit(f"{world.name}: a checkpoint every {world.steps_per_checkpoint} steps is not a whole "
+                             f"number of kd's epochs ({steps} steps each, {arm.key})")
+        every = world.steps_per_checkpoint // steps
+        seed_curves[arm.name] = []
+        for seed in seeds:
+            # Without evaluations during training kd's loop evaluates only its first and last epoch; every
+            # epoch's adapter is kept and evaluated afterwards with TRL's checkpoints.
+            curve = run_kd(f"{arm.name} seed {seed}", world.kd_overrides(arm, seed), epochs,
+                           every if world.evaluate_during else epochs, prefix=world.prefix, config=world.config,
+                           every_epoch=not world.evaluate_during)
+            seed_curves[arm.name].append([{**point, "steps": point["epoch"] * steps} for point in curve
+                                          if point["epoch"] % every == 0 or point["epoch"] == epochs])
+        adapters[arm.name] = [kd_adapters(world, arm, seed, run) for seed, run in zip(seeds, seed_curves[arm.name])]
+    if run_trl_arm:
+        kd_curves = [seed_curves.get(arm.name) or previous["seed_curves"][arm.name] for arm in world.kd_arms]
+        budget = max(sum(run[-1]["train_seconds"] for run in runs) / len(runs) for runs in kd_curves)
+        print(f"== {TRL_DISTILLATION}, {budget:.0f} s of training per seed", flush=True)
+        trl_adapters = {seed: ROOT / "runs" / f"{world.prefix}trl-seed-{seed}" for seed in seeds}
+        trl_runs = []
+        for seed, folder in trl_adapters.items():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            trl_runs.append([{("steps" if key == "step" else key): value for key, value in point.items()}
+                             for point in run_trl(budget, world.steps_per_checkpoint, seed=seed, adapters=folder,
+                                                  config_path=world.config, batch=world.trl_batch,
+                                                  evaluate_during=world.evaluate_during)])
+        seed_curves[TRL_DISTILLATION] = aligned(trl_runs)
+        adapters[TRL_DISTILLATION] = [[None if p["steps"] == 0 else trl_adapters[seed] / f"step-{p['steps']}" for p in run]
+                                      for seed, run in zip(seeds, seed_curves[TRL_DISTILLATION])]
+    print(f"== every checkpoint on the same held-out draws (salts {world.salts})", flush=True)
     with evaluation_session(world) as session:
-        common_seed_curves = {
-            world.kd: [on_common_draws(session, world, run, kd_adapters(world, seed, run), cache)
-                       for seed, run in zip(seeds, kd_runs)],
-            TRL_DISTILLATION: [
-                on_common_draws(session, world, run,
-                                [None if p["steps"] == 0 else trl_adapters[seed] / f"step-{p['steps']}" for p in run], cache)
-                for seed, run in zip(seeds, seed_curves[TRL_DISTILLATION])
-            ],
-        }
+        common_seed_curves = {name: [on_common_draws(session, world, run, arm_adapters, cache)
+                                     for run, arm_adapters in zip(runs, adapters[name])]
+                              for name, runs in seed_curves.items()}
+    today = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
+             "versions": versions()}
+    measured = {name: today for name in seed_curves}
+    for name in kept:
+        common_seed_curves[name] = previous["seed_curves"][name]
+        seed_curves[name] = previous["training_seed_curves"][name]
+        measured[name] = previous.get("measured", {}).get(name) or {key: previous[key] for key in today}
+    order = [arm.name for arm in world.kd_arms] + [TRL_DISTILLATION]
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, CPU only",
-        "versions": versions(), "world": world.name, "epochs": epochs, "seeds": seeds, "common_salts": world.salts,
-        "heldout_prompts": cache[None]["prompts"],
+        **today, "world": world.name, "epochs": epochs, "seeds": seeds, "common_salts": world.salts,
+        "heldout_prompts": cache[None]["prompts"], "measured": {name: measured[name] for name in order},
         # "curves" (plotted): on the common draws; "training_curves": as evaluated during training
-        "curves": {name: mean_curve(runs) for name, runs in common_seed_curves.items()}, "seed_curves": common_seed_curves,
-        "training_curves": {name: mean_curve(runs) for name, runs in seed_curves.items()} if world.evaluate_during else {},
-        "training_seed_curves": seed_curves,
+        "curves": {name: mean_curve(common_seed_curves[name]) for name in order},
+        "seed_curves": {name: common_seed_curves[name] for name in order},
+        "training_curves": {name: mean_curve(seed_curves[name]) for name in order} if world.evaluate_during else {},
+        "training_seed_curves": {name: seed_curves[name] for name in order},
     }
     save_results(RESULTS, world.stem, result, markdown(result))
-
 
 if __name__ == "__main__":
     main()

@@ -20,8 +20,9 @@ from tests.conftest import tiny_config
 LENGTHS = [(3, 5), (40, 120), (10, 30), (100, 2), (7, 250), (60, 60)]
 
 
-def examples(vocabulary: int, seed: int = 0) -> list[dict]:
-    """Training examples as kd.stages.train.features makes them, with random tokens and logprobs."""
+def examples(vocabulary: int, seed: int = 0, top_k: int = 0) -> list[dict]:
+    """Training examples as kd.stages.train.features makes them, with random tokens and logprobs (and
+    with `top_k`, a random teacher top-k at each completion token)."""
     rng = np.random.default_rng(seed)
     rows = []
     for prompt, completion in LENGTHS:
@@ -31,6 +32,9 @@ def examples(vocabulary: int, seed: int = 0) -> list[dict]:
                      "sampler_logprobs": sampler, "policy_logprobs": sampler, "sampling_policy_logprobs": sampler,
                      "is_weights": np.ones_like(sampler), "raw_is_weights": np.ones_like(sampler), "teacher_logprobs": teacher,
                      "advantages": teacher - sampler})
+        if top_k:
+            rows[-1]["teacher_top_ids"] = rng.integers(3, vocabulary, (completion, top_k))
+            rows[-1]["teacher_top_logprobs"] = np.sort(-rng.exponential(2.0, (completion, top_k)), 1)[:, ::-1].astype(np.float32)
     return rows
 
 
@@ -107,6 +111,23 @@ def test_packed_rows_equal_the_padded_batch(policy, attention):
     crossing = {**packed, "packs": [{**pack, "position_ids": torch.arange(pack["input_ids"].shape[1])[None]}
                                     for pack in packs]}
     assert step(policy, config, crossing)[0] != pytest.approx(step(policy, config, padded)[0], rel=1e-4)
+
+
+def test_packed_rows_equal_the_padded_batch_with_the_teachers_top_k(policy, tiny_world, tmp_path):
+    """The top-k columns ([tokens, K] per sequence) are placed in packed rows as in the padded batch:
+    the top-16 forward KL, which bench/vs_trl.py runs packed, gives the same loss and gradients."""
+    policy = policy[0]
+    config = tiny_config(tiny_world, tmp_path / "runs", **{"score.top_k": 16, "train.kl_coef": 0.0,
+                                                           "train.topk_forward_kl": 1.0})
+    rows = examples(policy.head.vocabulary, top_k=16)
+    padded, packed = Collator(0, top_k=16)(rows), Collator(0, top_k=16, micro_batch_tokens=300)(rows)
+    assert len(packed["packs"]) > 1 and packed["packs"][0]["teacher_top_ids"].shape[-1] == 16
+    reference = step(policy, config, padded)
+    assert_same(step(policy, config, packed), reference)
+    # The top-k columns are what this loss reads: other ones give another loss.
+    rng = np.random.default_rng(1)
+    other = [{**row, "teacher_top_ids": rng.integers(3, policy.head.vocabulary, row["teacher_top_ids"].shape)} for row in rows]
+    assert step(policy, config, Collator(0, top_k=16, micro_batch_tokens=300)(other))[0] != pytest.approx(reference[0], rel=1e-4)
 
 
 def test_pack_rows_first_fit_decreasing():

@@ -3,6 +3,7 @@ and warm-up, several seeds, and the wall time each needs to reach a series of he
 
     python bench/vs_trl.py [--epochs 80] [--seeds 0 1 2 3]                  (just bench-vs-trl)
     python bench/vs_trl.py --world real [--epochs 6] [--seeds 0 1]          (just bench-vs-trl-real)
+    python bench/vs_trl.py --world real --only topk-forward-packed          (one arm; the others kept)
 
 The toy world (configs/toy.yaml):
 - kd: `kd loop` with the teacher's whole next-token distribution (score.top_k = the vocabulary,
@@ -17,9 +18,8 @@ of 16 prompts per epoch and one optimiser step per epoch in both kd arms:
 - kd, `topk-forward-packed`: the teacher's top-16 with the forward KL over them (train.kl_coef 0,
   train.topk_forward_kl 1: the objective that moved the task metric, bench/results/quality-28-topk.md;
   the top-32 reverse KL did worse on this world, bench/results/real.md), micro-batches packed
-  into rows of at most 1024 tokens (the fastest row of bench/results/scale.md on this world's
-  lengths). The overlapped loop is left out: it is no faster overall on two cores
-  (bench/results/overlap-real.md).
+  into rows of at most 1024 tokens (the fastest row of bench/results/scale.md). The overlapped
+  loop is left out: it is no faster overall on two cores (bench/results/overlap-real.md).
 - TRL: `trl.DistillationTrainer` with beta = 1, one completion for each of 16 prompts per step (4
   micro-batches of 4, as kd's train.batch_size and grad_accum); a checkpoint every step.
 TRL trains for the mean training seconds of the slower kd arm (bench/topk.py's `run_trl`). Training
@@ -167,24 +167,27 @@ def markdown(result: dict) -> str:
     curves = result["curves"]
     seeds = " ".join(map(str, result["seeds"]))
     command = "python bench/vs_trl.py" + ("" if world.name == "toy" else f" --world {world.name}")
-    draws = (f"Every checkpoint of both is evaluated on the same held-out draws ({len(result['common_salts'])} x "
+    draws = (f"Every checkpoint of every run is evaluated on the same held-out draws ({len(result['common_salts'])} x "
              f"{result.get('heldout_prompts', 256)} samples)")
     if result["training_curves"]:
         during = "; ".join(f"{name} {curve[-1]['heldout_reverse_kl']:.4f}" for name, curve in result["training_curves"].items())
         draws += f"; the evaluations during training, each on draws of its own, ended at: {during}."
     else:
         draws += "; nothing is evaluated during training but kd's first and last epoch (not shown)."
-    measured = result.get("measured") or {name: result for name in curves}
-    days = {(m["date"], m["machine"], tuple(m["versions"].items())): [] for m in measured.values()}
-    for name, m in measured.items():
-        days[m["date"], m["machine"], tuple(m["versions"].items())].append(name)
-    when = "; ".join(f"{date}, {machine}; {', '.join(f'{k} {v}' for k, v in versions)}"
-                     + ("" if len(days) == 1 else f" ({', '.join(names)})")
-                     for (date, machine, versions), names in days.items())
+    # Arms kept by --only carry the date, machine, versions and command of the process that ran them.
+    default_command = f"{command} --epochs {result['epochs']} --seeds {seeds}"
+    groups: dict[tuple, list[str]] = {}
+    for name in curves:
+        m = result.get("measured", {}).get(name) or result
+        key = (m["date"], m["machine"], tuple(m["versions"].items()), m.get("command", default_command))
+        groups.setdefault(key, []).append(name)
+    when = " ".join(f"{date}, {machine}; {', '.join(f'{k} {v}' for k, v in versions)}. `{run}`"
+                    + ("." if len(groups) == 1 else f" ({'; '.join(names)}).")
+                    for (date, machine, versions, run), names in groups.items())
     lines = [
         f"# kd vs TRL DistillationTrainer, head to head ({world.name} world)",
         "",
-        f"{when}. `{command} --epochs {result['epochs']} --seeds {seeds}`. Curves are means over the seeds; "
+        f"{when} Curves are means over the seeds; "
         f"training seconds exclude evaluation. {draws}",
         "",
         "| run | training s | optimiser steps | final held-out KL (each seed) | final accuracy |",
@@ -220,22 +223,36 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def arm_settings(world: World) -> dict[str, tuple[str, list[str]]]:
+    """Each arm's name -> (its --only key, what defines it: kd's overrides, TRL's batch)."""
+    return {**{arm.name: (arm.key, list(arm.settings)) for arm in world.kd_arms},
+            TRL_DISTILLATION: ("trl", [f"batch={world.trl_batch}"])}
+
+
 def previous_arms(world: World, epochs: int, seeds: list[int], keep: list[str]) -> dict:
-    """The arms named `keep` from the world's results JSON (--only), which must hold the same run."""
+    """The world's results JSON, for the arms named `keep` (--only): it must hold them, run with the
+    same world, epochs, seeds, held-out draws and (where it records them) arm settings."""
     path = RESULTS / f"{world.stem}.json"
+    settings = arm_settings(world)
+    keys = " ".join(settings[name][0] for name in keep)
     if not keep:
         return {}
     if not path.exists():
-        raise SystemExit(f"{path}: not found; --only takes the other arms ({', '.join(keep)}) from it: run them first")
+        raise SystemExit(f"{path}: not found; --only keeps the arms {keys} from it: run them too (add them to --only)")
     previous = json.loads(path.read_text())
     expected = {"world": world.name, "epochs": epochs, "seeds": seeds, "common_salts": list(world.salts)}
     for key, value in expected.items():
-        if previous.get(key, "toy" if key == "world" else None) != value:
-            raise SystemExit(f"{path}: {key} is {previous.get(key)!r}, this run's {value!r}: run every arm (drop --only) "
-                             "or pass the same --epochs and --seeds")
-    missing = [name for name in keep if name not in previous["seed_curves"]]
-    if missing:
-        raise SystemExit(f"{path}: has no arm {', '.join(missing)}: add it to --only")
+        stored = previous.get(key, "toy" if key == "world" else None)
+        if stored != value:
+            fix = "pass the same --epochs and --seeds" if key in ("epochs", "seeds") else "run every arm (drop --only)"
+            raise SystemExit(f"{path}: {key} is {stored!r} there, {value!r} in this run: {fix}")
+    for name in keep:
+        key, wanted = settings[name]
+        if name not in previous["seed_curves"]:
+            raise SystemExit(f"{path}: has no arm {key}: add it to --only")
+        stored = previous.get("measured", {}).get(name, {}).get("settings")
+        if stored is not None and stored != wanted:
+            raise SystemExit(f"{path}: arm {key} was run with {stored}, is now {wanted}: add it to --only")
     return previous
 
 
@@ -254,7 +271,8 @@ def main() -> None:
     options = parser.parse_args()
     world = WORLDS[options.world]
     epochs, seeds = options.epochs or world.epochs, options.seeds or list(world.seeds)
-    keys = [arm.key for arm in world.kd_arms] + ["trl"]
+    settings = arm_settings(world)
+    keys = [key for key, _ in settings.values()]
     unknown = sorted(set(options.only or ()) - set(keys))
     if unknown:
         parser.error(f"--only: no arm {', '.join(unknown)} in the {world.name} world (arms: {', '.join(keys)})")
@@ -266,15 +284,18 @@ def main() -> None:
     cache: dict = {}
     if previous:
         # Kept arms were evaluated in an earlier process: the same evaluation must give the base student
-        # the same numbers, or the arms would not compare.
+        # (each kept run's first point) the same numbers, or the arms would not compare.
         with evaluation_session(world) as session:
             base = on_common_draws(session, world, [{}], [None], cache)[0]
-        stored = next(iter(previous["seed_curves"].values()))[0][0]
-        if any(abs(base[key] - stored[key]) > 1e-4 for key in ("heldout_reverse_kl", "accuracy")):
-            raise SystemExit(f"{RESULTS / world.stem}.json: the base student's held-out KL / accuracy are "
-                             f"{stored['heldout_reverse_kl']:.6f} / {stored['accuracy']:.4f} there and "
-                             f"{base['heldout_reverse_kl']:.6f} / {base['accuracy']:.4f} now: the evaluation has "
-                             "changed; run every arm (drop --only)")
+        for name in kept:
+            for seed, run in zip(seeds, previous["seed_curves"][name]):
+                stored = run[0]
+                if stored["steps"] != 0 or any(abs(base[key] - stored[key]) > 1e-4 for key in ("heldout_reverse_kl", "accuracy")):
+                    raise SystemExit(
+                        f"{RESULTS / world.stem}.json: arm {settings[name][0]} seed {seed}: the base student's held-out "
+                        f"KL / accuracy are {stored['heldout_reverse_kl']:.6f} / {stored['accuracy']:.4f} there (step "
+                        f"{stored['steps']}) and {base['heldout_reverse_kl']:.6f} / {base['accuracy']:.4f} now: the "
+                        "evaluation has changed; run every arm (drop --only)")
     seed_curves, adapters = {}, {}
     for arm in run_arms:
         steps = steps_per_epoch(config_lib.load(world.config, world.kd_overrides(arm, seeds[0])))
@@ -292,9 +313,10 @@ def main() -> None:
             seed_curves[arm.name].append([{**point, "steps": point["epoch"] * steps} for point in curve
                                           if point["epoch"] % every == 0 or point["epoch"] == epochs])
         adapters[arm.name] = [kd_adapters(world, arm, seed, run) for seed, run in zip(seeds, seed_curves[arm.name])]
+    kd_seconds = {arm.name: sum(run[-1]["train_seconds"] for run in runs) / len(runs)
+                  for arm in world.kd_arms for runs in [seed_curves.get(arm.name) or previous["seed_curves"][arm.name]]}
+    budget = max(kd_seconds.values())
     if run_trl_arm:
-        kd_curves = [seed_curves.get(arm.name) or previous["seed_curves"][arm.name] for arm in world.kd_arms]
-        budget = max(sum(run[-1]["train_seconds"] for run in runs) / len(runs) for runs in kd_curves)
         print(f"== {TRL_DISTILLATION}, {budget:.0f} s of training per seed", flush=True)
         trl_adapters = {seed: ROOT / "runs" / f"{world.prefix}trl-seed-{seed}" for seed in seeds}
         trl_runs = []
@@ -308,19 +330,29 @@ def main() -> None:
         seed_curves[TRL_DISTILLATION] = aligned(trl_runs)
         adapters[TRL_DISTILLATION] = [[None if p["steps"] == 0 else trl_adapters[seed] / f"step-{p['steps']}" for p in run]
                                       for seed, run in zip(seeds, seed_curves[TRL_DISTILLATION])]
+    else:
+        trl_seconds = sum(run[-1]["train_seconds"] for run in previous["seed_curves"][TRL_DISTILLATION]) / len(seeds)
+        if budget > 1.05 * trl_seconds:
+            slowest = max(kd_seconds, key=kd_seconds.get)
+            print(f"warning: the kept TRL arm trained {trl_seconds:.0f} s, {slowest} {budget:.0f} s: TRL did not get "
+                  "the slower kd arm's time; add trl to --only for a fair budget", flush=True)
     print(f"== every checkpoint on the same held-out draws (salts {world.salts})", flush=True)
     with evaluation_session(world) as session:
         common_seed_curves = {name: [on_common_draws(session, world, run, arm_adapters, cache)
                                      for run, arm_adapters in zip(runs, adapters[name])]
                               for name, runs in seed_curves.items()}
+    # The top level describes this process; "measured" each arm's (a kept arm's is copied over).
     today = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
              "versions": versions()}
-    measured = {name: today for name in seed_curves}
+    command = ("python bench/vs_trl.py" + ("" if world.name == "toy" else f" --world {world.name}")
+               + f" --epochs {epochs} --seeds {' '.join(map(str, seeds))}"
+               + (f" --only {' '.join(options.only)}" if options.only else ""))
+    measured = {name: {**today, "command": command, "settings": settings[name][1]} for name in seed_curves}
     for name in kept:
         common_seed_curves[name] = previous["seed_curves"][name]
         seed_curves[name] = previous["training_seed_curves"][name]
         measured[name] = previous.get("measured", {}).get(name) or {key: previous[key] for key in today}
-    order = [arm.name for arm in world.kd_arms] + [TRL_DISTILLATION]
+    order = list(settings)
     result = {
         **today, "world": world.name, "epochs": epochs, "seeds": seeds, "common_salts": world.salts,
         "heldout_prompts": cache[None]["prompts"], "measured": {name: measured[name] for name in order},
@@ -331,6 +363,7 @@ def main() -> None:
         "training_seed_curves": {name: seed_curves[name] for name in order},
     }
     save_results(RESULTS, world.stem, result, markdown(result))
+
 
 if __name__ == "__main__":
     main()

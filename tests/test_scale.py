@@ -32,9 +32,12 @@ def examples(vocabulary: int, seed: int = 0, top_k: int = 0) -> list[dict]:
                      "sampler_logprobs": sampler, "policy_logprobs": sampler, "sampling_policy_logprobs": sampler,
                      "is_weights": np.ones_like(sampler), "raw_is_weights": np.ones_like(sampler), "teacher_logprobs": teacher,
                      "advantages": teacher - sampler})
-        if top_k:
-            rows[-1]["teacher_top_ids"] = rng.integers(3, vocabulary, (completion, top_k))
-            rows[-1]["teacher_top_logprobs"] = np.sort(-rng.exponential(2.0, (completion, top_k)), 1)[:, ::-1].astype(np.float32)
+        if top_k:  # the top-k of a teacher distribution over the vocabulary, so the tail keeps real mass
+            logits = rng.normal(0, 3, (completion, vocabulary))
+            logprobs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+            top_ids = np.argsort(-logprobs, axis=1)[:, :top_k]
+            rows[-1]["teacher_top_ids"] = top_ids
+            rows[-1]["teacher_top_logprobs"] = np.take_along_axis(logprobs, top_ids, 1).astype(np.float32)
     return rows
 
 
@@ -126,7 +129,7 @@ def test_packed_rows_equal_the_padded_batch_with_the_teachers_top_k(policy, tiny
     assert_same(step(policy, config, packed), reference)
     # The top-k columns are what this loss reads: other ones give another loss.
     rng = np.random.default_rng(1)
-    other = [{**row, "teacher_top_ids": rng.integers(3, policy.head.vocabulary, row["teacher_top_ids"].shape)} for row in rows]
+    other = [{**row, "teacher_top_ids": rng.permutation(row["teacher_top_ids"])} for row in rows]
     assert step(policy, config, Collator(0, top_k=16, micro_batch_tokens=300)(other))[0] != pytest.approx(reference[0], rel=1e-4)
 
 

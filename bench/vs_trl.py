@@ -32,9 +32,11 @@ as much as an epoch there). One evaluation differs from the next by sampling noi
 are averaged over the seeds before anything is read off them.
 Writes bench/results/vs_trl.json (the real world: vs_trl-real.json), .md and the curves' PNGs.
 `--only ARM ...` runs only those arms (kd arms by key, or `trl`) and takes the others from that JSON,
-which must hold the same world, epochs, seeds and held-out draws; the base student is evaluated first
-and must give the held-out numbers the JSON holds, or the evaluation has changed and every arm must
-run again.
+which must hold them for the same world, epochs, seeds and held-out draws, and (where it records
+them) the same settings and config fingerprint; the base student is evaluated first and must give
+the held-out numbers the JSON holds, or the evaluation has changed and every arm must run again. A
+kept TRL arm that had less training time than the slower kd arm now has is flagged in the results.
+Each arm records the date, machine, versions and command it ran with ("measured").
 """
 
 from __future__ import annotations
@@ -176,20 +178,22 @@ def markdown(result: dict) -> str:
         draws += "; nothing is evaluated during training but kd's first and last epoch (not shown)."
     # Arms kept by --only carry the date, machine, versions and command of the process that ran them.
     default_command = f"{command} --epochs {result['epochs']} --seeds {seeds}"
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[tuple, dict[str, list[str]]] = {}
     for name in curves:
         m = result.get("measured", {}).get(name) or result
-        key = (m["date"], m["machine"], tuple(m["versions"].items()), m.get("command", default_command))
-        groups.setdefault(key, []).append(name)
-    when = " ".join(f"{date}, {machine}; {', '.join(f'{k} {v}' for k, v in versions)}. `{run}`"
-                    + ("." if len(groups) == 1 else f" ({'; '.join(names)}).")
-                    for (date, machine, versions, run), names in groups.items())
+        runs = groups.setdefault((m["date"], m["machine"], tuple(m["versions"].items())), {})
+        runs.setdefault(m.get("command", default_command), []).append(name)
+    several = sum(len(runs) for runs in groups.values()) > 1
+    when = " ".join(f"{date}, {machine}; {', '.join(f'{k} {v}' for k, v in versions)}. "
+                    + " ".join(f"`{run}`" + (f" ({'; '.join(names)})." if several else ".") for run, names in runs.items())
+                    for (date, machine, versions), runs in groups.items())
     lines = [
         f"# kd vs TRL DistillationTrainer, head to head ({world.name} world)",
         "",
         f"{when} Curves are means over the seeds; "
         f"training seconds exclude evaluation. {draws}",
         "",
+        *(line for warning in result.get("warnings", []) for line in (f"**Warning:** {warning}.", "")),
         "| run | training s | optimiser steps | final held-out KL (each seed) | final accuracy |",
         "|---|---:|---:|---|---:|",
     ]
@@ -229,30 +233,44 @@ def arm_settings(world: World) -> dict[str, tuple[str, list[str]]]:
             TRL_DISTILLATION: ("trl", [f"batch={world.trl_batch}"])}
 
 
+def definitions(world: World, epochs: int, seed: int) -> dict[str, dict]:
+    """What each arm's results depend on, recorded with them and compared by --only: its settings and
+    the fingerprint of the config it runs (kd.stages.config.Config.fingerprint; the first seed's)."""
+    from kd.stages import config as config_lib
+
+    kd_configs = {arm.name: [*world.kd_overrides(arm, seed), f"epochs={epochs}"] for arm in world.kd_arms}
+    return {name: {"settings": settings,
+                   "config_fingerprint": config_lib.load(world.config, kd_configs.get(name, [f"seed={seed}"])).fingerprint()}
+            for name, (_, settings) in arm_settings(world).items()}
+
+
 def previous_arms(world: World, epochs: int, seeds: list[int], keep: list[str]) -> dict:
-    """The world's results JSON, for the arms named `keep` (--only): it must hold them, run with the
-    same world, epochs, seeds, held-out draws and (where it records them) arm settings."""
-    path = RESULTS / f"{world.stem}.json"
-    settings = arm_settings(world)
-    keys = " ".join(settings[name][0] for name in keep)
+    """The world's results JSON, for the arms named `keep` (--only): it must hold each of them for
+    every seed, run with the same world, epochs, seeds, held-out draws and (where it records them)
+    arm settings and config fingerprint."""
     if not keep:
         return {}
+    path = RESULTS / f"{world.stem}.json"
+    keys = {name: key for name, (key, _) in arm_settings(world).items()}
     if not path.exists():
-        raise SystemExit(f"{path}: not found; --only keeps the arms {keys} from it: run them too (add them to --only)")
+        raise SystemExit(f"{path}: not found; --only keeps the arms {' '.join(keys[n] for n in keep)} from it: "
+                         "run them too (add them to --only)")
     previous = json.loads(path.read_text())
     expected = {"world": world.name, "epochs": epochs, "seeds": seeds, "common_salts": list(world.salts)}
-    for key, value in expected.items():
-        stored = previous.get(key, "toy" if key == "world" else None)
+    for field, value in expected.items():
+        stored = previous.get(field, "toy" if field == "world" else None)
         if stored != value:
-            fix = "pass the same --epochs and --seeds" if key in ("epochs", "seeds") else "run every arm (drop --only)"
-            raise SystemExit(f"{path}: {key} is {stored!r} there, {value!r} in this run: {fix}")
+            fix = "pass the same --epochs and --seeds" if field in ("epochs", "seeds") else "run every arm (drop --only)"
+            raise SystemExit(f"{path}: {field} is {stored!r} there, {value!r} in this run: {fix}")
+    now = definitions(world, epochs, seeds[0])
     for name in keep:
-        key, wanted = settings[name]
-        if name not in previous["seed_curves"]:
-            raise SystemExit(f"{path}: has no arm {key}: add it to --only")
-        stored = previous.get("measured", {}).get(name, {}).get("settings")
-        if stored is not None and stored != wanted:
-            raise SystemExit(f"{path}: arm {key} was run with {stored}, is now {wanted}: add it to --only")
+        runs = [previous[curves].get(name) for curves in ("seed_curves", "training_seed_curves")]
+        if any(r is None or len(r) != len(seeds) for r in runs):
+            raise SystemExit(f"{path}: has no complete arm {keys[name]} (a run for each seed): add it to --only")
+        for field, value in now[name].items():
+            stored = previous.get("measured", {}).get(name, {}).get(field)
+            if stored is not None and stored != value:
+                raise SystemExit(f"{path}: arm {keys[name]}'s {field} is {stored} there, {value} now: add it to --only")
     return previous
 
 
@@ -279,8 +297,8 @@ def main() -> None:
     run_arms = [arm for arm in world.kd_arms if not options.only or arm.key in options.only]
     run_trl_arm = not options.only or "trl" in options.only
     kept = [arm.name for arm in world.kd_arms if arm not in run_arms] + ([] if run_trl_arm else [TRL_DISTILLATION])
+    subprocess.run(world.build, cwd=ROOT, check=True)  # the toy's arms read its vocabulary size
     previous = previous_arms(world, epochs, seeds, kept)
-    subprocess.run(world.build, cwd=ROOT, check=True)
     cache: dict = {}
     if previous:
         # Kept arms were evaluated in an earlier process: the same evaluation must give the base student
@@ -289,13 +307,15 @@ def main() -> None:
             base = on_common_draws(session, world, [{}], [None], cache)[0]
         for name in kept:
             for seed, run in zip(seeds, previous["seed_curves"][name]):
-                stored = run[0]
-                if stored["steps"] != 0 or any(abs(base[key] - stored[key]) > 1e-4 for key in ("heldout_reverse_kl", "accuracy")):
+                where, stored = f"{RESULTS / world.stem}.json: arm {settings[name][0]} seed {seed}", run[0]
+                if stored["steps"] != 0:
+                    raise SystemExit(f"{where}: its first point is step {stored['steps']}, not the base student: "
+                                     "run every arm (drop --only)")
+                if any(abs(base[key] - stored[key]) > 1e-4 for key in ("heldout_reverse_kl", "accuracy")):
                     raise SystemExit(
-                        f"{RESULTS / world.stem}.json: arm {settings[name][0]} seed {seed}: the base student's held-out "
-                        f"KL / accuracy are {stored['heldout_reverse_kl']:.6f} / {stored['accuracy']:.4f} there (step "
-                        f"{stored['steps']}) and {base['heldout_reverse_kl']:.6f} / {base['accuracy']:.4f} now: the "
-                        "evaluation has changed; run every arm (drop --only)")
+                        f"{where}: the base student's held-out KL / accuracy are {stored['heldout_reverse_kl']:.6f} / "
+                        f"{stored['accuracy']:.4f} there and {base['heldout_reverse_kl']:.6f} / {base['accuracy']:.4f} "
+                        "now: the evaluation has changed; run every arm (drop --only)")
     seed_curves, adapters = {}, {}
     for arm in run_arms:
         steps = steps_per_epoch(config_lib.load(world.config, world.kd_overrides(arm, seeds[0])))
@@ -330,12 +350,17 @@ def main() -> None:
         seed_curves[TRL_DISTILLATION] = aligned(trl_runs)
         adapters[TRL_DISTILLATION] = [[None if p["steps"] == 0 else trl_adapters[seed] / f"step-{p['steps']}" for p in run]
                                       for seed, run in zip(seeds, seed_curves[TRL_DISTILLATION])]
-    else:
-        trl_seconds = sum(run[-1]["train_seconds"] for run in previous["seed_curves"][TRL_DISTILLATION]) / len(seeds)
-        if budget > 1.05 * trl_seconds:
-            slowest = max(kd_seconds, key=kd_seconds.get)
-            print(f"warning: the kept TRL arm trained {trl_seconds:.0f} s, {slowest} {budget:.0f} s: TRL did not get "
-                  "the slower kd arm's time; add trl to --only for a fair budget", flush=True)
+    warnings = []
+    if not run_trl_arm:
+        stored = previous.get("measured", {}).get(TRL_DISTILLATION, {}).get("budget_seconds")
+        trained = [run[-1]["train_seconds"] for run in previous["seed_curves"][TRL_DISTILLATION]]
+        # run_trl stops after the step that crosses its budget, so its last checkpoint can pass the budget
+        trl_budget = stored if stored is not None else sum(trained) / len(trained)
+        if budget > 1.01 * trl_budget:
+            slowest = settings[max(kd_seconds, key=kd_seconds.get)][0]
+            warnings.append(f"the kept TRL arm had {trl_budget:.0f} s of training, less than kd arm {slowest}'s "
+                            f"{budget:.0f} s: add trl to --only to give it the slower kd arm's time")
+            print(f"warning: {warnings[-1]}", flush=True)
     print(f"== every checkpoint on the same held-out draws (salts {world.salts})", flush=True)
     with evaluation_session(world) as session:
         common_seed_curves = {name: [on_common_draws(session, world, run, arm_adapters, cache)
@@ -347,7 +372,10 @@ def main() -> None:
     command = ("python bench/vs_trl.py" + ("" if world.name == "toy" else f" --world {world.name}")
                + f" --epochs {epochs} --seeds {' '.join(map(str, seeds))}"
                + (f" --only {' '.join(options.only)}" if options.only else ""))
-    measured = {name: {**today, "command": command, "settings": settings[name][1]} for name in seed_curves}
+    defined = definitions(world, epochs, seeds[0])
+    measured = {name: {**today, "command": command, **defined[name]} for name in seed_curves}
+    if run_trl_arm:
+        measured[TRL_DISTILLATION]["budget_seconds"] = budget
     for name in kept:
         common_seed_curves[name] = previous["seed_curves"][name]
         seed_curves[name] = previous["training_seed_curves"][name]
@@ -356,6 +384,7 @@ def main() -> None:
     result = {
         **today, "world": world.name, "epochs": epochs, "seeds": seeds, "common_salts": world.salts,
         "heldout_prompts": cache[None]["prompts"], "measured": {name: measured[name] for name in order},
+        "warnings": warnings,
         # "curves" (plotted): on the common draws; "training_curves": as evaluated during training
         "curves": {name: mean_curve(common_seed_curves[name]) for name in order},
         "seed_curves": {name: common_seed_curves[name] for name in order},

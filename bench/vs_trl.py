@@ -164,11 +164,15 @@ def late_mean(curve: list[dict]) -> float:
     return sum(late) / len(late)
 
 
+def command_line(world: World, epochs: int, seeds: list[int], only: list[str] | None = None) -> str:
+    """The command that runs these arms (a results file written before commands were recorded: all of them)."""
+    return ("python bench/vs_trl.py" + ("" if world.name == "toy" else f" --world {world.name}")
+            + f" --epochs {epochs} --seeds {' '.join(map(str, seeds))}" + (f" --only {' '.join(only)}" if only else ""))
+
+
 def markdown(result: dict) -> str:
     world = WORLDS[result.get("world", "toy")]
     curves = result["curves"]
-    seeds = " ".join(map(str, result["seeds"]))
-    command = "python bench/vs_trl.py" + ("" if world.name == "toy" else f" --world {world.name}")
     draws = (f"Every checkpoint of every run is evaluated on the same held-out draws ({len(result['common_salts'])} x "
              f"{result.get('heldout_prompts', 256)} samples)")
     if result["training_curves"]:
@@ -177,7 +181,7 @@ def markdown(result: dict) -> str:
     else:
         draws += "; nothing is evaluated during training but kd's first and last epoch (not shown)."
     # Arms kept by --only carry the date, machine, versions and command of the process that ran them.
-    default_command = f"{command} --epochs {result['epochs']} --seeds {seeds}"
+    default_command = command_line(world, result["epochs"], result["seeds"])
     groups: dict[tuple, dict[str, list[str]]] = {}
     for name in curves:
         m = result.get("measured", {}).get(name) or result
@@ -369,9 +373,7 @@ def main() -> None:
     # The top level describes this process; "measured" each arm's (a kept arm's is copied over).
     today = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
              "versions": versions()}
-    command = ("python bench/vs_trl.py" + ("" if world.name == "toy" else f" --world {world.name}")
-               + f" --epochs {epochs} --seeds {' '.join(map(str, seeds))}"
-               + (f" --only {' '.join(options.only)}" if options.only else ""))
+    command = command_line(world, epochs, seeds, options.only)
     defined = definitions(world, epochs, seeds[0])
     measured = {name: {**today, "command": command, **defined[name]} for name in seed_curves}
     if run_trl_arm:

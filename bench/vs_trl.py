@@ -165,7 +165,8 @@ def late_mean(curve: list[dict]) -> float:
 
 
 def command_line(world: World, epochs: int, seeds: list[int], only: list[str] | None = None) -> str:
-    """The command that runs these arms (a results file written before commands were recorded: all of them)."""
+    """The command that runs these arms; without `only`, also the command the markdown names for arms
+    recorded before each arm kept its own (they ran every arm)."""
     return ("python bench/vs_trl.py" + ("" if world.name == "toy" else f" --world {world.name}")
             + f" --epochs {epochs} --seeds {' '.join(map(str, seeds))}" + (f" --only {' '.join(only)}" if only else ""))
 

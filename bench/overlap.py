@@ -15,7 +15,7 @@ shows what the pipelining itself gives when each side has hardware of its own (t
 node, where the engines and the trainer take different GPUs: overlap.sampler_devices).
 Epoch wall time: the median interval between consecutive epochs' export-lora records in
 metrics.jsonl (evaluations included where they fall), and the whole loop's wall time.
-Writes bench/results/overlap[-real].json and .md, and the curves' PNGs.
+Writes bench/results/overlap[-real].json and .md (--name: another stem), and the curves' PNGs.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def run(world: str, name: str, seed: int, epochs: int, eval_every: int, bench: s
     }
 
 
-def markdown(world: str, result: dict, epochs: int) -> str:
+def markdown(world: str, result: dict, epochs: int, name: str) -> str:
     rows = result["runs"]
     reference = statistics.mean(r["epoch_seconds"] for r in rows["synchronous, 2 cores"])
     single = (statistics.mean(r["epoch_seconds"] for r in rows["synchronous, 1 core"])
@@ -94,7 +94,8 @@ def markdown(world: str, result: dict, epochs: int) -> str:
         f"# Overlapped loop vs synchronous ({world} world, {epochs} epochs)",
         "",
         f"Machine: {result['machine']}. `python bench/overlap.py --world {world} --epochs {epochs} --eval-every "
-        f"{result['eval_every']} --settings ... --seeds ...` (each row names its seeds); each run alone on the machine. "
+        f"{result['eval_every']} --settings ... --seeds ...{'' if name == default_name(world) else f' --name {name}'}` "
+        "(each row names its seeds); each run alone on the machine. "
         "Epoch wall s: each run's median interval between epochs, averaged over the seeds.",
         "",
         "| setting | seeds | epoch wall s | vs sync 2 cores | vs sync 1 core | loop wall s | "
@@ -118,6 +119,10 @@ def markdown(world: str, result: dict, epochs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_name(world: str) -> str:
+    return "overlap" if world == "toy" else f"overlap-{world}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", choices=sorted(WORLDS), default="toy")
@@ -125,8 +130,10 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--name", help="the results files' stem (default: overlap, or overlap-real with --world real); "
+                        "settings not re-run keep that file's earlier runs")
     args = parser.parse_args()
-    name = "overlap" if args.world == "toy" else f"overlap-{args.world}"
+    name = args.name or default_name(args.world)
     earlier = RESULTS / f"{name}.json"  # settings not re-run keep their earlier runs of the same length
     kept = json.loads(earlier.read_text()) if earlier.is_file() and len(args.settings) < len(SETTINGS) else {}
     same = (kept.get("epochs"), kept.get("eval_every")) == (args.epochs, args.eval_every)
@@ -141,7 +148,7 @@ def main() -> None:
                  for setting in args.settings})
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "epochs": args.epochs, "eval_every": args.eval_every,
               "runs": runs, "curves": {setting: mean_curve([r["curve"] for r in rs]) for setting, rs in runs.items()}}
-    save_results(RESULTS, name, result, markdown(args.world, result, args.epochs))
+    save_results(RESULTS, name, result, markdown(args.world, result, args.epochs, name))
 
 
 if __name__ == "__main__":

@@ -102,20 +102,20 @@ def markdown(world: str, result: dict, epochs: int, name: str) -> str:
         + " | ".join(f"held-out KL @{e}" for e in evals) + " | grad_norm max / median | ratio max | IS weight max | IS corrected |",
         "|---|---|---|---|---|---|" + "---|" * len(evals) + "---|---|---|---|",
     ]
-    for name, runs in rows.items():
+    for setting, runs in rows.items():
         epoch = statistics.mean(r["epoch_seconds"] for r in runs)
         kls = [[point["heldout_reverse_kl"] for point in r["curve"]] for r in runs]
         cells = [" / ".join(f"{kl[i]:.4f}" for kl in kls) for i in range(len(evals))]
         lines.append(
-            f"| {name} | {', '.join(str(r['seed']) for r in runs)} | {epoch:.2f} | {epoch / reference:.2f}x | "
+            f"| {setting} | {', '.join(str(r['seed']) for r in runs)} | {epoch:.2f} | {epoch / reference:.2f}x | "
             f"{f'{epoch / single:.2f}x' if single else 'not run'} | "
             f"{statistics.mean(r['wall_seconds'] for r in runs):.0f} | " + " | ".join(cells)
             + f" | {max(r['grad_norm_max_over_median'] for r in runs):.2f} | {max(r['ratio_max'] for r in runs):.2f} | "
             f"{max(r['is_weight_max'] for r in runs):.2f} | {statistics.mean(r['is_corrected_fraction'] for r in runs):.2%} |")
     lines += ["", "Mean stage seconds per call (generate / score / train / eval):", ""]
-    for name, runs in rows.items():
+    for setting, runs in rows.items():
         stage = {key: statistics.mean(r["stage_seconds"][key] for r in runs) for key in runs[0]["stage_seconds"]}
-        lines.append(f"- {name}: " + " / ".join(f"{stage[key]:.2f}" for key in ("generate", "score", "train", "eval")))
+        lines.append(f"- {setting}: " + " / ".join(f"{stage[key]:.2f}" for key in ("generate", "score", "train", "eval")))
     return "\n".join(lines) + "\n"
 
 
@@ -131,11 +131,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--name", help="the results files' stem (default: overlap, or overlap-real with --world real); "
-                        "settings not re-run keep that file's earlier runs")
+                        "the settings and seeds not re-run keep that file's earlier runs")
     args = parser.parse_args()
     name = args.name or default_name(args.world)
-    earlier = RESULTS / f"{name}.json"  # settings not re-run keep their earlier runs of the same length
-    kept = json.loads(earlier.read_text()) if earlier.is_file() and len(args.settings) < len(SETTINGS) else {}
+    earlier = RESULTS / f"{name}.json"  # (setting, seed) pairs not re-run keep their earlier runs of the same length
+    kept = json.loads(earlier.read_text()) if earlier.is_file() else {}
     same = (kept.get("epochs"), kept.get("eval_every")) == (args.epochs, args.eval_every)
     # Settings may differ in seeds (a speed-only reference run once), so each row names its own.
     runs = kept["runs"] if kept and same else {}
@@ -144,8 +144,10 @@ def main() -> None:
                          f"--eval-every {args.eval_every}, the reference of every row; include it in --settings")
     if args.world == "real":
         subprocess.run(["kd", "real", "-c", str(ROOT / WORLDS["real"][0])], cwd=ROOT, check=True)
-    runs.update({setting: [run(args.world, setting, seed, args.epochs, args.eval_every) for seed in args.seeds]
-                 for setting in args.settings})
+    for setting in args.settings:
+        fresh = [run(args.world, setting, seed, args.epochs, args.eval_every) for seed in args.seeds]
+        runs[setting] = sorted([r for r in runs.get(setting, []) if r["seed"] not in args.seeds] + fresh,
+                               key=lambda r: r["seed"])
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "epochs": args.epochs, "eval_every": args.eval_every,
               "runs": runs, "curves": {setting: mean_curve([r["curve"] for r in rs]) for setting, rs in runs.items()}}
     save_results(RESULTS, name, result, markdown(args.world, result, args.epochs, name))

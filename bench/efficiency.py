@@ -2,11 +2,11 @@
 
     python bench/efficiency.py            (just bench-efficiency)
 
-Runs EPOCHS epochs of the toy config (hf engine) through the stage functions in one process, as
-`kd loop` does, and after each epoch but the first (which loads the models) times the bare model
-work over that epoch's data; on a shared machine sub-second timings drift by more than the gap
-measured, so each ratio is the median of the epochs' bare/stage ratios, each pair timed back to back,
-over TRIALS fresh runs (each trial's median is reported too):
+Runs EPOCHS epochs of the toy config (hf engine; its objective as measured: bench/toy_before.py)
+through the stage functions in one process, as `kd loop` does, and after each epoch but the first
+(which loads the models) times the bare model work over that epoch's data; on a shared machine
+sub-second timings drift by more than the gap measured, so each ratio is the median of the epochs'
+bare/stage ratios, each pair timed back to back, over TRIALS fresh runs (each trial's median is reported too):
 - score: stage wall vs the teacher's batched forward over the same sequences, in the same
   length-sorted batches (no log-softmax, no gather, no I/O);
 - train: stage wall vs a bare forward + backward + AdamW step of the LoRA student over the same
@@ -27,6 +27,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from toy_before import SAMPLED_TOKEN_CONSTANT_LR  # bench/ is on sys.path: run as `python bench/...`
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -149,7 +151,7 @@ def main() -> None:
     tokens = samples = 0
     for trial in range(TRIALS):
         runs = Path(tempfile.mkdtemp(prefix="kd-bench-efficiency-"))
-        config = config_lib.load(ROOT / "configs" / "toy.yaml")
+        config = config_lib.load(ROOT / "configs" / "toy.yaml", list(SAMPLED_TOKEN_CONSTANT_LR))
         config = dataclasses.replace(config, run_id="efficiency", runs_dir=str(runs), epochs=EPOCHS)
         rundir.prepare(config)
         for timings in (*seconds.values(), *bare.values()):

@@ -2,7 +2,8 @@
 
     python bench/offpolicy.py [--epochs 40] [--eval-every 2] [--seeds 0 1]        (just bench-offpolicy)
 
-- on-policy: `kd loop` with configs/toy.yaml (sampled-token objective), and once more with the
+- on-policy: `kd loop` with configs/toy.yaml as it was measured (sampled-token objective, constant
+  learning rate: bench/toy_before.py, which every run here keeps), and once more with the
   teacher's top-8 reverse KL instead (`score.top_k=8`, `train.kl_coef=0`, `train.topk_reverse_kl=1`),
   and top-8 and the whole vocabulary with the same samples per epoch spread over 256 prompts x 1 sample.
   Teacher tokens: the completion tokens the teacher scores (one prefill each).
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 from curves import mean_curve, point_table, save as save_results  # bench/curves.py: run as `python bench/...`, bench/ is on sys.path
+from toy_before import pinned
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -66,7 +68,7 @@ def run_on_policy(run_id: str, overrides: list[str], epochs: int, eval_every: in
                "--set", f"epochs={epochs}", "--set", f"eval.every={eval_every}"]
     if batch is not None:
         command += ["--set", f"train.batch_size={batch}"]
-    for override in overrides:
+    for override in (*pinned(config_path), *overrides):
         if "vocabulary" in override:
             vocabulary = json.loads((ROOT / "runs" / "toy-world" / "toy.json").read_text())["vocab_size"]
             override = override.replace("vocabulary", str(vocabulary))
@@ -104,7 +106,7 @@ def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "
     from kd.stages.schedule import lr_factor
     from kd.stages.train import Collator
 
-    config = config_lib.load(ROOT / config_path, [f"seed={seed}", *overrides])
+    config = config_lib.load(ROOT / config_path, [f"seed={seed}", *pinned(config_path), *overrides])
     cfg, gen = config.train, config.generate
     batch = batch or cfg.batch_size * cfg.grad_accum
     teacher_as_sampler = dataclasses.replace(config, student=config.teacher)

@@ -3,7 +3,9 @@ epoch and per second of loop, at max_staleness 0, 1 and 2, two seeds each.
 
     python bench/overlap.py [--world toy|real] [--epochs 30] [--seeds 0 1]     (just bench-overlap)
 
-Each run is `kd loop` as a user runs it, on an idle machine, one at a time. The settings:
+Each run is `kd loop` as a user runs it, on an idle machine, one at a time (the toy's with the
+sampled-token objective at the constant learning rate it was measured with: bench/toy_before.py).
+The settings:
 - synchronous, every core: max_staleness 0, torch's default threads (the loop users get today);
 - synchronous, one core: max_staleness 0 with OMP_NUM_THREADS=1, the speed each side of the
   overlapped loop has on this 2-core machine;
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 from curves import mean_curve, save as save_results  # bench/ is on sys.path: run as `python bench/overlap.py`
+from toy_before import pinned
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -54,7 +57,7 @@ def run(world: str, name: str, seed: int, epochs: int, eval_every: int, bench: s
     shutil.rmtree(ROOT / "runs" / run_id, ignore_errors=True)
     command = ["kd", "loop", "--config", str(ROOT / config), "--run", run_id, "--set", f"epochs={epochs}",
                "--set", f"eval.every={eval_every}", "--set", f"seed={seed}"]
-    for override in overrides:
+    for override in (*pinned(config), *overrides):
         command += ["--set", override]
     print(f"== {name}, seed {seed}: {' '.join(command)}", flush=True)
     environment = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}

@@ -4,8 +4,8 @@ HumanEval problems before and after distillation, with the teacher's own beside 
 
     python bench/reward.py [--seeds 0 1] [--reward-coefs 0.5 2] [--real-epochs 8] [--toy-only | --real-only]
 
-Toy: `kd loop` of configs/toy.yaml (100 epochs; evaluations every 5), once with train.reward_coef 0
-(the KL alone) and once with each of --reward-coefs, for each seed (the seed draws the prompts and
+Toy: `kd loop` of configs/toy.yaml as it was measured (bench/toy_before.py; 100 epochs; evaluations
+every 5), once with train.reward_coef 0 (the KL alone) and once with each of --reward-coefs, for each seed (the seed draws the prompts and
 samples; the world is the same). Real: `kd loop` of configs/smollm2-humaneval.yaml (task humaneval) over
 --real-epochs, evaluating on all 32 held-out problems with up to 320 new tokens (whole functions fit),
 and `kd eval` of the teacher as the student on the same problems. pass@1 is greedy decoding's
@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from toy_before import SAMPLED_TOKEN_CONSTANT_LR  # bench/ is on sys.path: run as `python bench/reward.py`
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -59,7 +61,7 @@ def toy(seeds: list[int], reward_coefs: list[float]) -> dict:
         for name, coef in [("KL alone", 0.0), *((f"KL + reward x {c:g}", c) for c in reward_coefs)]:
             run_id = f"bench-reward-toy-{seed}-{coef:g}"
             kd("loop", "--run", run_id, "--overwrite",
-               *sets([f"seed={seed}", f"train.reward_coef={coef}", "eval.every=5"]))
+               *sets([*SAMPLED_TOKEN_CONSTANT_LR, f"seed={seed}", f"train.reward_coef={coef}", "eval.every=5"]))
             runs.setdefault(name, {})[seed] = curve(run_id)
     return runs
 

@@ -2,8 +2,8 @@
 
     python bench/served_faults.py      # after `kd toy` (uses runs/toy-world); about 3 minutes on 2 cores
 
-Runs the real `kd` CLI on the toy world (configs/toy.yaml, 16 prompts x 4 samples, a run under a
-temporary runs_dir) with engine kind vllm for generate and score, one vLLM server at a time:
+Runs the real `kd` CLI on the toy world (configs/toy.yaml as measured, bench/toy_before.py; 16
+prompts x 4 samples, a run under a temporary runs_dir) with engine kind vllm for generate and score, one vLLM server at a time:
   1. a student server: `kd generate` whose requests wait behind each other (16 in flight on 2 cores),
      with request_timeout 0.05 s and seconds_per_token 0 (cut), then with the default 0.05 s per token
      (finishes); then `kd score` pointed at it, a server of another model than the teacher (refused);
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from kd.stages.engines.vllm import serve_command, wait_until_ready
+from toy_before import SAMPLED_TOKEN_CONSTANT_LR  # bench/ is on sys.path: run as `python bench/...`
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -63,7 +64,7 @@ def kd(runs: Path, command: str, *settings: str) -> tuple[int, list[str], float]
     args = ["kd", command, "--config", "configs/toy.yaml", "--epoch", "0", "--set", f"runs_dir={runs}",
             "--set", "run_id=faults", "--set", "generate.prompts_per_epoch=16",
             "--set", "generate.engine.kind=vllm", "--set", "score.engine.kind=vllm"]
-    for setting in settings:
+    for setting in (*SAMPLED_TOKEN_CONSTANT_LR, *settings):
         args += ["--set", setting]
     start = time.perf_counter()
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})

@@ -3,7 +3,8 @@
     python bench/slurm.py            (just bench-slurm; needs slurm-wlm and munge, as .ci/run installs)
 
 Starts a real single-node Slurm on this machine (tests/slurm_cluster.py), builds nothing new (the
-toy world of configs/toy.yaml must exist: `kd toy`), and submits epoch 0 of the toy config with
+toy world of configs/toy.yaml must exist: `kd toy`), and submits epoch 0 of the toy config (its
+objective as measured: bench/toy_before.py) with
 `kd slurm --wait` in three shapes, each a fresh run:
   A: generate and score as 1 task, train as 1 process;
   B: generate and score as 2-task arrays, train as 1 process;
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT))  # tests.slurm_cluster: the same local Slurm the t
 
 from kd.stages import pipeline  # noqa: E402
 from tests.slurm_cluster import LocalSlurm  # noqa: E402
+from toy_before import SAMPLED_TOKEN_CONSTANT_LR  # noqa: E402  bench/ is on sys.path: run as `python bench/slurm.py`
 
 RESULTS = ROOT / "bench" / "results"
 SHAPES = {
@@ -80,7 +82,7 @@ def shape_run(name: str, tasks: dict, template: Path, env: dict) -> dict:
     run_id = "bench-slurm-" + name[0].lower()
     run_dir = ROOT / "runs" / run_id
     shutil.rmtree(run_dir, ignore_errors=True)
-    settings = [f"run_id={run_id}", "epochs=1", "eval.every=1", f"slurm.template={template}",
+    settings = [*SAMPLED_TOKEN_CONSTANT_LR, f"run_id={run_id}", "epochs=1", "eval.every=1", f"slurm.template={template}",
                 f"slurm.generate.tasks={tasks['generate']}", f"slurm.score.tasks={tasks['score']}",
                 f"slurm.train.tasks={tasks['train']}", f"slurm.train.cpus={max(1, tasks['train'])}"]
     overrides = [arg for s in settings for arg in ("--set", s)]

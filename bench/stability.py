@@ -9,12 +9,17 @@ settings: train.ratio_cap C replaces rho by min(rho, C), so such a token gives n
 (dual-clip PPO's idea, Ye et al. 2020, arXiv:1912.09729, as a cap on the whole ratio); a smaller or
 decaying learning rate moves the policy less per step; one optimiser step an epoch (batch_size 256
 = the epoch's 64 x 4 samples) trains only at pi_old = the sampler (r = 1 everywhere, the Tinker
-recipe's one step per batch of rollouts). bench/spikes.py takes a finished run's spikes apart.
-Each setting runs the whole default loop (configs/toy.yaml, every 10 epochs evaluated) as a user
-runs it, with one thread (OMP_NUM_THREADS=1), two runs side by side on this 2-core machine: only the
-spikes and the held-out table are compared, never the time, and with a fixed thread count they do
-not depend on what else runs. --keep adds the settings run to those of the existing results file.
-Writes bench/results/<name>.json and .md (seeds 2 and 3: --name stability-seeds23).
+recipe's one step per batch of rollouts); the teacher's top-8 reverse KL (score.top_k 8,
+train.topk_reverse_kl 1, kl_coef 0: at every position the exact reverse KL over the teacher's 8
+most likely tokens and a tail bucket, instead of the sampled token's one-sample estimate) alone,
+beside the sampled token, and with those schedules. bench/spikes.py takes a finished run's spikes apart.
+Each setting runs the whole loop of configs/toy.yaml as it was before 2026-12-07 (the sampled token
+at a constant learning rate: bench/toy_before.py) with the setting's overrides, every 10 epochs
+evaluated, as a user runs it, with one thread (OMP_NUM_THREADS=1), two runs side by side on this
+2-core machine: only the spikes and the held-out table are compared, never the time, and with a
+fixed thread count they do not depend on what else runs. --keep adds the settings run to those of the existing results file.
+Writes bench/results/<name>.json and .md (seeds 2 and 3: --name stability-seeds23; the top-8 settings:
+stability-topk and stability-topk-seeds23).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from curves import mean_curve, save as save_results  # bench/ is on sys.path: run as `python bench/stability.py`
 from overlap import RESULTS, run
 
+TOP_8 = ("score.top_k=8", "train.kl_coef=0", "train.topk_reverse_kl=1")
 ONE_CORE = {"OMP_NUM_THREADS": "1"}  # two runs side by side, a core each: their results do not depend on timing
 SETTINGS = {  # name -> (overrides, environment)
     "ratio_cap 0 (off)": (["train.ratio_cap=0"], ONE_CORE),
@@ -37,6 +43,13 @@ SETTINGS = {  # name -> (overrides, environment)
     "learning_rate 5e-4": (["train.learning_rate=5e-4"], ONE_CORE),
     "cosine decay from 2e-3": (["train.lr_scheduler=cosine", "train.learning_rate=2e-3"], ONE_CORE),
     "one step an epoch (batch_size 256), learning_rate 2e-3": (["train.batch_size=256", "train.learning_rate=2e-3"], ONE_CORE),
+    "top-8 reverse KL (kl_coef 0)": ([*TOP_8], ONE_CORE),
+    "sampled token + top-8 reverse KL": (["score.top_k=8", "train.topk_reverse_kl=1"], ONE_CORE),
+    "top-8 reverse KL with one step an epoch (batch_size 256), learning_rate 2e-3": (
+        [*TOP_8, "train.batch_size=256", "train.learning_rate=2e-3"], ONE_CORE),
+    "top-8 reverse KL with one step an epoch (batch_size 256) and cosine decay from 2e-3": (
+        [*TOP_8, "train.batch_size=256", "train.learning_rate=2e-3", "train.lr_scheduler=cosine"], ONE_CORE),
+    "top-8 reverse KL with cosine decay": ([*TOP_8, "train.lr_scheduler=cosine"], ONE_CORE),  # the default since 2026-12-07
 }
 
 

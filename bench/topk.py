@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from curves import save as save_results  # bench/curves.py: run as `python bench/...`, bench/ is on sys.path
+from toy_before import pinned
 
 from kd.stages import pipeline
 
@@ -40,10 +41,11 @@ TOY = ROOT / "configs" / "toy.yaml"
 
 
 def kd_variants(vocabulary: int, epochs: int) -> dict[str, list[str]]:
-    """Batch 64 samples per optimiser step, as TRL's 64 prompts per step; one line with toy.yaml's 128."""
+    """Batch 64 samples per optimiser step, as TRL's 64 prompts per step; one line with toy.yaml's 128.
+    Each on toy.yaml as it was measured (bench/toy_before.py)."""
     top_k = ["train.kl_coef=0", "train.topk_reverse_kl=1"]
     batch = ["train.batch_size=64"]
-    return {
+    variants = {
         "kd K=1 (sampled token)": batch,
         "kd K=8 reverse KL": ["score.top_k=8", *top_k, *batch],
         "kd K=32 reverse KL": ["score.top_k=32", *top_k, *batch],
@@ -60,6 +62,7 @@ def kd_variants(vocabulary: int, epochs: int) -> dict[str, list[str]]:
             f"epochs={epochs // 2}",
         ],
     }
+    return {name: [*pinned(TOY), *overrides] for name, overrides in variants.items()}
 
 
 def kd_run_id(name: str, prefix: str = "bench-topk-") -> str:
@@ -118,7 +121,7 @@ def run_trl(budget_seconds: float, eval_every: int, trainer_name: str = TRL_DIST
 
     if not (evaluate_during or adapters):
         raise ValueError("run_trl: with evaluate_during=False the checkpoints must be kept: pass adapters")
-    config = config_lib.load(config_path, [f"seed={seed}"])
+    config = config_lib.load(config_path, [f"seed={seed}", *pinned(config_path)])
     config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, num_prompts=0))
     cfg = config.train
     if cfg.lr_scheduler != "constant":

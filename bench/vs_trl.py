@@ -53,6 +53,7 @@ from pathlib import Path
 
 from curves import mean_curve, save as save_results  # bench/ is on sys.path: run as `python bench/vs_trl.py`
 from topk import TRL_DISTILLATION, at_time, first_reaching, kd_run_id, run_kd, run_trl, versions
+from toy_before import pinned
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -86,7 +87,7 @@ class World:
     trl_batch: tuple[int, int] | None  # TRL's prompts per micro-batch and accumulation (None: the config's)
 
     def kd_overrides(self, arm: KdArm, seed: int) -> list[str]:
-        settings = [f"seed={seed}", *arm.settings]
+        settings = [f"seed={seed}", *pinned(self.config), *arm.settings]
         if any("{vocabulary}" in setting for setting in settings):
             vocabulary = json.loads(TOY_WORLD.read_text())["vocab_size"]
             settings = [setting.format(vocabulary=vocabulary) for setting in settings]
@@ -245,7 +246,7 @@ def definitions(world: World, epochs: int, seed: int) -> dict[str, dict]:
 
     kd_configs = {arm.name: [*world.kd_overrides(arm, seed), f"epochs={epochs}"] for arm in world.kd_arms}
     return {name: {"settings": settings,
-                   "config_fingerprint": config_lib.load(world.config, kd_configs.get(name, [f"seed={seed}"])).fingerprint()}
+                   "config_fingerprint": config_lib.load(world.config, kd_configs.get(name, [f"seed={seed}", *pinned(world.config)])).fingerprint()}
             for name, (_, settings) in arm_settings(world).items()}
 
 

@@ -719,7 +719,8 @@ class Config:
         needing = [term for term in objective.active(self.train) if term.needs_top_k]
         if needing and not self.score.top_k:
             raise KdError(f"config field train.{needing[0].weight}: the {needing[0].name} term reads scored top-k "
-                          "columns; top-k divergences need the teacher's top-k: set score.top_k (e.g. 32)")
+                          "columns; top-k divergences need the teacher's top-k: set score.top_k (e.g. 32), "
+                          f"or train.{needing[0].weight}=0")
 
     @property
     def run_dir(self) -> Path:

@@ -14,7 +14,7 @@ setup:
 toy *args:
     kd toy "$@"
 
-# The on-policy loop on the toy world; re-running resumes. Extra args go to `kd loop`, e.g. `just loop --set epochs=10`.
+# The on-policy loop on the toy world; re-running resumes. Extra args go to `kd loop`, e.g. `just loop --run toy10 --set epochs=10`.
 [positional-arguments]
 loop *args: toy
     kd loop "$@"

@@ -5,12 +5,13 @@ HumanEval problems before and after distillation, with the teacher's own beside 
     python bench/reward.py [--seeds 0 1] [--reward-coefs 0.5 2] [--real-epochs 8] [--toy-only | --real-only]
 
 Toy: `kd loop` of configs/toy.yaml as it was measured (bench/toy_before.py; 100 epochs; evaluations
-every 5), once with train.reward_coef 0 (the KL alone) and once with each of --reward-coefs, for each seed (the seed draws the prompts and
-samples; the world is the same). Real: `kd loop` of configs/smollm2-humaneval.yaml (task humaneval) over
---real-epochs, evaluating on all 32 held-out problems with up to 320 new tokens (whole functions fit),
-and `kd eval` of the teacher as the student on the same problems. pass@1 is greedy decoding's
-(one completion per problem, run against the problem's unit tests); "sampled" is one T = 1 sample's.
-Runs go one after the other, each with both cores. Writes bench/results/reward.json and reward.md.
+every 5), once with train.reward_coef 0 (the KL alone) and once with each of --reward-coefs, for
+each seed (the seed draws the prompts and samples; the world is the same). Real: `kd loop` of
+configs/smollm2-humaneval.yaml (task humaneval) over --real-epochs, evaluating on all 32 held-out
+problems with up to 320 new tokens (whole functions fit), and `kd eval` of the teacher as the
+student on the same problems. pass@1 is greedy decoding's (one completion per problem, run against
+the problem's unit tests); "sampled" is one T = 1 sample's. Runs go one after the other, each with
+both cores. Writes bench/results/reward.json and reward.md.
 """
 
 from __future__ import annotations

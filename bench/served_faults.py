@@ -3,7 +3,8 @@
     python bench/served_faults.py      # after `kd toy` (uses runs/toy-world); about 3 minutes on 2 cores
 
 Runs the real `kd` CLI on the toy world (configs/toy.yaml as measured, bench/toy_before.py; 16
-prompts x 4 samples, a run under a temporary runs_dir) with engine kind vllm for generate and score, one vLLM server at a time:
+prompts x 4 samples, a run under a temporary runs_dir) with engine kind vllm for generate and
+score, one vLLM server at a time:
   1. a student server: `kd generate` whose requests wait behind each other (16 in flight on 2 cores),
      with request_timeout 0.05 s and seconds_per_token 0 (cut), then with the default 0.05 s per token
      (finishes); then `kd score` pointed at it, a server of another model than the teacher (refused);

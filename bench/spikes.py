@@ -6,8 +6,9 @@ of chosen epochs, and what clipping the per-token log-ratio would do to them.
 For each epoch e the student holds the adapter of epoch e-1 (pi_old; the first optimiser step of an
 epoch has r = 1, so its gradient is the policy gradient at pi_old) and each scored sample i of epoch e
 gives g_i = grad_theta of -sum_t A_t log pi(y_t) over the LoRA parameters, A_t = q_t - s_t (teacher
-minus behaviour logprob, kl_coef 1, the default objective; the trainer uses its recomputed o_t for
-s_t, which differs from the sampler's by under 1e-6 nats on the toy). Reported per epoch:
+minus behaviour logprob: the sampled-token objective at kl_coef 1, the toy default until 2026-12-07,
+and the only one this takes apart; the trainer uses its recomputed o_t for s_t, which differs from
+the sampler's by under 1e-6 nats on the toy). Reported per epoch:
 - the per-token log-ratios q_t - s_t: quantiles, the share of tokens below -5 nats and their share of
   the epoch's reverse KL;
 - ||g_i||: median and maximum, and the samples with the largest (their most negative A_t, the
@@ -124,11 +125,14 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a finished loop of configs/toy.yaml (runs/<id>)")
+    parser.add_argument("--run", type=Path, required=True, help="a finished loop of the toy world with the sampled-token objective (runs/<id>)")
     parser.add_argument("--epochs", type=int, nargs="+", required=True, help="epochs >= 1 whose scored data and previous adapter exist")
     parser.add_argument("--clips", type=float, nargs="+", default=[5.0, 3.0, 1.0], help="nats; unclipped (0) always comes first")
     args = parser.parse_args()
     config = config_lib.load(args.run / "config.yaml")
+    if config.train.kl_coef != 1 or config.train.reward_coef or config.train.uses_top_k:
+        raise SystemExit(f"{args.run}: trained on another objective than the sampled token alone at train.kl_coef 1 "
+                         "(the gradients taken apart here); run the loop with bench/toy_before.py's overrides")
     base = models.load_causal_lm(config.student, "float32", "cpu")
     models.disable_dropout(base)
     clips = [0.0, *(c for c in args.clips if c != 0.0)]

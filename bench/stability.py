@@ -17,9 +17,9 @@ Each setting runs the whole loop of configs/toy.yaml as it was before 2026-12-07
 at a constant learning rate: bench/toy_before.py) with the setting's overrides, every 10 epochs
 evaluated, as a user runs it, with one thread (OMP_NUM_THREADS=1), two runs side by side on this
 2-core machine: only the spikes and the held-out table are compared, never the time, and with a
-fixed thread count they do not depend on what else runs. --keep adds the settings run to those of the existing results file.
-Writes bench/results/<name>.json and .md (seeds 2 and 3: --name stability-seeds23; the top-8 settings:
-stability-topk and stability-topk-seeds23).
+fixed thread count they do not depend on what else runs. --keep adds the settings run to those of
+the existing results file. Writes bench/results/<name>.json and .md (seeds 2 and 3: --name
+stability-seeds23; the top-8 settings: stability-topk and stability-topk-seeds23).
 """
 
 from __future__ import annotations

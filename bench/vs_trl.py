@@ -245,8 +245,9 @@ def definitions(world: World, epochs: int, seed: int) -> dict[str, dict]:
     from kd.stages import config as config_lib
 
     kd_configs = {arm.name: [*world.kd_overrides(arm, seed), f"epochs={epochs}"] for arm in world.kd_arms}
+    trl_config = [f"seed={seed}", *pinned(world.config)]
     return {name: {"settings": settings,
-                   "config_fingerprint": config_lib.load(world.config, kd_configs.get(name, [f"seed={seed}", *pinned(world.config)])).fingerprint()}
+                   "config_fingerprint": config_lib.load(world.config, kd_configs.get(name, trl_config)).fingerprint()}
             for name, (_, settings) in arm_settings(world).items()}
 
 

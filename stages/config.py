@@ -423,6 +423,10 @@ class TrainConfig:
         for term in objective.TERMS:
             if term is not objective.POLICY_GRADIENT:
                 _check(getattr(self, term.weight) >= 0, f"train.{term.weight}", "must be >= 0 (0: off)")
+        _check(self.kl_coef > 0 or self.reward_coef > 0 or any(
+            getattr(self, term.weight) for term in objective.TERMS if term is not objective.POLICY_GRADIENT), "train.kl_coef",
+            "every loss term is 0 (kl_coef, reward_coef and the top-k terms), so train would not move the adapter: set "
+            "train.kl_coef=1 (the sampled token) or a top-k term (e.g. train.topk_reverse_kl=1 with score.top_k=8)")
         _check(0 < self.jsd_beta < 1, "train.jsd_beta", "must be in (0, 1); use topk_forward_kl or topk_reverse_kl for 0 or 1")
         _check(0 <= self.clip_epsilon < 1, "train.clip_epsilon", "must be in [0, 1)")
         _check(self.ratio_cap == 0 or self.ratio_cap >= 1, "train.ratio_cap", "must be 0 (off) or >= 1")
@@ -720,7 +724,7 @@ class Config:
         if needing and not self.score.top_k:
             raise KdError(f"config field train.{needing[0].weight}: the {needing[0].name} term reads scored top-k "
                           "columns; top-k divergences need the teacher's top-k: set score.top_k (e.g. 32), "
-                          f"or train.{needing[0].weight}=0")
+                          f"or train.{needing[0].weight}=0 with train.kl_coef=1 for the sampled token")
 
     @property
     def run_dir(self) -> Path:

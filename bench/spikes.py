@@ -130,9 +130,10 @@ def main() -> None:
     parser.add_argument("--clips", type=float, nargs="+", default=[5.0, 3.0, 1.0], help="nats; unclipped (0) always comes first")
     args = parser.parse_args()
     config = config_lib.load(args.run / "config.yaml")
-    if config.train.kl_coef != 1 or config.train.reward_coef or config.train.uses_top_k:
-        raise SystemExit(f"{args.run}: trained on another objective than the sampled token alone at train.kl_coef 1 "
-                         "(the gradients taken apart here); run the loop with bench/toy_before.py's overrides")
+    if (config.train.kl_coef != 1 or config.train.reward_coef or config.train.gamma or config.train.uses_top_k
+            or any(teacher.kl_weight != 1 for teacher in config.teachers.values())):
+        raise SystemExit(f"{args.run}: trained on another objective than the sampled token alone (kl_coef 1, gamma 0, "
+                         "kl_weight 1: the gradients taken apart here); run the loop with bench/toy_before.py's overrides")
     base = models.load_causal_lm(config.student, "float32", "cpu")
     models.disable_dropout(base)
     clips = [0.0, *(c for c in args.clips if c != 0.0)]

@@ -423,6 +423,8 @@ class TrainConfig:
         for term in objective.TERMS:
             if term is not objective.POLICY_GRADIENT:
                 _check(getattr(self, term.weight) >= 0, f"train.{term.weight}", "must be >= 0 (0: off)")
+        _check(self.kl_coef >= 0, "train.kl_coef", "must be >= 0 (0: off)")
+        _check(self.reward_coef >= 0, "train.reward_coef", "must be >= 0 (0: off)")
         _check(self.kl_coef > 0 or self.reward_coef > 0 or any(
             getattr(self, term.weight) for term in objective.TERMS if term is not objective.POLICY_GRADIENT), "train.kl_coef",
             "every loss term is 0 (kl_coef, reward_coef and the top-k terms), so train would not move the adapter: set "

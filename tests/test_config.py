@@ -61,6 +61,7 @@ def test_overrides_are_typed():
         (["score.top_k=0", "train.topk_reverse_kl=0", "train.topk_jsd=0.5"],
          "config field train.topk_jsd: the topk_jsd term reads scored top-k columns"),
         (["train.topk_reverse_kl=0"], "config field train.kl_coef: every loss term is 0"),
+        ("train.kl_coef=-1", "config field train.kl_coef: must be >= 0"),
         ("task=exact-match", "config field task: 'exact-match' is not one of last-integer"),
         ("score.engine.kind=sglang", "config field score.engine.server: engine.kind sglang runs against a server only"),
         ("generate.engine.max_batch_tokens=0", "config field generate.engine.max_batch_tokens: must be > 0"),

@@ -420,15 +420,12 @@ class TrainConfig:
         _check(self.passes > 0, "train.passes", "must be > 0")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         _check(0 <= self.gamma <= 1, "train.gamma", "must be in [0, 1]")
-        for term in objective.TERMS:
-            if term is not objective.POLICY_GRADIENT:
-                _check(getattr(self, term.weight) >= 0, f"train.{term.weight}", "must be >= 0 (0: off)")
-        _check(self.kl_coef >= 0, "train.kl_coef", "must be >= 0 (0: off)")
-        _check(self.reward_coef >= 0, "train.reward_coef", "must be >= 0 (0: off)")
-        _check(self.kl_coef > 0 or self.reward_coef > 0 or any(
-            getattr(self, term.weight) for term in objective.TERMS if term is not objective.POLICY_GRADIENT), "train.kl_coef",
-            "every loss term is 0 (kl_coef, reward_coef and the top-k terms), so train would not move the adapter: set "
-            "train.kl_coef=1 (the sampled token) or a top-k term (e.g. train.topk_reverse_kl=1 with score.top_k=8)")
+        weights = ["kl_coef", "reward_coef", *(term.weight for term in objective.TERMS if term is not objective.POLICY_GRADIENT)]
+        for weight in weights:
+            _check(getattr(self, weight) >= 0, f"train.{weight}", "must be >= 0 (0: off)")
+        _check(any(getattr(self, weight) for weight in weights), "train.kl_coef",
+               "every loss term is 0 (kl_coef, reward_coef and the top-k terms), so train would not move the adapter: set "
+               "train.kl_coef=1 (the sampled token) or a top-k term (e.g. train.topk_reverse_kl=1 with score.top_k=8)")
         _check(0 < self.jsd_beta < 1, "train.jsd_beta", "must be in (0, 1); use topk_forward_kl or topk_reverse_kl for 0 or 1")
         _check(0 <= self.clip_epsilon < 1, "train.clip_epsilon", "must be in [0, 1)")
         _check(self.ratio_cap == 0 or self.ratio_cap >= 1, "train.ratio_cap", "must be 0 (off) or >= 1")

@@ -111,6 +111,12 @@ arithmetic *args: real-world
 bench-quality *args: real-world
     python bench/quality.py "$@"
 
+# Finished runs' greedy replies (runs/<id> ...; bench-quality keeps its off-policy and baseline evaluations as runs too):
+# accuracy by phrasing and per held-out question, runs of one arm grouped -> bench/results/answers.md
+[positional-arguments]
+bench-answers *args:
+    python bench/answers.py "$@"
+
 # Arithmetic task: greedy accuracy (train and held-out sums) of depth-pruned copies of the real teacher (--drop 20,21 ...)
 # or of a finished run's adapters (--world W --run runs/<id> --adapters base 4 9) -> bench/results/pruning.md
 [positional-arguments]

@@ -89,16 +89,17 @@ def run_on_policy(run_id: str, overrides: list[str], epochs: int, eval_every: in
 
 
 def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "configs/toy.yaml",
-                   batch: int | None = BATCH, overrides: list[str] = ()) -> list[dict]:
+                   batch: int | None = BATCH, overrides: list[str] = (), keep: Path | None = None) -> list[dict]:
     """SFT of the student's LoRA on the teacher's own samples of the prompts kd's generate would
     choose, `epochs` epochs of `config_path`'s generate settings (with `overrides`, as `--set` takes
     them), optimiser batch `batch` (None: the config's batch_size x grad_accum); its held-out curve as
-    run_on_policy's."""
+    run_on_policy's. `keep`: a directory (replaced) that also gets each evaluation as a kd run's
+    eval dataset, keep/<epoch:04d>/eval, for reading as `kd loop`'s are (bench/answers.py)."""
     import torch
 
     from kd.stages import config as config_lib, prompts as prompts_lib
     from kd.stages.engines import SamplingParams
-    from kd.stages.evaluate import evaluate
+    from kd.stages.evaluate import evaluate, write as write_eval
     from kd.stages.generate import sample_rows
     from kd.stages.session import Session
     from kd.stages.objective import student_logprobs
@@ -111,6 +112,8 @@ def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "
     batch = batch or cfg.batch_size * cfg.grad_accum
     teacher_as_sampler = dataclasses.replace(config, student=config.teacher)
     work = Path(tempfile.mkdtemp(prefix="kd-bench-offpolicy-"))
+    if keep is not None:
+        shutil.rmtree(keep, ignore_errors=True)
     policy = Policy(config)
     model = policy.load(None).eval()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
@@ -121,7 +124,10 @@ def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "
             if epoch % eval_every == 0 or epoch == epochs:
                 adapter = work / f"epoch-{epoch}"
                 model.save_pretrained(adapter)
-                _, stats = evaluate(judge, adapter, epoch)
+                evaluated = time.time()
+                table, stats = evaluate(judge, adapter, epoch)
+                if keep is not None:  # the adapter is not a kd dataset and goes with `work`: no input named
+                    write_eval(keep / f"{epoch:04d}" / "eval", config, table, stats, None, evaluated)
                 curve.append({"epoch": epoch, "teacher_tokens": teacher_tokens, "train_seconds": seconds,
                               "heldout_reverse_kl": stats["heldout_reverse_kl"], "accuracy": stats["accuracy"],
                               "sampled_accuracy": stats["sampled_accuracy"]})

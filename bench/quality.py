@@ -8,8 +8,10 @@ the line to reach (the real world's arithmetic task: configs/smollm2-arithmetic.
 --arms runs some of the four arms below (all by default; a table without off-policy says so in its
 last column); --set, repeatable, overrides the config for every arm and the baselines, after each
 arm's own keys (so `--set score.top_k=32` sets the top-k arms' k; `kd real` builds the world they
-name); --name is the results files' stem and the on-policy runs' prefix (runs/bench-<name>-<arm>-seed<s>;
-off-policy trains in a temporary directory).
+name); --name is the results files' stem and the runs' prefix: the on-policy runs are kept in
+runs/bench-<name>-<arm>-seed<s>, and the evaluations of off-policy (runs/bench-<name>-off-policy-seed<s>)
+and of the baselines (runs/bench-<name>-teacher, -student) as kd eval datasets beside them, so that
+bench/answers.py reads every arm's replies the same way.
 
 - on-policy, sampled token (`sampled`): `kd loop` with the config as shipped (reverse KL on the
   sampled token);
@@ -39,6 +41,7 @@ import dataclasses
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -58,19 +61,24 @@ ON_POLICY = {  # --arms name: (row name, the config overrides of its `kd loop`)
 }
 
 
-def baselines(seed: int, overrides: list[str]) -> dict:
+def baselines(seed: int, overrides: list[str], name: str) -> dict:
     """The teacher's and the untrained student's held-out accuracy (greedy and sampled, `seed`'s samples)
     and the share of their replies truncated at eval.max_new_tokens, by the evaluation every run uses
-    (the config with `overrides`)."""
+    (the config with `overrides`); each evaluation is also kept as runs/bench-<name>-<role>/0000/eval."""
     from kd.stages import config as config_lib
-    from kd.stages.evaluate import evaluate
+    from kd.stages.evaluate import evaluate, write
     from kd.stages.session import Session
 
     config = config_lib.load(ROOT / CONFIG, [f"seed={seed}", *overrides])
     found = {}
     for role, model in (("teacher", config.teacher), ("student", config.student)):
-        with Session(dataclasses.replace(config, student=model), progress=False) as session:
+        started = time.time()
+        as_student = dataclasses.replace(config, student=model)
+        with Session(as_student, progress=False) as session:
             table, stats = evaluate(session, None, 0)
+        kept = ROOT / "runs" / f"bench-{name}-{role}"
+        shutil.rmtree(kept, ignore_errors=True)
+        write(kept / "0000" / "eval", as_student, table, stats, None, started)
         found[role] = {"accuracy": stats["accuracy"], "sampled_accuracy": stats["sampled_accuracy"],
                        "heldout_reverse_kl": stats["heldout_reverse_kl"]}
         for decoding in ("greedy", "sample"):
@@ -163,13 +171,14 @@ def main() -> None:
             parser.error(f"--set {override}: use --seeds, --epochs or --eval-every")
     subprocess.run(["kd", "real", "--config", str(ROOT / CONFIG), *(f"--set={override}" for override in options.overrides)],
                    cwd=ROOT, check=True)
-    found = baselines(options.seeds[0], options.overrides)
+    found = baselines(options.seeds[0], options.overrides, options.name)
     seed_curves = {ON_POLICY[arm][0]: [run_on_policy(f"bench-{options.name}-{arm}", [*ON_POLICY[arm][1], *options.overrides],
                                                      options.epochs, options.eval_every, seed, CONFIG, None)
                                        for seed in options.seeds]
                    for arm in options.arms if arm != "off-policy"}
     if "off-policy" in options.arms:
-        seed_curves[OFF_POLICY] = [run_off_policy(options.epochs, options.eval_every, seed, CONFIG, None, options.overrides)
+        seed_curves[OFF_POLICY] = [run_off_policy(options.epochs, options.eval_every, seed, CONFIG, None, options.overrides,
+                                                  ROOT / "runs" / f"bench-{options.name}-off-policy-seed{seed}")
                                    for seed in options.seeds]
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
               "epochs": options.epochs, "eval_every": options.eval_every, "seeds": options.seeds, "baselines": found,

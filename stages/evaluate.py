@@ -74,7 +74,14 @@ def run(config: Config, epoch: int, session: Session | None = None) -> Path:
         started = time.time()
         adapter = rundir.policy_adapter(config, epoch, pipeline.EVAL)
         table, stats = evaluate(session, adapter, epoch)
-        stage_config = {"seed": config.seed, "student": config.student, "teacher": config.teacher, "eval": config.to_dict()["eval"]}
-        datasets_io.write_dataset(out, EVAL, table, stage_config, [adapter] if adapter is not None else [], stats, started)
+        write(out, config, table, stats, adapter, started)
         rundir.log_metrics(config, {"epoch": epoch, "stage": pipeline.EVAL.command, "wall_seconds": time.time() - started, **stats})
         return out
+
+
+def write(out: Path, config: Config, table: pa.Table, stats: dict, adapter: Path | None, started: float) -> None:
+    """Write `evaluate`'s rows and stats as the eval dataset `out`, naming `adapter` (a kd adapter
+    dataset; None: the base student or an adapter kd did not write) as its input; `started`: time.time()
+    when the evaluation began."""
+    stage_config = {"seed": config.seed, "student": config.student, "teacher": config.teacher, "eval": config.to_dict()["eval"]}
+    datasets_io.write_dataset(out, EVAL, table, stage_config, [adapter] if adapter is not None else [], stats, started)

@@ -1,6 +1,6 @@
 """Greedy replies of finished runs, by phrasing and by question: what a gap in task accuracy is made of.
 
-    python bench/answers.py RUN_DIR... [--epoch E] [--name answers]        (reads; runs no model)
+    python bench/answers.py RUN_DIR... [--epoch E] [--phrasing P]... [--first-tokens MODEL_DIR] [--name answers]
 
 Each RUN_DIR holds kd eval datasets (<epoch:04d>/eval): a `kd loop` run, or what bench/quality.py
 keeps of its off-policy arm and its baselines (runs/bench-<name>-off-policy-seed<s>, -teacher,
@@ -9,7 +9,10 @@ named without the prefix all runs share.
 Each run's last evaluation is read (--epoch: that one instead). Phrasing: the greedy reply up to its
 last integer with every integer written N ("N + N = N", "The sum of N and N is N"), the form the
 `last-integer` verifier reads. Writes bench/results/<name>.md: each group's greedy accuracy by
-phrasing, and per held-out question how many of its runs are right (a one-run group: its reply).
+phrasing, and per held-out question how many of its runs are right (a one-run group: its reply) and,
+per --phrasing P, how many of its replies take P. --first-tokens adds, per question, the two most
+likely first reply tokens of a model (a transformers directory, e.g. the teacher) on the prompt the
+runs were evaluated on; without it no model is loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -41,7 +45,8 @@ def shorten(text: str) -> str:
 
 
 def greedy_rows(run: Path, epoch: int | None) -> tuple[int, list[dict]]:
-    """The epoch read and the greedy rows (prompt_id, answer, completion_text, reward) of `run`'s eval."""
+    """The epoch read and the greedy rows (prompt_id, prompt_token_ids, answer, completion_text, reward)
+    of `run`'s eval."""
     from kd.stages import datasets_io
     from kd.stages.schemas import EVAL
 
@@ -54,12 +59,33 @@ def greedy_rows(run: Path, epoch: int | None) -> tuple[int, list[dict]]:
         raise SystemExit(f"{run}: no complete eval at epoch {epoch} (evaluated: {', '.join(map(str, done))}); "
                          "pass one of those to --epoch")
     table = datasets_io.read_table(run / f"{chosen:04d}" / "eval", EVAL)
-    rows = [row for row in table.select(["prompt_id", "answer", "completion_text", "reward", "decoding"]).to_pylist()
-            if row["decoding"] == "greedy"]
+    columns = ["prompt_id", "prompt_token_ids", "answer", "completion_text", "reward", "decoding"]
+    rows = [row for row in table.select(columns).to_pylist() if row["decoding"] == "greedy"]
+    if not rows:
+        raise SystemExit(f"{run / f'{chosen:04d}' / 'eval'}: no greedy replies (only prompts with an `answer` get "
+                         "one); evaluate on prompts that carry answers")
     return chosen, rows
 
 
-def markdown(groups: dict[str, dict[str, list[dict]]], epochs: dict[str, int], command: str) -> str:
+def first_tokens(model_dir: Path, prompts: dict[str, list[int]]) -> dict[str, str]:
+    """Per prompt id: the two most likely next tokens of the causal LM in `model_dir` after the prompt's
+    token ids, with their probabilities ("'The' 0.14, '6' 0.08")."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    found = {}
+    with torch.no_grad():
+        for prompt_id, ids in prompts.items():
+            top = torch.softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1).topk(2)
+            found[prompt_id] = ", ".join(f"{tokenizer.decode([int(token)])!r} {float(p):.2f}"
+                                         for p, token in zip(top.values, top.indices))
+    return found
+
+
+def markdown(groups: dict[str, dict[str, list[dict]]], epochs: dict[str, int], command: str,
+             marked: list[str], opening: tuple[str, dict[str, str]] | None) -> str:
     by_epoch = defaultdict(list)
     for run, epoch in epochs.items():
         by_epoch[epoch].append(run)
@@ -79,8 +105,8 @@ def markdown(groups: dict[str, dict[str, list[dict]]], epochs: dict[str, int], c
         rows = [row for run_rows in runs.values() for row in run_rows]
         replies, right = Counter(), Counter()
         for row in rows:
-            replies[phrasing(row["completion_text"])] += 1
-            right[phrasing(row["completion_text"])] += row["reward"]
+            replies[row["phrasing"]] += 1
+            right[row["phrasing"]] += row["reward"]
         common = [form for form, count in replies.most_common() if count >= 0.05 * len(rows)]
         other = [form for form in replies if form not in common]
         label = f"{group} ({len(runs)})"
@@ -92,16 +118,19 @@ def markdown(groups: dict[str, dict[str, list[dict]]], epochs: dict[str, int], c
         lines.append(f"| | all | {len(rows)} | {sum(right.values()):.0f} | {sum(right.values()) / len(rows):.1%} |")
     questions = list(dict.fromkeys(row["prompt_id"] for runs in groups.values() for rows in runs.values() for row in rows))
     answers = {row["prompt_id"]: row["answer"] for runs in groups.values() for rows in runs.values() for row in rows}
-    lines += ["", "Per held-out question: runs right (a one-run group: ✓ or ✗ and its reply).", "",
-              f"| question | answer | {' | '.join(groups)} |", f"|---|---:|{'---|' * len(groups)}"]
+    counted = "".join(f"; then how many of its replies take `{form}`" for form in marked)
+    extra = [f"first token of {opening[0]}"] if opening else []
+    lines += ["", f"Per held-out question: runs right (a one-run group: ✓ or ✗ and its reply){counted}.", "",
+              f"| question | answer | {' | '.join([*extra, *groups])} |", f"|---|---:|{'---|' * (len(extra) + len(groups))}"]
     for question in questions:
-        cells = []
+        cells = [opening[1][question]] if opening else []
         for runs in groups.values():
             found = [row for rows in runs.values() for row in rows if row["prompt_id"] == question]
             if len(runs) == 1 and found:
                 cells.append(f"{'✓' if found[0]['reward'] else '✗'} {shorten(found[0]['completion_text'])}")
             else:
-                cells.append(f"{sum(row['reward'] for row in found):.0f}/{len(found)}")
+                cells.append(f"{sum(row['reward'] for row in found):.0f}/{len(found)}"
+                             + "".join(f"; {sum(row['phrasing'] == form for row in found)}" for form in marked))
         lines.append(f"| {question} | {answers[question]} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
@@ -110,22 +139,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--epoch", type=int, help="read this epoch's evaluation of every run (default: each run's last)")
+    parser.add_argument("--phrasing", action="append", default=[], metavar="P",
+                        help='count, per question, the replies of this phrasing (e.g. "The sum of N and N is N"; repeatable)')
+    parser.add_argument("--first-tokens", type=Path, metavar="MODEL_DIR",
+                        help="add each question's two most likely first reply tokens under this model (e.g. the teacher)")
     parser.add_argument("--name", default="answers", help="the results file's stem (bench/results/<name>.md)")
     options = parser.parse_args()
+    names = [run.resolve().name for run in options.runs]
+    if len(set(names)) < len(names):
+        parser.error(f"a run is given twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); give each once")
+    arms = [re.sub(r"-seed\d+$", "", name) for name in names]
+    # Runs of one experiment share a long prefix (bench-<name>-); the tables' columns are narrower without it.
+    shared = os.path.commonprefix(arms) if len(set(arms)) > 1 else ""
+    shared = shared[: shared.rfind("-") + 1]
     groups: dict[str, dict[str, list[dict]]] = defaultdict(dict)
     epochs = {}
-    names = [run.resolve().name for run in options.runs]
-    shared = os.path.commonprefix(names).rpartition("-")[0] + "-" if len(set(names)) > 1 else ""
-    for run in options.runs:
-        run = run.resolve()
-        epochs[run.name], rows = greedy_rows(run, options.epoch)
-        # The group is the run's name without its seed and without the prefix every run shares.
-        groups[re.sub(r"-seed\d+$", "", run.name)[len(shared):] or run.name][run.name] = rows
+    for run, name, arm in zip(options.runs, names, arms):
+        epochs[name], rows = greedy_rows(run.resolve(), options.epoch)
+        groups[arm[len(shared):]][name] = [{**row, "phrasing": phrasing(row["completion_text"])} for row in rows]
+    opening = None
+    if options.first_tokens is not None:
+        prompts = {row["prompt_id"]: row["prompt_token_ids"] for runs in groups.values() for rows in runs.values() for row in rows}
+        opening = (options.first_tokens.name, first_tokens(options.first_tokens, prompts))
     command = " ".join(["python bench/answers.py", *(str(run) for run in options.runs),
                         *(["--epoch", str(options.epoch)] if options.epoch is not None else []),
+                        *(f"--phrasing {shlex.quote(form)}" for form in options.phrasing),
+                        *([f"--first-tokens {options.first_tokens}"] if options.first_tokens is not None else []),
                         *(["--name", options.name] if options.name != "answers" else [])])
     out = RESULTS / f"{options.name}.md"
-    out.write_text(markdown(groups, epochs, command))
+    out.write_text(markdown(groups, epochs, command, options.phrasing, opening))
     print(f"wrote {out}")
 
 

@@ -72,9 +72,9 @@ def baselines(seed: int, overrides: list[str], name: str) -> dict:
     config = config_lib.load(ROOT / CONFIG, [f"seed={seed}", *overrides])
     found = {}
     for role, model in (("teacher", config.teacher), ("student", config.student)):
-        started = time.time()
         as_student = dataclasses.replace(config, student=model)
         with Session(as_student, progress=False) as session:
+            started = time.time()
             table, stats = evaluate(session, None, 0)
         kept = ROOT / "runs" / f"bench-{name}-{role}"
         shutil.rmtree(kept, ignore_errors=True)

@@ -104,7 +104,8 @@ real-world:
 arithmetic *args: real-world
     kd loop -c configs/smollm2-arithmetic.yaml "$@"
 
-# Arithmetic task: on-policy (sampled token; top-16 reverse or forward KL) vs off-policy SFT, accuracy and KL vs loop
+# Arithmetic task: on-policy (sampled token; top-16 reverse or forward KL) vs off-policy SFT (on every teacher sample,
+# or on those the verifier accepts), accuracy and KL vs loop
 # time and teacher tokens, 2 seeds each (hours on a 2-core CPU; --arms and --seeds pick fewer, --set overrides the config)
 # -> bench/results/quality.md
 [positional-arguments]

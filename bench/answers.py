@@ -3,9 +3,9 @@
     python bench/answers.py RUN_DIR... [--epoch E] [--phrasing P]... [--first-tokens MODEL_DIR] [--name answers]
 
 Each RUN_DIR holds kd eval datasets (<epoch:04d>/eval): a `kd loop` run, or what bench/quality.py
-keeps of its off-policy arm and its baselines (runs/bench-<name>-off-policy-seed<s>, -teacher,
--student). Runs whose names differ only in a trailing -seed<N> form one group, in the order given,
-named without the prefix all runs share.
+keeps of its off-policy arms and its baselines (runs/bench-<name>-off-policy-seed<s>,
+-off-policy-verified-seed<s>, -teacher, -student). Runs whose names differ only in a trailing
+-seed<N> form one group, in the order given, named without the prefix all runs share.
 Each run's last evaluation is read (--epoch: that one instead). Phrasing: the greedy reply up to its
 last integer with every integer written N ("N + N = N", "The sum of N and N is N"), the form the
 `last-integer` verifier reads. Writes bench/results/<name>.md: each group's greedy accuracy by

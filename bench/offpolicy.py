@@ -89,15 +89,19 @@ def run_on_policy(run_id: str, overrides: list[str], epochs: int, eval_every: in
 
 
 def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "configs/toy.yaml",
-                   batch: int | None = BATCH, overrides: list[str] = (), keep: Path | None = None) -> list[dict]:
+                   batch: int | None = BATCH, overrides: list[str] = (), keep: Path | None = None,
+                   verified: bool = False) -> list[dict]:
     """SFT of the student's LoRA on the teacher's own samples of the prompts kd's generate would
     choose, `epochs` epochs of `config_path`'s generate settings (with `overrides`, as `--set` takes
     them), optimiser batch `batch` (None: the config's batch_size x grad_accum); its held-out curve as
     run_on_policy's. `keep`: a directory (replaced) that also gets each evaluation as a kd run's
-    eval dataset, keep/<epoch:04d>/eval, for reading as `kd loop`'s are (bench/answers.py)."""
+    eval dataset, keep/<epoch:04d>/eval, for reading as `kd loop`'s are (bench/answers.py).
+    `verified`: SFT only on the samples the config's task verifier scores 1 (rejection-sampling
+    fine-tuning, Yuan et al. 2023, arXiv:2308.01825); the teacher tokens still count every sample
+    drawn, and a decaying lr schedule's horizon counts the epoch's kept samples."""
     import torch
 
-    from kd.stages import config as config_lib, prompts as prompts_lib
+    from kd.stages import config as config_lib, prompts as prompts_lib, tasks
     from kd.stages.engines import SamplingParams
     from kd.stages.evaluate import evaluate, write as write_eval
     from kd.stages.generate import sample_rows
@@ -140,6 +144,9 @@ def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "
             rows = sample_rows(teacher, chosen, gen.samples_per_prompt, SamplingParams(gen.max_new_tokens, gen.temperature),
                                f"train-{epoch}", epoch, None, f"teacher samples, epoch {epoch}")
             teacher_tokens += sum(len(r["completion_token_ids"]) for r in rows)
+            if verified:
+                rewards = tasks.rewards(config.task, [r["completion_text"] for r in rows], [r["answer"] for r in rows])
+                rows = [r for r, reward in zip(rows, rewards) if reward == 1.0]
             examples = [{"input_ids": r["prompt_token_ids"] + r["completion_token_ids"],
                          "prompt_length": len(r["prompt_token_ids"]),
                          # SFT reads only the tokens; the collator wants every per-token field of kd's loss.

@@ -5,7 +5,7 @@ the line to reach (the real world's arithmetic task: configs/smollm2-arithmetic.
     python bench/quality.py [--epochs 60] [--eval-every 10] [--seeds 0 1] [--arms ARM ...]
                             [--set KEY=VALUE]... [--name quality]           (just bench-quality)
 
---arms runs some of the four arms below (all by default; a table without off-policy says so in its
+--arms runs some of the five arms below (all by default; a table without off-policy says so in its
 last column); --set, repeatable, overrides the config for every arm and the baselines, after each
 arm's own keys (so `--set score.top_k=32` sets the top-k arms' k; `kd real` builds the world they
 name); --name is the results files' stem and the runs' prefix: the on-policy runs are kept in
@@ -25,7 +25,11 @@ bench/answers.py reads every arm's replies the same way.
 - off-policy (`off-policy`): SFT of the same LoRA on the teacher's own samples of the prompts kd's
   generate would choose, the same optimiser batch and learning rate (bench/offpolicy.py's
   `run_off_policy`); the teacher samples at T = 1, as the student does on-policy, so its samples are
-  right about as often as its sampled accuracy (the line to reach is its greedy accuracy).
+  right about as often as its sampled accuracy (the line to reach is its greedy accuracy);
+- off-policy, verified (`off-policy-verified`): the same SFT on only the teacher samples the task's
+  verifier accepts (rejection-sampling fine-tuning), the off-policy counterpart of on-policy with the
+  verifier's reward in the advantage (`--set train.reward_coef=1`); it spends the same teacher tokens
+  per epoch and trains on fewer samples. Its runs are kept in runs/bench-<name>-off-policy-verified-seed<s>.
 Teacher tokens: the completion tokens the teacher scores (on-policy) or generates (off-policy). Loop
 seconds: the stages' wall time (generate, score, train, export-lora; the evaluations left out), and
 for off-policy the sampling and SFT time. Every policy is evaluated by kd.stages.evaluate on the
@@ -53,6 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CONFIG = "configs/smollm2-arithmetic.yaml"
 OFF_POLICY = "off-policy (SFT on teacher samples)"
+OFF_POLICY_ARMS = {"off-policy": (OFF_POLICY, False),  # --arms name: (row name, SFT on verified samples only)
+                   "off-policy-verified": ("off-policy, verified (SFT on the teacher samples its verifier accepts)", True)}
 TOP_K = ["score.top_k=16", "train.kl_coef=0"]
 ON_POLICY = {  # --arms name: (row name, the config overrides of its `kd loop`)
     "sampled": ("on-policy, sampled token (kd)", []),
@@ -157,7 +163,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    arms = [*ON_POLICY, "off-policy"]
+    arms = [*ON_POLICY, *OFF_POLICY_ARMS]
     parser.add_argument("--arms", nargs="+", choices=arms, default=arms)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every arm and the baselines, after the arm's own (as kd loop "
@@ -175,11 +181,13 @@ def main() -> None:
     seed_curves = {ON_POLICY[arm][0]: [run_on_policy(f"bench-{options.name}-{arm}", [*ON_POLICY[arm][1], *options.overrides],
                                                      options.epochs, options.eval_every, seed, CONFIG, None)
                                        for seed in options.seeds]
-                   for arm in options.arms if arm != "off-policy"}
-    if "off-policy" in options.arms:
-        seed_curves[OFF_POLICY] = [run_off_policy(options.epochs, options.eval_every, seed, CONFIG, None, options.overrides,
-                                                  ROOT / "runs" / f"bench-{options.name}-off-policy-seed{seed}")
-                                   for seed in options.seeds]
+                   for arm in options.arms if arm in ON_POLICY}
+    for arm in options.arms:
+        if arm in OFF_POLICY_ARMS:
+            row, verified = OFF_POLICY_ARMS[arm]
+            seed_curves[row] = [run_off_policy(options.epochs, options.eval_every, seed, CONFIG, None, options.overrides,
+                                               ROOT / "runs" / f"bench-{options.name}-{arm}-seed{seed}", verified)
+                                for seed in options.seeds]
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
               "epochs": options.epochs, "eval_every": options.eval_every, "seeds": options.seeds, "baselines": found,
               "arms": options.arms, "overrides": options.overrides, "name": options.name,

@@ -106,8 +106,8 @@ arithmetic *args: real-world
 
 # Arithmetic task: on-policy (sampled token; top-16 reverse or forward KL) vs off-policy SFT (on every teacher sample,
 # or on those the verifier accepts), accuracy and KL vs loop
-# time and teacher tokens, 2 seeds each (hours on a 2-core CPU; --arms and --seeds pick fewer, --set overrides the config)
-# -> bench/results/quality.md
+# time and teacher tokens, 2 seeds each (all five arms by default: hours on a 2-core CPU; --arms and --seeds pick fewer,
+# --set overrides the config) -> bench/results/quality.md
 [positional-arguments]
 bench-quality *args: real-world
     python bench/quality.py "$@"

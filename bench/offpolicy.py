@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import subprocess
 import tempfile
@@ -98,7 +99,8 @@ def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "
     eval dataset, keep/<epoch:04d>/eval, for reading as `kd loop`'s are (bench/answers.py).
     `verified`: SFT only on the samples the config's task verifier scores 1 (rejection-sampling
     fine-tuning, Yuan et al. 2023, arXiv:2308.01825); the teacher tokens still count every sample
-    drawn, and a decaying lr schedule's horizon counts the epoch's kept samples."""
+    drawn. Each epoch takes train.passes passes over its samples; the lr schedule runs over the steps
+    of epochs that keep every sample, an epoch with fewer spreading its steps over its share."""
     import torch
 
     from kd.stages import config as config_lib, prompts as prompts_lib, tasks
@@ -122,7 +124,8 @@ def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "
     model = policy.load(None).eval()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     collate = Collator(model.config.pad_token_id or 0)
-    curve, teacher_tokens, seconds, step = [], 0, 0.0, 0
+    curve, teacher_tokens, seconds = [], 0, 0.0
+    planned = cfg.passes * math.ceil(gen.prompts_per_epoch * gen.samples_per_prompt / batch)
     with Session(config, progress=False) as judge, Session(teacher_as_sampler, progress=False) as teacher:
         for epoch in range(epochs + 1):
             if epoch % eval_every == 0 or epoch == epochs:
@@ -152,15 +155,18 @@ def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "
                          # SFT reads only the tokens; the collator wants every per-token field of kd's loss.
                          **{name: [0.0] * len(r["completion_token_ids"]) for name in Collator.PER_TOKEN}}
                         for r in rows if r["completion_token_ids"]]
-            for start in range(0, len(examples), batch):
+            starts = [start for _ in range(cfg.passes) for start in range(0, len(examples), batch)]
+            for index, start in enumerate(starts):
                 inputs = collate(examples[start : start + batch])
+                # A verified epoch keeps fewer samples; without this its steps would use up the schedule
+                # of the epochs after it (and a cosine would sit at lr 0 for the run's last epochs).
+                position = epoch * planned + index * planned // len(starts)
                 for group in optimizer.param_groups:
-                    group["lr"] = cfg.learning_rate * lr_factor(step, cfg, epochs * len(examples) // batch)
+                    group["lr"] = cfg.learning_rate * lr_factor(position, cfg, epochs * planned)
                 (-student_logprobs(model, policy.head, inputs)[0].mean()).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-                step += 1
             seconds += time.perf_counter() - started
     shutil.rmtree(work, ignore_errors=True)
     return curve

@@ -29,7 +29,9 @@ bench/answers.py reads every arm's replies the same way.
 - off-policy, verified (`off-policy-verified`): the same SFT on only the teacher samples the task's
   verifier accepts (rejection-sampling fine-tuning), the off-policy counterpart of on-policy with the
   verifier's reward in the advantage (`--set train.reward_coef=1`); it spends the same teacher tokens
-  per epoch and trains on fewer samples. Its runs are kept in runs/bench-<name>-off-policy-verified-seed<s>.
+  per epoch and trains on fewer samples. Its runs are kept in
+  runs/bench-<name>-off-policy-verified-seed<s>.
+Both off-policy arms take train.passes passes over each epoch's samples, as `kd train` does.
 Teacher tokens: the completion tokens the teacher scores (on-policy) or generates (off-policy). Loop
 seconds: the stages' wall time (generate, score, train, export-lora; the evaluations left out), and
 for off-policy the sampling and SFT time. Every policy is evaluated by kd.stages.evaluate on the
@@ -186,7 +188,7 @@ def main() -> None:
         if arm in OFF_POLICY_ARMS:
             row, verified = OFF_POLICY_ARMS[arm]
             seed_curves[row] = [run_off_policy(options.epochs, options.eval_every, seed, CONFIG, None, options.overrides,
-                                               ROOT / "runs" / f"bench-{options.name}-{arm}-seed{seed}", verified)
+                                               ROOT / "runs" / f"bench-{options.name}-{arm}-seed{seed}", verified=verified)
                                 for seed in options.seeds]
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
               "epochs": options.epochs, "eval_every": options.eval_every, "seeds": options.seeds, "baselines": found,

@@ -89,6 +89,17 @@ def run_on_policy(run_id: str, overrides: list[str], epochs: int, eval_every: in
     return curve
 
 
+def check_verifiable(config) -> None:
+    """SystemExit with a one-line fix when no prompt of config.generate.prompts has an `answer`: SFT on
+    the samples the task verifier accepts would then train on nothing."""
+    from kd.stages.datasets_io import read_prompt_rows
+
+    path = config.generate.prompts
+    if all(not isinstance(row, dict) or row.get("answer") is None for row in read_prompt_rows(path)):
+        raise SystemExit(f"{path}: no prompt has an `answer` for the {config.task} verifier, so SFT on the samples "
+                         "it accepts would train on nothing: use prompts with answers")
+
+
 def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "configs/toy.yaml",
                    batch: int | None = BATCH, overrides: list[str] = (), keep: Path | None = None,
                    verified: bool = False) -> list[dict]:
@@ -114,6 +125,8 @@ def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "
     from kd.stages.train import Collator
 
     config = config_lib.load(ROOT / config_path, [f"seed={seed}", *pinned(config_path), *overrides])
+    if verified:
+        check_verifiable(config)
     cfg, gen = config.train, config.generate
     batch = batch or cfg.batch_size * cfg.grad_accum
     teacher_as_sampler = dataclasses.replace(config, student=config.teacher)
@@ -150,6 +163,9 @@ def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "
             if verified:
                 rewards = tasks.rewards(config.task, [r["completion_text"] for r in rows], [r["answer"] for r in rows])
                 rows = [r for r, reward in zip(rows, rewards) if reward == 1.0]
+                if not rows:  # a weak teacher or a hard draw of prompts: say why the curve stands still
+                    print(f"   warning: epoch {epoch}: the verifier accepted none of the teacher's {len(rewards)} "
+                          "samples; no optimiser step this epoch", flush=True)
             examples = [{"input_ids": r["prompt_token_ids"] + r["completion_token_ids"],
                          "prompt_length": len(r["prompt_token_ids"]),
                          # SFT reads only the tokens; the collator wants every per-token field of kd's loss.

@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 from curves import mean_curve, point_table, save as save_results  # bench/ is on sys.path: run as `python bench/quality.py`
-from offpolicy import run_off_policy, run_on_policy
+from offpolicy import check_verifiable, run_off_policy, run_on_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -179,6 +179,8 @@ def main() -> None:
             parser.error(f"--set {override}: use --seeds, --epochs or --eval-every")
     subprocess.run(["kd", "real", "--config", str(ROOT / CONFIG), *(f"--set={override}" for override in options.overrides)],
                    cwd=ROOT, check=True)
+    if any(OFF_POLICY_ARMS[arm][1] for arm in options.arms if arm in OFF_POLICY_ARMS):  # before hours of other arms
+        check_verifiable(config_lib.load(ROOT / CONFIG, options.overrides))
     found = baselines(options.seeds[0], options.overrides, options.name)
     seed_curves = {ON_POLICY[arm][0]: [run_on_policy(f"bench-{options.name}-{arm}", [*ON_POLICY[arm][1], *options.overrides],
                                                      options.epochs, options.eval_every, seed, CONFIG, None)

@@ -95,9 +95,11 @@ def check_verifiable(config) -> None:
     from kd.stages.datasets_io import read_prompt_rows
 
     path = config.generate.prompts
-    if all(not isinstance(row, dict) or row.get("answer") is None for row in read_prompt_rows(path)):
-        raise SystemExit(f"{path}: no prompt has an `answer` for the {config.task} verifier, so SFT on the samples "
-                         "it accepts would train on nothing: use prompts with answers")
+    rows = read_prompt_rows(path)  # an empty file is left to the prompt loader's own error
+    if rows and all(not isinstance(row, dict) or row.get("answer") is None for row in rows):
+        raise SystemExit(f"{path}: no prompt has an `answer` for the {config.task} verifier, so SFT on the samples it "
+                         "accepts would train on nothing: set generate.prompts to a file whose rows have an `answer`, "
+                         "or leave the verified arm out")
 
 
 def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "configs/toy.yaml",

@@ -153,7 +153,7 @@ def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "
                 curve.append({"epoch": epoch, "teacher_tokens": teacher_tokens, "train_seconds": seconds,
                               "heldout_reverse_kl": stats["heldout_reverse_kl"], "accuracy": stats["accuracy"],
                               "sampled_accuracy": stats["sampled_accuracy"]})
-                print(f"   off-policy {curve[-1]}", flush=True)
+                print(f"   off-policy{', verified' if verified else ''} {curve[-1]}", flush=True)
             if epoch == epochs:
                 break
             started = time.perf_counter()
@@ -165,9 +165,9 @@ def run_off_policy(epochs: int, eval_every: int, seed: int, config_path: str = "
             if verified:
                 rewards = tasks.rewards(config.task, [r["completion_text"] for r in rows], [r["answer"] for r in rows])
                 rows = [r for r, reward in zip(rows, rewards) if reward == 1.0]
+                print(f"   verified: epoch {epoch} trains on {len(rows)} of the teacher's {len(rewards)} samples", flush=True)
                 if not rows:  # a weak teacher or a hard draw of prompts: say why the curve stands still
-                    print(f"   warning: epoch {epoch}: the verifier accepted none of the teacher's {len(rewards)} "
-                          "samples; no optimiser step this epoch", flush=True)
+                    print(f"   warning: epoch {epoch}: no optimiser step", flush=True)
             examples = [{"input_ids": r["prompt_token_ids"] + r["completion_token_ids"],
                          "prompt_length": len(r["prompt_token_ids"]),
                          # SFT reads only the tokens; the collator wants every per-token field of kd's loss.

@@ -24,8 +24,9 @@ bench/answers.py reads every arm's replies the same way.
   where reverse KL's gradient is scaled by the student's own probability;
 - off-policy (`off-policy`): SFT of the same LoRA on the teacher's own samples of the prompts kd's
   generate would choose, the same optimiser batch and learning rate (bench/offpolicy.py's
-  `run_off_policy`); the teacher samples at T = 1, as the student does on-policy, so its samples are
-  right about as often as its sampled accuracy (the line to reach is its greedy accuracy);
+  `run_off_policy`); the teacher samples at generate.temperature (1 by default), as the student does
+  on-policy, so its samples are right about as often as its sampled accuracy at that temperature
+  (the line to reach is its greedy accuracy);
 - off-policy, verified (`off-policy-verified`): the same SFT on only the teacher samples the task's
   verifier accepts (rejection-sampling fine-tuning), the off-policy counterpart of on-policy with the
   verifier's reward in the advantage (`--set train.reward_coef=1`); it spends the same teacher tokens
@@ -170,7 +171,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every arm and the baselines, after the arm's own (as kd loop "
                              "--set takes it; repeatable)")
-    parser.add_argument("--name", default="quality", help="the results files' stem and the runs' prefix")
+    parser.add_argument("--name", default="quality", help="the results files' stem and the runs' prefix (the default "
+                        "overwrites the shipped bench/results/quality.md: name a run of your own)")
     options = parser.parse_args()
     options.arms = list(dict.fromkeys(options.arms))
     for override in options.overrides:

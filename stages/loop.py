@@ -291,7 +291,7 @@ def stage_times(config: Config) -> str:
 
 
 def summary_table(rows: list[dict], seconds: float) -> Table:
-    table = Table(title=f"held-out evaluation ({seconds:.0f}s)")
+    table = Table(title=f"held-out evaluation (loop {seconds:.0f}s)")
     for column in ("epochs trained", "reverse KL / token", "reverse KL / sequence", "accuracy"):
         table.add_column(column, justify="right")
     for row in rows:
